@@ -1,0 +1,6 @@
+"""multieye-dist: distributed OCT-CoDA (MultiEYE) training.
+
+The library (models, losses, kernels, data, metrics) imports without deepspeed, submitit or wandb.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,236 @@
+"""`multieye-dist` command line: synth, shards convert/verify, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+from multieye_dist import __version__
+
+logger = logging.getLogger(__name__)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'500', '64k', '100MB', '1GiB' -> bytes (k/M/G/T are powers of 1024)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 100MB or 1GiB")
+    power = " kmgt".index(m.group(2).lower() or " ")
+    return int(float(m.group(1)) * 1024**power)
+
+
+def _csv(choices: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(t for t in text.split(",") if t)
+        for t in items:
+            if t not in choices:
+                raise argparse.ArgumentTypeError(f"{t!r}: choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a synthetic dataset in the released MultiEYE layout")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--per-class", type=int, default=40, help="train images per class (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=128, help="side in pixels (default 128)")
+    p.add_argument(
+        "--imbalance",
+        type=float,
+        default=1.0,
+        help="most/least frequent class ratio (default 1: balanced)",
+    )
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_synth)
+
+
+def add_convert_options(p: argparse.ArgumentParser) -> None:
+    """Conversion options, shared with shards/convert_slurm.py."""
+    from multieye_dist.data.layout import LABEL_FILE, SPLITS
+
+    p.add_argument("--root", type=Path, required=True, help="MultiEYE root (assemble/, ...)")
+    p.add_argument("--out", type=Path, required=True, help="output directory for the shards")
+    p.add_argument("--modality", choices=("fundus", "oct", "both"), default="both")
+    p.add_argument("--splits", type=_csv(SPLITS), default=SPLITS, help="e.g. train,dev")
+    p.add_argument("--shard-samples", type=int, default=1000, help="samples per shard")
+    p.add_argument(
+        "--shard-bytes",
+        type=parse_size,
+        default=0,
+        help="target shard size (e.g. 256MB); overrides --shard-samples",
+    )
+    p.add_argument("--image-size", type=int, default=512, help="output side after padding")
+    p.add_argument("--format", dest="fmt", choices=("png", "jpg", "webp"), default="png")
+    p.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
+    p.add_argument("--clahe", action="store_true", help="apply CLAHE to fundus (release: applied)")
+    p.add_argument(
+        "--median",
+        type=int,
+        default=0,
+        help="OCT median filter kernel size (release: applied; default 0 = off)",
+    )
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="convert the rest and record every bad sample in the manifest",
+    )
+    p.add_argument("--label-file", default=LABEL_FILE)
+
+
+def convert_options(args: argparse.Namespace):
+    from multieye_dist.data.preprocess import Preprocess
+    from multieye_dist.data.shards import ConvertOptions
+
+    modalities = ("fundus", "oct") if args.modality == "both" else (args.modality,)
+    pp = Preprocess(
+        image_size=args.image_size,
+        fmt=args.fmt,
+        quality=args.quality,
+        clahe=args.clahe,
+        median=args.median,
+    )
+    return ConvertOptions(
+        modalities=modalities,
+        splits=args.splits,
+        shard_samples=args.shard_samples,
+        shard_bytes=args.shard_bytes,
+        preprocess=pp,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+        label_file=args.label_file,
+    )
+
+
+def _add_shards(sub) -> None:
+    shards = sub.add_parser("shards", help="convert to / verify WebDataset shards")
+    ssub = shards.add_subparsers(dest="shards_cmd", required=True)
+    conv = ssub.add_parser("convert", help="MultiEYE layout -> WebDataset tar shards")
+    add_convert_options(conv)
+    conv.add_argument("--no-progress", action="store_true")
+    conv.set_defaults(func=cmd_convert)
+    ver = ssub.add_parser("verify", help="re-read every shard and check it against its manifest")
+    ver.add_argument("--shards", type=Path, required=True)
+    ver.add_argument("--workers", type=int, default=0)
+    ver.set_defaults(func=cmd_verify)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on the embedded default (synthetic, CPU)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--per-class", type=int, default=40)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from multieye_dist.data.synth import SynthOptions, generate
+
+    opts = SynthOptions(
+        per_class=args.per_class,
+        seed=args.seed,
+        image_size=args.image_size,
+        imbalance=args.imbalance,
+        workers=args.workers,
+    )
+    summary = generate(args.out, opts)
+    for modality, splits in summary.items():
+        for split, counts in splits.items():
+            print(f"{modality}-{split}: {sum(counts)} images, per class {counts}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from multieye_dist.data.shards import convert
+
+    t0 = time.perf_counter()
+    summary = convert(args.root, args.out, convert_options(args), progress=not args.no_progress)
+    print(summary.table())
+    print(f"converted in {time.perf_counter() - t0:.1f}s -> {args.out}")
+    return 0
+
+
+def _workers(n: int) -> int:
+    import os
+
+    return n if n > 0 else (os.cpu_count() or 1)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from multieye_dist.data.verify import verify
+
+    report = verify(args.shards, workers=_workers(args.workers))
+    print(report.text())
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Synthetic data -> shards -> verify, with a summary. Later issues add training."""
+    from multieye_dist.data.preprocess import Preprocess
+    from multieye_dist.data.shards import ConvertOptions, convert
+    from multieye_dist.data.synth import SynthOptions, generate
+    from multieye_dist.data.verify import verify
+
+    t0 = time.perf_counter()
+    raw, shard_dir = args.out / "raw", args.out / "shards"
+    print(f"[1/3] synthetic MultiEYE -> {raw}")
+    generate(
+        raw,
+        SynthOptions(
+            per_class=args.per_class,
+            seed=args.seed,
+            image_size=args.image_size,
+            workers=_workers(args.workers),
+        ),
+    )
+    print(f"[2/3] convert -> {shard_dir}")
+    opts = ConvertOptions(
+        shard_samples=200, workers=args.workers, preprocess=Preprocess(image_size=args.image_size)
+    )
+    print(convert(raw, shard_dir, opts).table())
+    print("[3/3] verify")
+    report = verify(shard_dir, workers=_workers(args.workers))
+    print(report.text())
+    print(f"demo finished in {time.perf_counter() - t0:.1f}s")
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multieye-dist", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"multieye-dist {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_synth(sub)
+    _add_shards(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from multieye_dist.data.layout import LayoutError
+    from multieye_dist.data.shards import ConversionError
+
+    try:
+        return args.func(args)
+    except (LayoutError, ConversionError, ValueError) as exc:
+        print(f"multieye-dist: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the MultiEYE layout, synthetic data, WebDataset shards."""

@@ -1,0 +1,420 @@
+"""MultiEYE layout -> WebDataset tar shards, one set per modality and split.
+
+Design (why it is safe to kill, rerun and parallelise):
+- The *plan* is computed from the label files alone: every shard's sample list is known before
+  any image is read, so shards are independent tasks (process pool here, Slurm array tasks in
+  `shards/convert_slurm.py`) and byte-identical whatever the worker count.
+- A shard is written under a temporary name, fsynced and renamed; then a small progress record
+  (its sha256 and the fingerprint of its inputs and options) is written the same way.
+- A rerun keeps a shard whose record matches the plan's fingerprint and whose bytes still hash to
+  the recorded sha256, and redoes the rest. The manifest is written last, from the records.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from multieye_dist import __version__
+from multieye_dist.data.classes import CLASS_NAMES, NUM_CLASSES
+from multieye_dist.data.layout import (
+    LABEL_FILE,
+    MODALITIES,
+    SPLITS,
+    BadSample,
+    LayoutError,
+    SourceSample,
+    read_layout,
+)
+from multieye_dist.data.preprocess import BadImageError, Preprocess, process_image
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_DIR = ".progress"
+TMP_PREFIX = ".tmp-"
+SHARD_RE = re.compile(r"^(fundus|oct)-(train|dev|test)-(\d{6})\.tar$")
+# Three tar members per sample (image, cls, json), each a 512-byte header plus padding.
+TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 3 * 256 + 200
+
+
+class ConversionError(RuntimeError):
+    """A sample could not be converted and --skip-bad was not given."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    modalities: tuple[str, ...] = MODALITIES
+    splits: tuple[str, ...] = SPLITS
+    shard_samples: int = 1000
+    shard_bytes: int = 0  # > 0: target bytes per shard, overrides shard_samples (see plan)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    workers: int = 0  # 0 = all cores
+    skip_bad: bool = False
+    label_file: str = LABEL_FILE
+
+    def __post_init__(self) -> None:
+        for m in self.modalities:
+            if m not in MODALITIES:
+                raise ValueError(f"--modality {m!r}: choose from {', '.join(MODALITIES)}, both")
+        for s in self.splits:
+            if s not in SPLITS:
+                raise ValueError(f"--splits {s!r}: choose from {', '.join(SPLITS)}")
+        if self.shard_samples < 1:
+            raise ValueError(f"--shard-samples {self.shard_samples}: must be >= 1")
+        if self.shard_bytes < 0:
+            raise ValueError(f"--shard-bytes {self.shard_bytes}: must be >= 0")
+
+    def n_workers(self) -> int:
+        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    modality: str
+    split: str
+    index: int
+    start: int  # position of the shard's first sample in its label file's sample list
+    samples: tuple[SourceSample, ...]
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.modality, self.split, self.index)
+
+
+@dataclass
+class Plan:
+    tasks: list[ShardTask]
+    # (modality, split) -> samples listed but not convertible (only with skip_bad)
+    bad: dict[tuple[str, str], list[BadSample]]
+    listed: dict[tuple[str, str], int]
+
+
+def shard_name(modality: str, split: str, index: int) -> str:
+    return f"{modality}-{split}-{index:06d}.tar"
+
+
+def manifest_name(modality: str, split: str) -> str:
+    return f"{modality}-{split}.manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, rename: readers see the old file or the new one."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fingerprint(modality: str, split: str, index: int, start: int, samples, options) -> str:
+    h = hashlib.sha256()
+    head = {"v": __version__, "pp": options.preprocess.to_dict(), "m": modality, "s": split}
+    h.update(json.dumps({**head, "i": index, "start": start}, sort_keys=True).encode())
+    for s in samples:
+        st = s.path.stat()  # a changed source image invalidates the shard holding it
+        h.update(f"\n{s.name}\t{s.label}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _samples_per_shard(samples: list[SourceSample], modality: str, options: ConvertOptions) -> int:
+    """Sample count per shard. With a byte target, encode a fixed, evenly spaced subset to
+    estimate the bytes per sample: the plan stays a pure function of inputs and options."""
+    if options.shard_bytes <= 0 or not samples:
+        return options.shard_samples
+    probe = samples[:: max(1, len(samples) // 32)][:32]
+    sizes = []
+    for s in probe:
+        try:
+            sizes.append(len(process_image(s.path, modality, options.preprocess)[0]))
+        except BadImageError:
+            continue  # reported when its shard is written
+    per_sample = (sum(sizes) / len(sizes) if sizes else 1) + TAR_OVERHEAD_PER_SAMPLE
+    return max(1, int(options.shard_bytes // per_sample))
+
+
+def make_plan(root: Path, options: ConvertOptions) -> Plan:
+    """Validate the layout and assign samples to shards; raises before anything is written."""
+    layout = read_layout(Path(root), options.modalities, options.splits, options.label_file)
+    bad_all = [b for _, bad in layout.values() for b in bad]
+    if bad_all and not options.skip_bad:
+        more = f" (and {len(bad_all) - 1} more)" if len(bad_all) > 1 else ""
+        raise LayoutError(f"{bad_all[0].describe()}{more}; fix it or pass --skip-bad")
+    tasks: list[ShardTask] = []
+    for (modality, split), (samples, _) in layout.items():
+        per = _samples_per_shard(samples, modality, options)
+        for index, start in enumerate(range(0, max(len(samples), 1), per)):
+            chunk = tuple(samples[start : start + per])
+            fp = _fingerprint(modality, split, index, start, chunk, options)
+            tasks.append(ShardTask(modality, split, index, start, chunk, fp))
+    return Plan(
+        tasks=tasks,
+        bad={k: bad for k, (_, bad) in layout.items()},
+        listed={k: len(samples) + len(bad) for k, (samples, bad) in layout.items()},
+    )
+
+
+def _sample_key(task: ShardTask, position: int) -> str:
+    # Dots would split WebDataset keys, and names may contain them: keys are positional,
+    # the original name is in the json record.
+    return f"{task.modality}-{task.split}-{task.start + position:09d}"
+
+
+def _shard_bytes(task: ShardTask, pp: Preprocess, skip_bad: bool) -> tuple[bytes, dict]:
+    """Encode one shard in memory: returns the tar bytes and its record (without sha256)."""
+    import io
+
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    counts: Counter[int] = Counter()
+    skipped: list[dict] = []
+    # Fixed mtime, owner and mode: the same inputs give the same bytes.
+    with wds.TarWriter(buf, encoder=False, mtime=0.0, user="", group="") as sink:
+        for pos, s in enumerate(task.samples):
+            try:
+                data, original = process_image(s.path, task.modality, pp)
+            except BadImageError as exc:
+                bad = BadSample(str(s.label_file), s.line, s.name, str(exc))
+                if not skip_bad:
+                    raise ConversionError(f"{bad.describe()}; fix it or pass --skip-bad") from exc
+                skipped.append(bad.to_dict())
+                continue
+            meta = {
+                "name": s.name,
+                "label": s.label,
+                "modality": task.modality,
+                "split": task.split,
+                "original_size": list(original),
+            }
+            sink.write(
+                {
+                    "__key__": _sample_key(task, pos),
+                    pp.fmt: data,
+                    "cls": str(s.label).encode(),
+                    "json": json.dumps(meta, sort_keys=True).encode(),
+                }
+            )
+            counts[s.label] += 1
+    record = {
+        "name": task.name,
+        "fingerprint": task.fingerprint,
+        "samples": sum(counts.values()),
+        "class_counts": [counts.get(c, 0) for c in range(NUM_CLASSES)],
+        "skipped": skipped,
+    }
+    return buf.getvalue(), record
+
+
+def _record_path(out: Path, name: str) -> Path:
+    return out / PROGRESS_DIR / f"{name}.json"
+
+
+def load_done(out: Path, task: ShardTask) -> dict | None:
+    """The shard's record if the shard on disk is complete and matches the plan, else None."""
+    shard, rec_path = out / task.name, _record_path(out, task.name)
+    if not (shard.is_file() and rec_path.is_file()):
+        return None
+    try:
+        record = json.loads(rec_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != task.fingerprint:
+        return None
+    if sha256_file(shard) != record.get("sha256"):
+        logger.warning("%s: checksum differs from its progress record; rewriting", shard)
+        return None
+    return record
+
+
+def run_task(task: ShardTask, out: Path, pp: Preprocess, skip_bad: bool) -> dict:
+    """Write one shard (or keep it if already done); returns its record with a 'kept' flag."""
+    out = Path(out)
+    record = load_done(out, task)
+    if record is not None:
+        return {**record, "kept": True}
+    data, record = _shard_bytes(task, pp, skip_bad)
+    write_atomic(out / task.name, data)
+    record = {**record, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    write_atomic(_record_path(out, task.name), json.dumps(record, sort_keys=True).encode())
+    return {**record, "kept": False}
+
+
+def prepare_out(out: Path, plan: Plan) -> None:
+    """Create OUT, drop temporary files of killed runs, and retire the manifests we will rewrite:
+    until the new manifest lands, nobody should trust the old one."""
+    out = Path(out)
+    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    for d in (out, out / PROGRESS_DIR):
+        for tmp in d.glob(f"{TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+    for modality, split in plan.listed:
+        (out / manifest_name(modality, split)).unlink(missing_ok=True)
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    # forkserver: workers start clean even if the parent has threads (progress bar, OpenCV).
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
+
+
+def run_tasks(
+    tasks: list[ShardTask], out: Path, options: ConvertOptions, progress: bool = True
+) -> list[dict]:
+    """Run shard tasks in parallel; on the first failure cancel what has not started and raise."""
+    from tqdm import tqdm
+
+    pp, skip_bad = options.preprocess, options.skip_bad
+    results: dict[str, dict] = {}
+    bar = tqdm(
+        total=sum(len(t.samples) for t in tasks),
+        unit="img",
+        desc="convert",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    workers = min(options.n_workers(), max(1, len(tasks)))
+    try:
+        if workers == 1:
+            for t in tasks:
+                results[t.name] = run_task(t, out, pp, skip_bad)
+                bar.update(len(t.samples))
+        else:
+            with _pool(workers) as pool:
+                futures = {pool.submit(run_task, t, out, pp, skip_bad): t for t in tasks}
+                try:
+                    for fut in cf.as_completed(futures):
+                        results[futures[fut].name] = fut.result()
+                        bar.update(len(futures[fut].samples))
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
+    return [results[t.name] for t in tasks]
+
+
+def write_manifests(root: Path, out: Path, plan: Plan, options: ConvertOptions) -> list[dict]:
+    """Write one manifest per (modality, split) from the progress records; last step of a run.
+
+    Every planned shard must be complete (a Slurm array task may have failed): otherwise this
+    raises, naming the missing shards, and writes nothing.
+    """
+    out = Path(out)
+    groups: dict[tuple[str, str], list[dict]] = {k: [] for k in plan.listed}
+    missing = []
+    for task in plan.tasks:
+        record = load_done(out, task)
+        if record is None:
+            missing.append(task.name)
+        else:
+            groups[(task.modality, task.split)].append(record)
+    if missing:
+        raise ConversionError(
+            f"{len(missing)} shard(s) not complete in {out}: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; rerun the conversion to finish them"
+        )
+    manifests = []
+    for (modality, split), records in groups.items():
+        _remove_orphans(out, modality, split, {r["name"] for r in records})
+        manifest = _manifest(root, modality, split, records, plan, options)
+        write_atomic(
+            out / manifest_name(modality, split),
+            (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(),
+        )
+        manifests.append(manifest)
+    return manifests
+
+
+def _remove_orphans(out: Path, modality: str, split: str, keep: set[str]) -> None:
+    """Shards of this group left by an earlier run with a different plan (more shards)."""
+    for path in out.glob(f"{modality}-{split}-*.tar"):
+        if SHARD_RE.match(path.name) and path.name not in keep:
+            logger.info("removing %s: not part of the current plan", path)
+            path.unlink()
+            _record_path(out, path.name).unlink(missing_ok=True)
+
+
+def _manifest(root, modality, split, records, plan, options) -> dict:
+    class_counts = [sum(r["class_counts"][c] for r in records) for c in range(NUM_CLASSES)]
+    skipped = [b.to_dict() for b in plan.bad[(modality, split)]]
+    skipped += [s for r in records for s in r["skipped"]]
+    n = len(records)
+    return {
+        "format": "multieye-dist shards/1",
+        "tool_version": __version__,
+        "modality": modality,
+        "split": split,
+        "source_root": str(Path(root).resolve()),
+        "label_file": options.label_file,
+        "class_names": list(CLASS_NAMES),
+        "image_ext": options.preprocess.fmt,
+        "preprocessing": {
+            **options.preprocess.to_dict(),
+            "pad_to_square": True,
+            "clahe": options.preprocess.clahe and modality == "fundus",
+            "median": options.preprocess.median if modality == "oct" else 0,
+        },
+        "num_listed": plan.listed[(modality, split)],
+        "num_samples": sum(r["samples"] for r in records),
+        "class_counts": class_counts,
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "urls": f"{modality}-{split}-{{000000..{max(n - 1, 0):06d}}}.tar",
+        "shards": [
+            {k: r[k] for k in ("name", "samples", "bytes", "sha256", "class_counts")}
+            for r in records
+        ],
+    }
+
+
+@dataclass
+class ConvertSummary:
+    manifests: list[dict]
+    written: int
+    kept: int
+
+    def table(self) -> str:
+        rows = [f"{'group':<14}{'samples':>9}{'shards':>8}{'MiB':>9}{'skipped':>9}"]
+        for m in self.manifests:
+            mib = sum(s["bytes"] for s in m["shards"]) / 2**20
+            rows.append(
+                f"{m['modality'] + '-' + m['split']:<14}{m['num_samples']:>9}"
+                f"{len(m['shards']):>8}{mib:>9.1f}{m['num_skipped']:>9}"
+            )
+        rows.append(f"shards written {self.written}, kept from an earlier run {self.kept}")
+        for m in self.manifests:
+            for s in m["skipped"]:
+                rows.append(f"skipped {s['label_file']}:{s['line']} ({s['name']}): {s['reason']}")
+        return "\n".join(rows)
+
+
+def convert(
+    root: Path, out: Path, options: ConvertOptions, progress: bool = True
+) -> ConvertSummary:
+    """Plan, write every shard (in parallel), then the manifests."""
+    plan = make_plan(root, options)
+    prepare_out(Path(out), plan)
+    results = run_tasks(plan.tasks, Path(out), options, progress)
+    manifests = write_manifests(root, out, plan, options)
+    kept = sum(r["kept"] for r in results)
+    return ConvertSummary(manifests, written=len(results) - kept, kept=kept)
