@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import io
 import json
 import logging
 import multiprocessing as mp
@@ -35,6 +36,7 @@ from multieye_dist.data.layout import (
     read_layout,
 )
 from multieye_dist.data.preprocess import BadImageError, Preprocess, process_image
+from multieye_dist.data.tario import write_samples
 
 logger = logging.getLogger(__name__)
 
@@ -182,15 +184,10 @@ def _sample_key(task: ShardTask, position: int) -> str:
 
 def _shard_bytes(task: ShardTask, pp: Preprocess, skip_bad: bool) -> tuple[bytes, dict]:
     """Encode one shard in memory: returns the tar bytes and its record (without sha256)."""
-    import io
-
-    import webdataset as wds
-
-    buf = io.BytesIO()
     counts: Counter[int] = Counter()
     skipped: list[dict] = []
-    # Fixed mtime, owner and mode: the same inputs give the same bytes.
-    with wds.TarWriter(buf, encoder=False, mtime=0.0, user="", group="") as sink:
+
+    def samples():
         for pos, s in enumerate(task.samples):
             try:
                 data, original = process_image(s.path, task.modality, pp)
@@ -207,15 +204,16 @@ def _shard_bytes(task: ShardTask, pp: Preprocess, skip_bad: bool) -> tuple[bytes
                 "split": task.split,
                 "original_size": list(original),
             }
-            sink.write(
-                {
-                    "__key__": _sample_key(task, pos),
-                    pp.fmt: data,
-                    "cls": str(s.label).encode(),
-                    "json": json.dumps(meta, sort_keys=True).encode(),
-                }
-            )
             counts[s.label] += 1
+            yield {
+                "__key__": _sample_key(task, pos),
+                pp.fmt: data,
+                "cls": str(s.label).encode(),
+                "json": json.dumps(meta, sort_keys=True).encode(),
+            }
+
+    buf = io.BytesIO()
+    write_samples(buf, samples())
     record = {
         "name": task.name,
         "fingerprint": task.fingerprint,
@@ -390,8 +388,8 @@ def _manifest(root, modality, split, records, plan, options) -> dict:
 @dataclass
 class ConvertSummary:
     manifests: list[dict]
-    written: int
-    kept: int
+    written: int | None = None  # None: written elsewhere (array tasks)
+    kept: int | None = None
 
     def table(self) -> str:
         rows = [f"{'group':<14}{'samples':>9}{'shards':>8}{'MiB':>9}{'skipped':>9}"]
@@ -401,7 +399,8 @@ class ConvertSummary:
                 f"{m['modality'] + '-' + m['split']:<14}{m['num_samples']:>9}"
                 f"{len(m['shards']):>8}{mib:>9.1f}{m['num_skipped']:>9}"
             )
-        rows.append(f"shards written {self.written}, kept from an earlier run {self.kept}")
+        if self.written is not None:
+            rows.append(f"shards written {self.written}, kept from an earlier run {self.kept}")
         for m in self.manifests:
             for s in m["skipped"]:
                 rows.append(f"skipped {s['label_file']}:{s['line']} ({s['name']}): {s['reason']}")
@@ -418,3 +417,24 @@ def convert(
     manifests = write_manifests(root, out, plan, options)
     kept = sum(r["kept"] for r in results)
     return ConvertSummary(manifests, written=len(results) - kept, kept=kept)
+
+
+def split_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """[0, n) cut into at most `parts` contiguous, near-equal, non-empty ranges."""
+    parts = max(1, min(parts, n))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def convert_range(root: Path, out: Path, options: ConvertOptions, lo: int, hi: int) -> int:
+    """One array task: re-derive the (deterministic) plan and write shards lo..hi-1 of it."""
+    plan = make_plan(root, options)
+    results = run_tasks(plan.tasks[lo:hi], Path(out), options, progress=False)
+    return len(results)
+
+
+def finalize(root: Path, out: Path, options: ConvertOptions) -> ConvertSummary:
+    """Final step of an array conversion: check every shard, then write the manifests."""
+    plan = make_plan(root, options)
+    manifests = write_manifests(root, out, plan, options)
+    return ConvertSummary(manifests)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from multieye_dist.data.classes import NUM_CLASSES
 from multieye_dist.data.shards import SHARD_RE, sha256_file
+from multieye_dist.data.tario import iter_samples
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,7 @@ def _check_sample(sample: dict, ext: str, where: str) -> tuple[int | None, list[
 
 
 def check_shard(path: Path, entry: dict, ext: str) -> ShardCheck:
-    """Checksum, then every sample through WebDataset's own tar reader."""
-    import webdataset as wds
-
+    """Checksum, then every sample decoded."""
     check = ShardCheck(path.name)
     if not path.is_file():
         check.problems.append(f"{path}: shard listed in the manifest is missing")
@@ -64,7 +63,7 @@ def check_shard(path: Path, entry: dict, ext: str) -> ShardCheck:
     if sha256_file(path) != entry["sha256"]:
         check.problems.append(f"{path}: sha256 differs from the manifest")
     try:
-        for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+        for sample in iter_samples(path):
             where = f"{path.name}:{sample['__key__']}"
             check.keys.append(sample["__key__"])
             label, problems = _check_sample(sample, ext, where)
