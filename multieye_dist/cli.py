@@ -126,11 +126,42 @@ def _add_shards(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default (synthetic, CPU)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--per-class", type=int, default=40)
+    p.add_argument("--per-class", type=int, default=100, help="train images per class")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="predict and explain fundus images by concept")
+    p.add_argument("--checkpoint", type=Path, required=True, help="inference .safetensors")
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--topk", type=int, default=5, help="concepts listed per image")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from multieye_dist.checkpoint import load_inference
+    from multieye_dist.explain import explain_images
+
+    model, meta = load_inference(args.checkpoint)
+    results = explain_images(
+        model,
+        args.images,
+        class_names=meta["class_names"],
+        sentences=meta["concept_sentences"],
+        image_size=meta["image_size"],
+        topk=args.topk,
+    )
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1))
+    else:
+        print("\n\n".join(r.text() for r in results))
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -213,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_shards(sub)
     _add_demo(sub)
+    _add_explain(sub)
     return parser
 
 
@@ -227,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (LayoutError, ConversionError, ValueError) as exc:
+    except (LayoutError, ConversionError, ValueError, FileNotFoundError) as exc:
         print(f"multieye-dist: error: {exc}", file=sys.stderr)
         return 2
 
