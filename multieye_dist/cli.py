@@ -133,6 +133,16 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _add_concepts(sub) -> None:
+    from multieye_dist import concepts
+
+    c = sub.add_parser("concepts", help="concept banks (text embeddings of the concept sentences)")
+    csub = c.add_subparsers(dest="concepts_cmd", required=True)
+    enc = csub.add_parser("encode", help="encode concept sentences with a local text encoder")
+    concepts.add_encode_arguments(enc)
+    enc.set_defaults(func=concepts.run_from_args)
+
+
 def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="predict and explain fundus images by concept")
     p.add_argument("--checkpoint", type=Path, required=True, help="inference .safetensors")
@@ -245,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shards(sub)
     _add_demo(sub)
     _add_explain(sub)
+    _add_concepts(sub)
     return parser
 
 
