@@ -1,0 +1,76 @@
+"""Inference checkpoints: one safetensors file with the weights, the concept bank (a buffer of the
+model) and, in its metadata, everything needed to rebuild the model without DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from multieye_dist.data.classes import CLASS_NAMES
+from multieye_dist.model import ConceptModel, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "multieye-dist inference/1"
+
+
+def export_inference(
+    path: Path,
+    model: ConceptModel,
+    cfg: ModelConfig,
+    *,
+    concept_sentences: list[str],
+    image_size: int,
+    extra: dict | None = None,
+) -> None:
+    """Write atomically (temporary file, then rename): a reader never sees half a checkpoint."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "model_config": json.dumps(asdict(cfg)),
+        "concept_sentences": json.dumps(concept_sentences),
+        "class_names": json.dumps(list(CLASS_NAMES)),
+        "image_size": str(image_size),
+        "extra": json.dumps(extra or {}),
+    }
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_inference(path: Path) -> tuple[ConceptModel, dict]:
+    """Rebuild the model (eval mode, CPU) and return it with the decoded metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path}: not a safetensors checkpoint ({exc})") from exc
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
+    meta = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "image_size")}
+    meta["image_size"] = int(raw["image_size"])
+    cfg = ModelConfig(**{**meta["model_config"], "weights": None})
+    concepts = state.get("concepts")
+    if concepts is None:
+        raise ValueError(f"{path}: no 'concepts' tensor (the concept bank) in the checkpoint")
+    model = ConceptModel(cfg, concepts, load_weights=False)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, meta
