@@ -22,3 +22,24 @@ def eval_transform(image_size: int):
             transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         ]
     )
+
+
+def train_transform(
+    image_size: int, *, auto_augment: str = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25
+):
+    """The release's training augmentation through timm: random resized crop, horizontal flip,
+    RandAugment, bicubic, ImageNet mean/std, then random erasing (pixel mode)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=image_size,
+        is_training=True,
+        color_jitter=None,  # the release passes None; RandAugment replaces colour jitter anyway
+        auto_augment=auto_augment,
+        interpolation="bicubic",
+        re_prob=re_prob,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )

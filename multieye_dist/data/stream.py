@@ -1,0 +1,514 @@
+"""Streaming shards to every rank and loader worker.
+
+Work units. A split's shards are cut into *units* so that there are at least as many as global
+workers (ranks x loader workers): with n shards and G workers each shard gives m = ceil(G / n)
+units, unit j of a shard keeping the samples at positions j, j + m, j + 2m, ... (m = 1, the
+usual case, is the whole shard). Units are dealt round-robin to the global workers, so within an
+epoch every sample belongs to exactly one worker; a shard is read more than once only when there
+are fewer shards than workers.
+
+Training (class-balanced, paired). Each worker keeps per-class pools of at most `pool_size`
+encoded samples, fed by its fundus stream. To emit a sample it draws a class c with probability
+proportional to local_c / global_c (local_c: fundus samples of class c in this worker's units,
+global_c: in the whole split, from the manifest), then a sample of class c uniformly from its pool,
+and reads one new sample into the pools. Summed over workers this gives each class the same
+expected frequency, as the release's WeightedRandomSampler (weight 1 / count of the class, with
+replacement) does. The OCT partner comes the same way from per-class pools fed by an independent,
+resampled OCT stream: same label when the OCT split has that class, else a random OCT sample
+with its own label (as released), counted. Every epoch restarts the pools from a seed derived
+from (seed, epoch, rank, worker): an epoch's order depends on nothing else, so resuming at an
+epoch boundary reproduces it.
+
+Evaluation. Units in a fixed order, each sample exactly once across ranks and workers, nothing
+padded; ranks may get different numbers of batches (evaluation has no per-batch collective) and
+`gather_records` brings everything to rank 0 sorted by sample key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from multieye_dist.data.classes import NUM_CLASSES
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """Bad data beyond what the run tolerates, or a shard that cannot be read."""
+
+
+# ---------------------------------------------------------------- shard sets and units
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one modality and split, as listed by their manifest."""
+
+    modality: str
+    split: str
+    urls: tuple[str, ...]
+    samples: tuple[int, ...]
+    class_counts: tuple[tuple[int, ...], ...]  # per shard
+    image_ext: str
+
+    @classmethod
+    def from_manifest(cls, shard_dir: Path, modality: str, split: str) -> ShardSet:
+        path = Path(shard_dir) / f"{modality}-{split}.manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no manifest {path}: convert the {modality} {split} split")
+        m = json.loads(path.read_text())
+        urls = tuple(str(Path(shard_dir) / s["name"]) for s in m["shards"])
+        for url in urls:
+            if not Path(url).is_file():
+                raise FileNotFoundError(f"shard {url} listed in {path} is missing")
+        return cls(
+            modality,
+            split,
+            urls,
+            tuple(s["samples"] for s in m["shards"]),
+            tuple(tuple(s["class_counts"]) for s in m["shards"]),
+            m["image_ext"],
+        )
+
+    @property
+    def total_class_counts(self) -> np.ndarray:
+        return np.asarray(self.class_counts, dtype=np.int64).reshape(-1, NUM_CLASSES).sum(0)
+
+
+@dataclass(frozen=True)
+class Unit:
+    url: str
+    offset: int
+    stride: int
+    class_counts: tuple[float, ...]  # expected, for strided units
+
+
+def make_units(shards: ShardSet, workers: int) -> list[Unit]:
+    n = len(shards.urls)
+    if n == 0:
+        return []
+    m = math.ceil(workers / n)
+    return [
+        Unit(url, j, m, tuple(c / m for c in counts))
+        for url, counts in zip(shards.urls, shards.class_counts, strict=True)
+        for j in range(m)
+    ]
+
+
+def identity(rank: int | None = None, world: int | None = None) -> tuple[int, int, int, int]:
+    """(rank, world, worker, workers): explicit values, else torch.distributed, else the
+    RANK / WORLD_SIZE environment (as torchrun, DeepSpeed and our Slurm launcher set them)."""
+    if rank is None or world is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    info = get_worker_info()
+    return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
+
+
+@dataclass
+class RawSample:
+    key: str
+    label: int
+    data: bytes
+    url: str
+
+
+def read_unit(unit: Unit, ext: str) -> Iterator[RawSample]:
+    """Samples of one unit, in shard order, through webdataset's tar reader (which also takes
+    pipe: and remote URLs). A truncated or unreadable shard is an error naming it."""
+    import webdataset as wds
+
+    try:
+        # Splitting across nodes and workers is ours (units); webdataset's own splitters would
+        # hand this single shard to worker 0 only.
+        stream = wds.WebDataset(
+            unit.url, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+        )
+        for i, s in enumerate(stream):
+            if i % unit.stride == unit.offset:
+                try:
+                    label = int(s["cls"])
+                    data = s[ext]
+                except (KeyError, ValueError) as exc:
+                    raise DataError(
+                        f"{unit.url}: sample {s.get('__key__')} lacks .{ext}/.cls"
+                    ) from exc
+                yield RawSample(s["__key__"], label, data, unit.url)
+    except DataError:
+        raise
+    except Exception as exc:  # tarfile.ReadError, OSError, ...: name the shard
+        raise DataError(f"cannot read shard {unit.url}: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- decoding, RNG, stats
+
+
+@dataclass
+class StreamStats:
+    """Counters travel with every batch, so the main process sees what its workers saw."""
+
+    decoded: int = 0
+    bad: int = 0
+    unmatched_oct: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "decoded": self.decoded,
+            "bad": self.bad,
+            "unmatched_oct": self.unmatched_oct,
+            "bad_examples": list(self.bad_examples),
+        }
+
+
+def decode(data: bytes) -> Image.Image:
+    with Image.open(__import__("io").BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def _check_bad(stats: StreamStats, max_bad_fraction: float) -> None:
+    # Judge the fraction only once there is something to judge it on.
+    seen = stats.decoded + stats.bad
+    if stats.bad and seen >= 50 and stats.bad / seen > max_bad_fraction:
+        raise DataError(
+            f"{stats.bad} of {seen} samples could not be decoded (> {max_bad_fraction:.1%}), "
+            f"e.g. {'; '.join(stats.bad_examples[:3])}"
+        )
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@contextmanager
+def rng_scope(state: dict):
+    """Run transforms on the stream's own python/numpy/torch RNG state, leaving the caller's
+    untouched (so num_workers=0 neither consumes nor reseeds the training process's RNG)."""
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    random.setstate(state["py"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    try:
+        yield
+    finally:
+        state.update(py=random.getstate(), np=np.random.get_state(), torch=torch.get_rng_state())
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+def new_rng_state(seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "py": random.Random(seed).getstate(),
+        "np": np.random.RandomState(seed % 2**32).get_state(),
+        "torch": gen.get_state(),
+    }
+
+
+# ---------------------------------------------------------------- per-class pools
+
+
+class ClassPools:
+    """At most `size` samples per class; a new sample past that replaces a random one, so the
+    pool follows the stream with bounded memory."""
+
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size, self.rng = size, rng
+        self.pools: list[list[RawSample]] = [[] for _ in range(NUM_CLASSES)]
+
+    def add(self, s: RawSample) -> None:
+        pool = self.pools[s.label]
+        if len(pool) < self.size:
+            pool.append(s)
+        else:
+            pool[int(self.rng.integers(len(pool)))] = s
+
+    def present(self) -> np.ndarray:
+        return np.array([len(p) > 0 for p in self.pools])
+
+    def draw(self, c: int) -> RawSample:
+        pool = self.pools[c]
+        return pool[int(self.rng.integers(len(pool)))]
+
+    def discard(self, s: RawSample) -> None:
+        pool = self.pools[s.label]
+        if s in pool:
+            pool.remove(s)
+
+
+def cycle_units(units: list[Unit], ext: str, rng: np.random.Generator, resampled: bool):
+    """Endless samples: `units` in a fresh random order each pass, or drawn with replacement."""
+    if not units:
+        raise DataError("no shard units to read")
+    while True:
+        order = (
+            rng.integers(len(units), size=len(units)) if resampled else rng.permutation(len(units))
+        )
+        n = 0
+        for i in order:
+            for s in read_unit(units[int(i)], ext):
+                n += 1
+                yield s
+        if n == 0:  # never spin on empty shards
+            raise DataError(
+                f"a pass over {len(units)} shard unit(s) gave no sample: {units[0].url}"
+            )
+
+
+def fill(pools: ClassPools, stream, wanted: np.ndarray, limit: int) -> None:
+    """Read until every wanted class is in the pools and at least one pool is full, or `limit`
+    samples were read (a class absent from every unit read cannot be waited for forever)."""
+    for _ in range(max(limit, 1)):
+        have = pools.present()
+        if (have >= wanted).all() and max(len(p) for p in pools.pools) >= pools.size:
+            return
+        pools.add(next(stream))
+
+
+# ---------------------------------------------------------------- training stream
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    samples_per_epoch: int = 36_000  # over all ranks, as released
+    batch_size: int = 64  # per rank
+    image_size: int = 512
+    seed: int = 0
+    resampled: bool = False  # fundus shards drawn with replacement instead of split per epoch
+    # Per class, for fundus and for OCT: a worker holds up to 2 x 9 x pool_size encoded images.
+    pool_size: int = 32
+    max_bad_fraction: float = 0.01
+    augment: bool = True
+
+
+class PairedTrainStream(IterableDataset):
+    """Class-balanced fundus batches, each sample with a label-matched OCT partner.
+
+    Yields dicts: fundus [b,3,S,S], fundus_label [b], oct [b,3,S,S], oct_label [b], keys, stats.
+    `len()` is the number of batches every rank yields in an epoch.
+    """
+
+    def __init__(
+        self,
+        fundus: ShardSet,
+        oct: ShardSet,
+        cfg: StreamConfig,
+        transform: Callable | None = None,
+        oct_transform: Callable | None = None,
+        rank: int | None = None,
+        world: int | None = None,
+    ):
+        from multieye_dist.data.transforms import eval_transform, train_transform
+
+        self.fundus, self.oct, self.cfg = fundus, oct, cfg
+        default = train_transform if cfg.augment else eval_transform
+        self.transform = transform or default(cfg.image_size)
+        self.oct_transform = oct_transform or self.transform
+        self.rank, self.world = rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        _, world, _, _ = identity(self.rank, self.world)
+        return self.cfg.samples_per_epoch // world // self.cfg.batch_size
+
+    def _worker_batches(self, total: int, worker: int, workers: int) -> int:
+        return total // workers + (worker < total % workers)
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, workers = identity(self.rank, self.world)
+        cfg, g = self.cfg, rank * workers + worker
+        n_batches = self._worker_batches(len(self), worker, workers)
+        seed = _seed(cfg.seed, self.epoch, rank, worker)
+        rng = np.random.default_rng(seed)
+        units = make_units(self.fundus, world * workers)
+        if cfg.resampled:
+            mine = units
+        else:  # this epoch's deal of units to global workers
+            perm = np.random.default_rng(_seed(cfg.seed, self.epoch, 7)).permutation(len(units))
+            mine = [units[i] for i in perm[g :: world * workers]]
+        global_counts = self.fundus.total_class_counts
+        local = np.sum([u.class_counts for u in mine], axis=0)
+        # Release weights 1/count_c, applied to the samples this worker can see.
+        weights = np.where(global_counts > 0, local / np.maximum(global_counts, 1), 0.0)
+        f_stream = cycle_units(mine, self.fundus.image_ext, rng, cfg.resampled)
+        f_pools = ClassPools(cfg.pool_size, rng)
+        fill(f_pools, f_stream, weights > 0, limit=int(local.sum()) + cfg.pool_size)
+        weights = weights * f_pools.present()
+        if weights.sum() == 0:
+            raise DataError(f"rank {rank} worker {worker}: no fundus sample in its shards")
+        weights = weights / weights.sum()
+        o_units = make_units(self.oct, 1)
+        o_stream = cycle_units(o_units, self.oct.image_ext, rng, resampled=True)
+        o_pools = ClassPools(cfg.pool_size, rng)
+        o_global = self.oct.total_class_counts
+        fill(o_pools, o_stream, o_global > 0, limit=int(o_global.sum()) + cfg.pool_size)
+        state = new_rng_state(seed)
+        stats = StreamStats()
+        for _ in range(n_batches):
+            with rng_scope(state):
+                batch = self._batch(rng, weights, f_pools, f_stream, o_pools, o_stream, stats)
+            yield batch
+
+    def _pick(
+        self,
+        rng,
+        pools: ClassPools,
+        stream,
+        stats: StreamStats,
+        transform,
+        weights: np.ndarray,
+        cls: int | None = None,
+    ) -> tuple[torch.Tensor, RawSample]:
+        """One decoded, transformed sample: of class `cls` while its pool has one, else of a
+        class drawn by `weights` among the non-empty pools. An undecodable sample is dropped from
+        its pool, counted, reported, and another is drawn."""
+        while True:
+            if cls is not None and pools.pools[cls]:
+                c = cls
+            else:
+                w = weights * pools.present()
+                if w.sum() <= 0:
+                    raise DataError(
+                        "no decodable sample left in the pools: "
+                        + "; ".join(stats.bad_examples[:3])
+                    )
+                c = int(rng.choice(NUM_CLASSES, p=w / w.sum()))
+            s = pools.draw(c)
+            pools.add(next(stream))  # the stream moves on as samples are used
+            try:
+                img = decode(s.data)
+            except Exception:  # any decoder failure: count, report, draw again
+                stats.bad += 1
+                if len(stats.bad_examples) < 10:
+                    stats.bad_examples.append(f"{s.url}:{s.key}")
+                logger.warning("undecodable sample %s in shard %s: skipped", s.key, s.url)
+                pools.discard(s)
+                _check_bad(stats, self.cfg.max_bad_fraction)
+                continue
+            stats.decoded += 1
+            return transform(img), s
+
+    def _batch(self, rng, weights, f_pools, f_stream, o_pools, o_stream, stats) -> dict:
+        f_imgs, o_imgs, f_s, o_s = [], [], [], []
+        o_uniform = np.ones(NUM_CLASSES)
+        for _ in range(self.cfg.batch_size):
+            x, fs = self._pick(rng, f_pools, f_stream, stats, self.transform, weights)
+            # As released: the partner has the same label when OCT has that class, else it is a
+            # random OCT sample with its own label (counted).
+            y, os_ = self._pick(
+                rng, o_pools, o_stream, stats, self.oct_transform, o_uniform, cls=fs.label
+            )
+            stats.unmatched_oct += int(os_.label != fs.label)
+            f_imgs.append(x)
+            o_imgs.append(y)
+            f_s.append(fs)
+            o_s.append(os_)
+        return {
+            "fundus": torch.stack(f_imgs),
+            "fundus_label": torch.tensor([s.label for s in f_s]),
+            "oct": torch.stack(o_imgs),
+            "oct_label": torch.tensor([s.label for s in o_s]),
+            "fundus_key": [s.key for s in f_s],
+            "oct_key": [s.key for s in o_s],
+            "stats": stats.as_dict(),
+        }
+
+
+# ---------------------------------------------------------------- evaluation stream
+
+
+class EvalStream(IterableDataset):
+    """Every sample of a split exactly once over all ranks and workers; undecodable samples are
+    skipped and reported in `stats` (they cannot be scored)."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        image_size: int,
+        batch_size: int,
+        rank: int | None = None,
+        world: int | None = None,
+        max_bad_fraction: float = 0.01,
+    ):
+        from multieye_dist.data.transforms import eval_transform
+
+        self.shards, self.batch_size = shards, batch_size
+        self.transform = eval_transform(image_size)
+        self.rank, self.world, self.max_bad_fraction = rank, world, max_bad_fraction
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, workers = identity(self.rank, self.world)
+        units = make_units(self.shards, world * workers)[rank * workers + worker :: world * workers]
+        stats, buf = StreamStats(), []
+        for unit in units:
+            for s in read_unit(unit, self.shards.image_ext):
+                try:
+                    img = decode(s.data)
+                except Exception:
+                    stats.bad += 1
+                    stats.bad_examples.append(f"{s.url}:{s.key}")
+                    logger.warning("undecodable sample %s in shard %s: not scored", s.key, s.url)
+                    _check_bad(stats, self.max_bad_fraction)
+                    continue
+                stats.decoded += 1
+                buf.append((self.transform(img), s))
+                if len(buf) == self.batch_size:
+                    yield self._collate(buf, stats)
+                    buf = []
+        if buf or stats.bad:
+            yield self._collate(buf, stats)
+
+    @staticmethod
+    def _collate(buf: list, stats: StreamStats) -> dict:
+        return {
+            "image": torch.stack([x for x, _ in buf]) if buf else torch.empty(0),
+            "label": torch.tensor([s.label for _, s in buf], dtype=torch.long),
+            "key": [s.key for _, s in buf],
+            "stats": stats.as_dict(),
+        }
+
+
+def gather_records(records: list[dict]) -> list[dict] | None:
+    """All ranks' records on rank 0 (None elsewhere), sorted by key: a stable order whatever the
+    number of ranks and workers. Without a process group, the records themselves, sorted."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(records, parts, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        records = [r for part in parts for r in part]
+    return sorted(records, key=lambda r: r["key"])
+
+
+def make_loader(dataset: IterableDataset, num_workers: int):
+    """A DataLoader over a batch-yielding stream: decoding and augmentation in the workers,
+    batches in pinned memory when a GPU will take them."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        multiprocessing_context="forkserver" if num_workers else None,
+    )
