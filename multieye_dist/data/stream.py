@@ -181,10 +181,11 @@ def decode(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
-def _check_bad(stats: StreamStats, max_bad_fraction: float) -> None:
-    # Judge the fraction only once there is something to judge it on.
+def _check_bad(stats: StreamStats, max_bad_fraction: float, final: bool = False) -> None:
+    # Mid-stream, judge the fraction only once there is something to judge it on; at the end
+    # of a finite stream, always.
     seen = stats.decoded + stats.bad
-    if stats.bad and seen >= 50 and stats.bad / seen > max_bad_fraction:
+    if stats.bad and (final or seen >= 50) and stats.bad / seen > max_bad_fraction:
         raise DataError(
             f"{stats.bad} of {seen} samples could not be decoded (> {max_bad_fraction:.1%}), "
             f"e.g. {'; '.join(stats.bad_examples[:3])}"
@@ -474,6 +475,7 @@ class EvalStream(IterableDataset):
                 if len(buf) == self.batch_size:
                     yield self._collate(buf, stats)
                     buf = []
+        _check_bad(stats, self.max_bad_fraction, final=True)
         if buf or stats.bad:
             yield self._collate(buf, stats)
 
@@ -506,9 +508,5 @@ def make_loader(dataset: IterableDataset, num_workers: int):
     from torch.utils.data import DataLoader
 
     return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        multiprocessing_context="forkserver" if num_workers else None,
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available()
     )

@@ -1,0 +1,214 @@
+"""Streaming pipeline with simulated ranks (explicit rank/world, as torch.distributed would give)
+and real DataLoader worker processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multieye_dist.data.layout import label_file
+from multieye_dist.data.preprocess import Preprocess
+from multieye_dist.data.shards import ConvertOptions, convert
+from multieye_dist.data.stream import (
+    DataError,
+    EvalStream,
+    PairedTrainStream,
+    ShardSet,
+    StreamConfig,
+    make_loader,
+)
+from multieye_dist.data.synth import SynthOptions, generate
+from multieye_dist.data.tario import iter_samples, write_samples
+
+SIZE = 32
+CFG = StreamConfig(
+    samples_per_epoch=256, batch_size=16, image_size=SIZE, pool_size=8, augment=False
+)
+
+
+def _convert(root: Path, out: Path, shard_samples: int = 10) -> Path:
+    opts = ConvertOptions(
+        shard_samples=shard_samples, workers=2, preprocess=Preprocess(image_size=SIZE)
+    )
+    convert(root, out, opts, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir(synth_root, tmp_path_factory) -> Path:
+    return _convert(synth_root, tmp_path_factory.mktemp("stream") / "shards")
+
+
+@pytest.fixture(scope="session")
+def imbalanced_dir(tmp_path_factory) -> Path:
+    """Class 8 is 100 times rarer than class 0 (200 vs 2 training images)."""
+    base = tmp_path_factory.mktemp("imb")
+    generate(base / "raw", SynthOptions(per_class=200, imbalance=100, image_size=32, workers=2))
+    return _convert(base / "raw", base / "shards", shard_samples=100)
+
+
+def _sets(d: Path, split: str = "train") -> tuple[ShardSet, ShardSet]:
+    return ShardSet.from_manifest(d, "fundus", split), ShardSet.from_manifest(d, "oct", split)
+
+
+def _train_batches(
+    d: Path, cfg: StreamConfig, rank: int, world: int, workers: int, epoch: int = 0
+) -> list[dict]:
+    ds = PairedTrainStream(*_sets(d), cfg, rank=rank, world=world)
+    ds.set_epoch(epoch)
+    return list(make_loader(ds, workers))
+
+
+def test_equal_batches_per_rank_and_label_matched_partners(shard_dir):
+    counts = []
+    for rank in (0, 1):
+        batches = _train_batches(shard_dir, CFG, rank, world=2, workers=2)
+        counts.append(len(batches))
+        for b in batches:
+            assert b["fundus"].shape == (16, 3, SIZE, SIZE) and b["oct"].shape == b["fundus"].shape
+            assert torch.equal(b["fundus_label"], b["oct_label"])  # 100% label match
+            assert all(k.startswith("oct-train-") for k in b["oct_key"])
+        assert sum(b["stats"]["unmatched_oct"] for b in batches) == 0
+    assert counts == [256 // 2 // 16] * 2
+
+
+def test_class_balance_with_a_rare_class(imbalanced_dir):
+    """Over 2,700 draws each class is expected 300 times. A multinomial gives a standard
+    deviation of ~16 per class; the per-worker class weights and finite pools add a little more.
+    +-25% (75, over 4 sigma) fails for any real imbalance: without balancing the rare class
+    would get ~6 draws and class 0 ~600."""
+    cfg = replace(CFG, samples_per_epoch=2700, batch_size=30)
+    labels = Counter()
+    for b in _train_batches(imbalanced_dir, cfg, rank=0, world=1, workers=2):
+        labels.update(b["fundus_label"].tolist())
+    assert sum(labels.values()) == 2700
+    for c in range(9):
+        assert 225 <= labels[c] <= 375, labels
+
+
+def _all_keys(d: Path, modality: str, split: str) -> list[str]:
+    m = json.loads((d / f"{modality}-{split}.manifest.json").read_text())
+    return [s["__key__"] for e in m["shards"] for s in iter_samples(d / e["name"])]
+
+
+@pytest.mark.parametrize("world,workers,batch", [(2, 2, 4), (3, 1, 5), (1, 0, 7)])
+def test_evaluation_scores_every_sample_exactly_once(shard_dir, world, workers, batch):
+    for modality in ("fundus", "oct"):
+        shards = ShardSet.from_manifest(shard_dir, modality, "dev")
+        keys = []
+        for rank in range(world):
+            ds = EvalStream(shards, SIZE, batch, rank=rank, world=world)
+            for b in make_loader(ds, workers):
+                assert len(b["key"]) <= batch and b["image"].shape[0] == len(b["key"])
+                keys += b["key"]
+        assert Counter(keys) == Counter(_all_keys(shard_dir, modality, "dev"))
+        assert len(keys) == len(set(keys))
+
+
+def _keys(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["fundus_key"] + b["oct_key"]]
+
+
+def test_same_seed_rank_workers_epoch_give_the_same_order(shard_dir):
+    a = _train_batches(shard_dir, CFG, 1, 2, 2, epoch=3)
+    b = _train_batches(shard_dir, CFG, 1, 2, 2, epoch=3)
+    assert _keys(a) == _keys(b)
+    assert torch.equal(torch.cat([x["fundus"] for x in a]), torch.cat([x["fundus"] for x in b]))
+    assert _keys(a) != _keys(_train_batches(shard_dir, CFG, 1, 2, 2, epoch=4))
+    assert _keys(a) != _keys(_train_batches(shard_dir, CFG, 0, 2, 2, epoch=3))
+
+
+def test_resume_at_epoch_boundary_reproduces_the_order(shard_dir):
+    """An uninterrupted run iterates epochs 0 and 1 on one stream object; a resumed run builds a
+    new object and starts at epoch 1."""
+    cfg = replace(CFG, augment=True)  # augmentation randomness must follow the epoch too
+    ds = PairedTrainStream(*_sets(shard_dir), cfg, rank=0, world=1)
+    loader = make_loader(ds, 2)
+    list(loader)
+    ds.set_epoch(1)
+    uninterrupted = list(loader)
+    resumed = _train_batches(shard_dir, cfg, 0, 1, 2, epoch=1)
+    assert _keys(uninterrupted) == _keys(resumed)
+    for x, y in zip(uninterrupted, resumed, strict=True):
+        assert torch.equal(x["fundus"], y["fundus"]) and torch.equal(x["oct"], y["oct"])
+
+
+def test_augmentation_is_the_release_recipe(shard_dir):
+    cfg = replace(CFG, augment=True)
+    ds = PairedTrainStream(*_sets(shard_dir), cfg, rank=0, world=1)
+    names = [type(t).__name__ for t in ds.transform.transforms]
+    assert names[0] == "RandomResizedCropAndInterpolation" and "RandAugment" in names
+    assert names[-1] == "RandomErasing" and ds.transform.transforms[-1].probability == 0.25
+    batch = next(iter(make_loader(ds, 0)))
+    assert batch["fundus"].dtype == torch.float32 and batch["fundus"].min() < 0  # normalised
+
+
+def _corrupt(shard_dir: Path, tmp_path: Path, n_bad: int) -> tuple[Path, list[str]]:
+    d = tmp_path / "shards"
+    shutil.copytree(shard_dir, d)
+    shard = d / json.loads((d / "fundus-dev.manifest.json").read_text())["shards"][0]["name"]
+    samples = list(iter_samples(shard))
+    bad = [s["__key__"] for s in samples[:n_bad]]
+    for s in samples[:n_bad]:
+        s["png"] = b"\x89PNG\r\n\x1a\n broken"
+    with open(shard, "wb") as fh:
+        write_samples(fh, samples)
+    return d, [f"{shard}:{k}" for k in bad]
+
+
+def test_corrupt_sample_is_skipped_counted_and_named(shard_dir, tmp_path):
+    d, bad = _corrupt(shard_dir, tmp_path, 1)
+    shards = ShardSet.from_manifest(d, "fundus", "dev")
+    ds = EvalStream(shards, SIZE, 4, rank=0, world=1, max_bad_fraction=0.1)
+    batches = list(make_loader(ds, 0))
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == len(_all_keys(d, "fundus", "dev")) - 1
+    assert batches[-1]["stats"]["bad"] == 1 and batches[-1]["stats"]["bad_examples"] == bad
+
+
+def test_too_many_corrupt_samples_stop_the_run(shard_dir, tmp_path):
+    d, _ = _corrupt(shard_dir, tmp_path, 10)
+    shards = ShardSet.from_manifest(d, "fundus", "dev")
+    with pytest.raises(DataError, match=r"could not be decoded .*fundus-dev-000000.tar"):
+        list(EvalStream(shards, SIZE, 4, rank=0, world=1, max_bad_fraction=0.01))
+
+
+def test_missing_or_truncated_shard_is_named(shard_dir, tmp_path):
+    d = tmp_path / "shards"
+    shutil.copytree(shard_dir, d)
+    victim = d / "oct-dev-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:1500])
+    with pytest.raises(DataError, match="oct-dev-000001.tar"):
+        list(EvalStream(ShardSet.from_manifest(d, "oct", "dev"), SIZE, 4, rank=0, world=1))
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match="oct-dev-000001.tar"):
+        ShardSet.from_manifest(d, "oct", "dev")
+
+
+def test_class_without_oct_gets_a_random_partner_and_is_counted(synth_root, tmp_path):
+    root = tmp_path / "raw"
+    shutil.copytree(synth_root, root)
+    lf = label_file(root, "oct", "train")
+    lf.write_text("".join(ln + "\n" for ln in lf.read_text().splitlines() if not ln.endswith(" 3")))
+    d = _convert(root, tmp_path / "shards")
+    batches = _train_batches(d, CFG, 0, 1, 0)
+    f = torch.cat([b["fundus_label"] for b in batches])
+    o = torch.cat([b["oct_label"] for b in batches])
+    assert (f == 3).any() and not (o == 3).any()
+    assert torch.equal(f[f != 3], o[f != 3])
+    assert batches[-1]["stats"]["unmatched_oct"] == int((f == 3).sum())
+
+
+def test_resampled_mode_draws_from_all_shards(shard_dir):
+    cfg = replace(CFG, resampled=True)
+    batches = _train_batches(shard_dir, cfg, 0, 2, 1)
+    assert len(batches) == 256 // 2 // 16
+    assert len({k for b in batches for k in b["fundus_key"]}) > 9
+    assert np.all([torch.equal(b["fundus_label"], b["oct_label"]) for b in batches])
