@@ -212,3 +212,63 @@ def test_resampled_mode_draws_from_all_shards(shard_dir):
     assert len(batches) == 256 // 2 // 16
     assert len({k for b in batches for k in b["fundus_key"]}) > 9
     assert np.all([torch.equal(b["fundus_label"], b["oct_label"]) for b in batches])
+
+
+def _gather_worker(rank: int, world: int, port: int, shard_dir: str, out: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from multieye_dist.data.stream import gather_records
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        shards = ShardSet.from_manifest(Path(shard_dir), "fundus", "dev")
+        records = []
+        for b in make_loader(EvalStream(shards, SIZE, 3), 2):  # rank/world from the group
+            records += [
+                {"key": k, "label": int(y), "rank": rank}
+                for k, y in zip(b["key"], b["label"], strict=True)
+            ]
+        gathered = gather_records(records)
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+        else:
+            assert gathered is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_predictions_gathered_on_rank0_in_stable_order(shard_dir, tmp_path):
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "gathered.json"
+    ctx = mp.start_processes(
+        _gather_worker,
+        args=(2, port, str(shard_dir), str(out)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("gather test timed out")
+    records = json.loads(out.read_text())
+    keys = [r["key"] for r in records]
+    assert keys == sorted(_all_keys(shard_dir, "fundus", "dev"))  # every sample once, sorted
+    assert {r["rank"] for r in records} == {0, 1}  # both ranks scored a share

@@ -108,14 +108,19 @@ def make_units(shards: ShardSet, workers: int) -> list[Unit]:
     ]
 
 
-def identity(rank: int | None = None, world: int | None = None) -> tuple[int, int, int, int]:
-    """(rank, world, worker, workers): explicit values, else torch.distributed, else the
-    RANK / WORLD_SIZE environment (as torchrun, DeepSpeed and our Slurm launcher set them)."""
-    if rank is None or world is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed, else the RANK / WORLD_SIZE environment (as
+    torchrun, DeepSpeed and our Slurm launcher set them). Resolve it in the rank's own process:
+    the process group does not exist inside DataLoader worker processes."""
+    if rank is not None and world is not None:
+        return rank, world
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def identity(rank: int, world: int) -> tuple[int, int, int, int]:
+    """(rank, world, worker, workers) inside a loader worker (or the main process)."""
     info = get_worker_info()
     return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
 
@@ -321,15 +326,14 @@ class PairedTrainStream(IterableDataset):
         default = train_transform if cfg.augment else eval_transform
         self.transform = transform or default(cfg.image_size)
         self.oct_transform = oct_transform or self.transform
-        self.rank, self.world = rank, world
+        self.rank, self.world = rank_world(rank, world)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        _, world, _, _ = identity(self.rank, self.world)
-        return self.cfg.samples_per_epoch // world // self.cfg.batch_size
+        return self.cfg.samples_per_epoch // self.world // self.cfg.batch_size
 
     def _worker_batches(self, total: int, worker: int, workers: int) -> int:
         return total // workers + (worker < total % workers)
@@ -454,7 +458,8 @@ class EvalStream(IterableDataset):
 
         self.shards, self.batch_size = shards, batch_size
         self.transform = eval_transform(image_size)
-        self.rank, self.world, self.max_bad_fraction = rank, world, max_bad_fraction
+        self.rank, self.world = rank_world(rank, world)
+        self.max_bad_fraction = max_bad_fraction
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = identity(self.rank, self.world)
