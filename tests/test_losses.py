@@ -8,13 +8,12 @@ re-statement of the released training step (xmed-lab/MultiEYE process/finetune.p
 from __future__ import annotations
 
 import math
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_ranks
 
 from multieye_dist import losses as L
 from multieye_dist.losses import (
@@ -812,23 +811,7 @@ def _global_worker(rank: int, world: int, port: int, seed: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_global_scope_two_process_gloo() -> None:
-    import torch.multiprocessing as mp
-
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed unavailable")
-    ctx = mp.start_processes(
-        _global_worker, args=(2, _free_port(), 21), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("two-process gloo test timed out")
+    run_ranks(_global_worker, 2, 21)

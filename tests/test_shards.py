@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -68,7 +69,7 @@ def test_every_sample_exactly_once(synth_root, tmp_path):
             meta = json.loads(s["json"])
             assert int(s["cls"]) == meta["label"] == expected[meta["name"]]
             assert meta["modality"] == modality and meta["split"] == split
-            with Image.open(__import__("io").BytesIO(s["png"])) as img:
+            with Image.open(io.BytesIO(s["png"])) as img:
                 assert img.size == (SIZE, SIZE)
         manifest = json.loads((out / f"{modality}-{split}.manifest.json").read_text())
         assert manifest["num_samples"] == len(samples)
@@ -82,7 +83,7 @@ def test_oct_is_zero_padded_to_square(synth_root, tmp_path):
     opts = replace(OPTS, modalities=("oct",), splits=("dev",))
     convert(synth_root, out, opts, progress=False)
     sample = _read_group(out, "oct", "dev")[0]
-    with Image.open(__import__("io").BytesIO(sample["png"])) as img:
+    with Image.open(io.BytesIO(sample["png"])) as img:
         px = img.load()
         assert img.size == (SIZE, SIZE) and img.mode == "L"
         assert all(px[x, 0] == 0 for x in range(SIZE))  # padding rows above the B-scan

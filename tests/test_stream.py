@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_ranks
 
 from multieye_dist.data.layout import label_file
 from multieye_dist.data.preprocess import Preprocess
@@ -246,28 +247,8 @@ def _gather_worker(rank: int, world: int, port: int, shard_dir: str, out: str) -
 
 
 def test_predictions_gathered_on_rank0_in_stable_order(shard_dir, tmp_path):
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "gathered.json"
-    ctx = mp.start_processes(
-        _gather_worker,
-        args=(2, port, str(shard_dir), str(out)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("gather test timed out")
+    run_ranks(_gather_worker, 2, str(shard_dir), str(out))
     records = json.loads(out.read_text())
     keys = [r["key"] for r in records]
     assert keys == sorted(_all_keys(shard_dir, "fundus", "dev"))  # every sample once, sorted

@@ -26,6 +26,7 @@ padded; ranks may get different numbers of batches (evaluation has no per-batch 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -182,7 +183,7 @@ class StreamStats:
 
 
 def decode(data: bytes) -> Image.Image:
-    with Image.open(__import__("io").BytesIO(data)) as img:
+    with Image.open(io.BytesIO(data)) as img:
         return img.convert("RGB")
 
 
