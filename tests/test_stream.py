@@ -253,3 +253,18 @@ def test_predictions_gathered_on_rank0_in_stable_order(shard_dir, tmp_path):
     keys = [r["key"] for r in records]
     assert keys == sorted(_all_keys(shard_dir, "fundus", "dev"))  # every sample once, sorted
     assert {r["rank"] for r in records} == {0, 1}  # both ranks scored a share
+
+
+def test_rank_and_world_from_the_environment(shard_dir, monkeypatch):
+    """As torchrun/DeepSpeed/Slurm set them: RANK and WORLD_SIZE, no explicit arguments."""
+    shards = ShardSet.from_manifest(shard_dir, "oct", "dev")
+    keys = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        ds = EvalStream(shards, SIZE, 4)
+        assert (ds.rank, ds.world) == (rank, 2)
+        keys += [k for b in make_loader(ds, 2) for k in b["key"]]
+        train = PairedTrainStream(*_sets(shard_dir), CFG)
+        assert len(train) == CFG.samples_per_epoch // 2 // CFG.batch_size
+    assert sorted(keys) == sorted(_all_keys(shard_dir, "oct", "dev"))
