@@ -193,7 +193,7 @@ def test_missing_or_truncated_shard_is_named(shard_dir, tmp_path):
         ShardSet.from_manifest(d, "oct", "dev")
 
 
-def test_class_without_oct_gets_a_random_partner_and_is_counted(synth_root, tmp_path):
+def test_class_without_oct_gets_a_random_partner_and_is_counted(synth_root, tmp_path, caplog):
     root = tmp_path / "raw"
     shutil.copytree(synth_root, root)
     lf = label_file(root, "oct", "train")
@@ -205,6 +205,7 @@ def test_class_without_oct_gets_a_random_partner_and_is_counted(synth_root, tmp_
     assert (f == 3).any() and not (o == 3).any()
     assert torch.equal(f[f != 3], o[f != 3])
     assert batches[-1]["stats"]["unmatched_oct"] == int((f == 3).sum())
+    assert "no OCT sample of class(es) [3]" in caplog.text
 
 
 def test_resampled_mode_draws_from_all_shards(shard_dir):

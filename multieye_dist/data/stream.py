@@ -367,6 +367,13 @@ class PairedTrainStream(IterableDataset):
         o_pools = ClassPools(cfg.pool_size, rng)
         o_global = self.oct.total_class_counts
         fill(o_pools, o_stream, o_global > 0, limit=int(o_global.sum()) + cfg.pool_size)
+        unpaired = [c for c in range(NUM_CLASSES) if global_counts[c] and not o_pools.pools[c]]
+        if unpaired and g == 0:  # once per run, not once per worker
+            logger.warning(
+                "no OCT sample of class(es) %s: their fundus samples get a random OCT "
+                "partner with its own label (counted as unmatched_oct)",
+                unpaired,
+            )
         state = new_rng_state(seed)
         stats = StreamStats()
         for _ in range(n_batches):
