@@ -201,16 +201,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _workers(n: int) -> int:
-    import os
-
-    return n if n > 0 else (os.cpu_count() or 1)
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     from multieye_dist.data.verify import verify
+    from multieye_dist.data.workers import resolve_workers
 
-    report = verify(args.shards, workers=_workers(args.workers))
+    report = verify(args.shards, workers=resolve_workers(args.workers))
     print(report.text())
     return 0 if report.ok else 1
 
@@ -221,6 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from multieye_dist.data.shards import ConvertOptions, convert
     from multieye_dist.data.synth import SynthOptions, generate
     from multieye_dist.data.verify import verify
+    from multieye_dist.data.workers import resolve_workers
 
     t0 = time.perf_counter()
     raw, shard_dir = args.out / "raw", args.out / "shards"
@@ -231,7 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             per_class=args.per_class,
             seed=args.seed,
             image_size=args.image_size,
-            workers=_workers(args.workers),
+            workers=resolve_workers(args.workers),
         ),
     )
     print(f"[2/3] convert -> {shard_dir}")
@@ -240,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(convert(raw, shard_dir, opts).table())
     print("[3/3] verify")
-    report = verify(shard_dir, workers=_workers(args.workers))
+    report = verify(shard_dir, workers=resolve_workers(args.workers))
     print(report.text())
     print(f"demo finished in {time.perf_counter() - t0:.1f}s")
     return 0 if report.ok else 1

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing as mp
 import os
 import re
 from collections import Counter
@@ -37,6 +36,7 @@ from multieye_dist.data.layout import (
 )
 from multieye_dist.data.preprocess import BadImageError, Preprocess, process_image
 from multieye_dist.data.tario import write_samples
+from multieye_dist.data.workers import process_pool, resolve_workers
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ConvertOptions:
             raise ValueError(f"--shard-bytes {self.shard_bytes}: must be >= 0")
 
     def n_workers(self) -> int:
-        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+        return resolve_workers(self.workers)
 
 
 @dataclass(frozen=True)
@@ -270,11 +270,6 @@ def prepare_out(out: Path, plan: Plan) -> None:
         (out / manifest_name(modality, split)).unlink(missing_ok=True)
 
 
-def _pool(workers: int) -> cf.ProcessPoolExecutor:
-    # forkserver: workers start clean even if the parent has threads (progress bar, OpenCV).
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
-
-
 def run_tasks(
     tasks: list[ShardTask], out: Path, options: ConvertOptions, progress: bool = True
 ) -> list[dict]:
@@ -297,7 +292,7 @@ def run_tasks(
                 results[t.name] = run_task(t, out, pp, skip_bad)
                 bar.update(len(t.samples))
         else:
-            with _pool(workers) as pool:
+            with process_pool(workers) as pool:
                 futures = {pool.submit(run_task, t, out, pp, skip_bad): t for t in tasks}
                 try:
                     for fut in cf.as_completed(futures):

@@ -9,10 +9,8 @@ generator seeded by (seed, modality, split, index): the output does not depend o
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
 import math
-import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from multieye_dist.data.classes import NUM_CLASSES
 from multieye_dist.data.layout import LABEL_FILE, LAYOUT, MODALITIES, SPLITS, image_dir
+from multieye_dist.data.workers import process_pool
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +144,7 @@ def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]
             split_dir.mkdir(parents=True, exist_ok=True)
             (split_dir / LABEL_FILE).write_text("".join(lines[i] + "\n" for i in order))
     if options.workers > 1:
-        ctx = mp.get_context("forkserver")
-        with cf.ProcessPoolExecutor(options.workers, mp_context=ctx) as pool:
+        with process_pool(options.workers) as pool:
             list(pool.map(_draw, jobs, chunksize=32))
     else:
         for job in jobs:

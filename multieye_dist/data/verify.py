@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import io
 import json
 import logging
-import multiprocessing as mp
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +14,7 @@ from PIL import Image
 from multieye_dist.data.classes import NUM_CLASSES
 from multieye_dist.data.shards import SHARD_RE, sha256_file
 from multieye_dist.data.tario import iter_samples
+from multieye_dist.data.workers import process_pool
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +121,7 @@ def verify(shards: Path, workers: int = 1) -> VerifyReport:
     manifests = _load_manifests(root, problems)
     jobs = [(root / e["name"], e, m["image_ext"]) for _, m in manifests for e in m["shards"]]
     if workers > 1 and len(jobs) > 1:
-        ctx = mp.get_context("forkserver")
-        with cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+        with process_pool(min(workers, len(jobs))) as pool:
             checks = list(pool.map(check_shard, *zip(*jobs, strict=True)))
     else:
         checks = [check_shard(*job) for job in jobs]
