@@ -173,6 +173,14 @@ class StreamStats:
     unmatched_oct: int = 0
     bad_examples: list[str] = field(default_factory=list)
 
+    def record_bad(self, s: RawSample, consequence: str, max_bad_fraction: float) -> None:
+        """Count and log an undecodable sample; stop the run past `max_bad_fraction`."""
+        self.bad += 1
+        if len(self.bad_examples) < 10:  # the list travels with every batch: keep it short
+            self.bad_examples.append(f"{s.url}:{s.key}")
+        logger.warning("undecodable sample %s in shard %s: %s", s.key, s.url, consequence)
+        _check_bad(self, max_bad_fraction)
+
     def as_dict(self) -> dict:
         return {
             "decoded": self.decoded,
@@ -410,12 +418,8 @@ class PairedTrainStream(IterableDataset):
             try:
                 img = decode(s.data)
             except Exception:  # any decoder failure: count, report, draw again
-                stats.bad += 1
-                if len(stats.bad_examples) < 10:
-                    stats.bad_examples.append(f"{s.url}:{s.key}")
-                logger.warning("undecodable sample %s in shard %s: skipped", s.key, s.url)
                 pools.discard(s)
-                _check_bad(stats, self.cfg.max_bad_fraction)
+                stats.record_bad(s, "skipped", self.cfg.max_bad_fraction)
                 continue
             stats.decoded += 1
             return transform(img), s
@@ -477,11 +481,8 @@ class EvalStream(IterableDataset):
             for s in read_unit(unit, self.shards.image_ext):
                 try:
                     img = decode(s.data)
-                except Exception:
-                    stats.bad += 1
-                    stats.bad_examples.append(f"{s.url}:{s.key}")
-                    logger.warning("undecodable sample %s in shard %s: not scored", s.key, s.url)
-                    _check_bad(stats, self.max_bad_fraction)
+                except Exception:  # any decoder failure: count, report, go on
+                    stats.record_bad(s, "not scored", self.max_bad_fraction)
                     continue
                 stats.decoded += 1
                 buf.append((self.transform(img), s))
