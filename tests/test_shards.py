@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from multieye_dist.cli import main
-from multieye_dist.data.layout import SPLITS, LayoutError, label_file, read_layout
+from multieye_dist.data.layout import SPLITS, LayoutError, image_path, label_file, read_layout
 from multieye_dist.data.preprocess import Preprocess
 from multieye_dist.data.shards import (
     PROGRESS_DIR,
@@ -194,12 +194,7 @@ def _first_line(root: Path, modality: str, split: str, n: int = 1) -> tuple[str,
 
 
 def _image(root: Path, modality: str, split: str, n: int = 1) -> Path:
-    name, _ = _first_line(root, modality, split, n)
-    sub = {
-        "fundus": "assemble/train/ImageData/cfp-clahe-224x224",
-        "oct": "assemble_oct/train/ImageData/oct-filter-448x448",
-    }[modality]
-    return root / sub / f"{name}.png"
+    return image_path(root, modality, _first_line(root, modality, split, n)[0])
 
 
 def _break(root: Path, kind: str) -> tuple[str, str]:
