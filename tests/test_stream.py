@@ -141,6 +141,35 @@ def test_resume_at_epoch_boundary_reproduces_the_order(shard_dir):
         assert torch.equal(x["fundus"], y["fundus"]) and torch.equal(x["oct"], y["oct"])
 
 
+@pytest.mark.parametrize("workers,skip", [(0, 5), (2, 5), (3, 4)])
+def test_resume_mid_epoch_yields_the_remaining_batches_in_order(shard_dir, workers, skip):
+    """Skipping k batches (resume after step k) gives batches k, k+1, ... of the uninterrupted
+    epoch, keys and augmented pixels, whatever k modulo the loader workers."""
+    cfg = replace(CFG, augment=True)
+    full = _train_batches(shard_dir, cfg, 1, 2, workers, epoch=2)
+    ds = PairedTrainStream(*_sets(shard_dir), cfg, rank=1, world=2)
+    ds.set_epoch(2, skip=skip)
+    rest = list(make_loader(ds, workers))
+    assert len(rest) == len(full) - skip
+    assert _keys(rest) == _keys(full[skip:])
+    for x, y in zip(full[skip:], rest, strict=True):
+        assert torch.equal(x["fundus"], y["fundus"]) and torch.equal(x["oct"], y["oct"])
+    with pytest.raises(ValueError, match="skip=99"):
+        ds.set_epoch(2, skip=99)
+
+
+def test_unpaired_stream_for_the_teacher_stage(shard_dir):
+    oct_set = ShardSet.from_manifest(shard_dir, "oct", "train")
+    ds = PairedTrainStream(oct_set, None, CFG, rank=0, world=1)
+    batches = list(make_loader(ds, 2))
+    assert len(batches) == len(ds) == CFG.samples_per_epoch // CFG.batch_size
+    b = batches[0]
+    assert set(b) == {"image", "label", "key", "stats"}
+    assert b["image"].shape == (CFG.batch_size, 3, SIZE, SIZE)
+    assert all(k.startswith("oct-train-") for bb in batches for k in bb["key"])
+    assert b["stats"]["unmatched_oct"] == 0
+
+
 def test_augmentation_is_the_release_recipe(shard_dir):
     cfg = replace(CFG, augment=True)
     ds = PairedTrainStream(*_sets(shard_dir), cfg, rank=0, world=1)

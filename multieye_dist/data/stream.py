@@ -315,14 +315,16 @@ class StreamConfig:
 class PairedTrainStream(IterableDataset):
     """Class-balanced fundus batches, each sample with a label-matched OCT partner.
 
-    Yields dicts: fundus [b,3,S,S], fundus_label [b], oct [b,3,S,S], oct_label [b], keys, stats.
+    Yields dicts: fundus [b,3,S,S], fundus_label [b], oct [b,3,S,S], oct_label [b], fundus_key,
+    oct_key, stats. With ``oct=None`` (the teacher stage, where the primary stream is OCT itself)
+    no partner is drawn and batches are: image, label, key, stats.
     `len()` is the number of batches every rank yields in an epoch.
     """
 
     def __init__(
         self,
         fundus: ShardSet,
-        oct: ShardSet,
+        oct: ShardSet | None,
         cfg: StreamConfig,
         transform: Callable | None = None,
         oct_transform: Callable | None = None,
@@ -337,9 +339,19 @@ class PairedTrainStream(IterableDataset):
         self.oct_transform = oct_transform or self.transform
         self.rank, self.world = rank_world(rank, world)
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start the next iteration at `epoch`, past its first `skip` batches on this rank.
+
+        Skipped batches make the same random draws without decoding or augmenting (each batch's
+        augmentation is seeded by its own index), so resuming mid-epoch yields exactly the
+        batches an uninterrupted run would have, unless a skipped batch hit an undecodable
+        sample (then the draws after it differ; still a valid epoch).
+        """
+        if not 0 <= skip <= len(self):
+            raise ValueError(f"skip={skip}: must be in [0, {len(self)}] batches")
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return self.cfg.samples_per_epoch // self.world // self.cfg.batch_size
@@ -348,8 +360,13 @@ class PairedTrainStream(IterableDataset):
         return total // workers + (worker < total % workers)
 
     def __iter__(self) -> Iterator[dict]:
-        rank, world, worker, workers = identity(self.rank, self.world)
+        rank, world, loader_worker, workers = identity(self.rank, self.world)
+        # The DataLoader takes batches round-robin from its workers starting at worker 0;
+        # global batch i belongs to logical worker i % workers. Rotating by `skip` makes loader
+        # worker 0 play the logical worker that owns batch `skip`, so the order is unchanged.
+        worker = (loader_worker + self.skip) % workers
         cfg, g = self.cfg, rank * workers + worker
+        n_skip = self._worker_batches(self.skip, worker, workers)
         n_batches = self._worker_batches(len(self), worker, workers)
         seed = _seed(cfg.seed, self.epoch, rank, worker)
         rng = np.random.default_rng(seed)
@@ -370,24 +387,32 @@ class PairedTrainStream(IterableDataset):
         if weights.sum() == 0:
             raise DataError(f"rank {rank} worker {worker}: no fundus sample in its shards")
         weights = weights / weights.sum()
+        partner = self._partner_pools(rng, global_counts, announce=g == 0)
+        stats = StreamStats()
+        for b in range(n_batches):
+            decode_it = b >= n_skip
+            with rng_scope(new_rng_state(_seed(seed, b))):
+                batch = self._batch(rng, weights, f_pools, f_stream, partner, stats, decode_it)
+            if decode_it:
+                yield batch
+
+    def _partner_pools(self, rng, fundus_counts: np.ndarray, announce: bool):
+        """(pools, stream) of OCT partners, or None without an OCT split."""
+        if self.oct is None:
+            return None
         o_units = make_units(self.oct, 1)
         o_stream = cycle_units(o_units, self.oct.image_ext, rng, resampled=True)
-        o_pools = ClassPools(cfg.pool_size, rng)
+        o_pools = ClassPools(self.cfg.pool_size, rng)
         o_global = self.oct.total_class_counts
-        fill(o_pools, o_stream, o_global > 0, limit=int(o_global.sum()) + cfg.pool_size)
-        unpaired = [c for c in range(NUM_CLASSES) if global_counts[c] and not o_pools.pools[c]]
-        if unpaired and g == 0:  # once per run, not once per worker
+        fill(o_pools, o_stream, o_global > 0, limit=int(o_global.sum()) + self.cfg.pool_size)
+        unpaired = [c for c in range(NUM_CLASSES) if fundus_counts[c] and not o_pools.pools[c]]
+        if unpaired and announce:  # once per run, not once per worker
             logger.warning(
                 "no OCT sample of class(es) %s: their fundus samples get a random OCT "
                 "partner with its own label (counted as unmatched_oct)",
                 unpaired,
             )
-        state = new_rng_state(seed)
-        stats = StreamStats()
-        for _ in range(n_batches):
-            with rng_scope(state):
-                batch = self._batch(rng, weights, f_pools, f_stream, o_pools, o_stream, stats)
-            yield batch
+        return o_pools, o_stream
 
     def _pick(
         self,
@@ -398,10 +423,12 @@ class PairedTrainStream(IterableDataset):
         transform,
         weights: np.ndarray,
         cls: int | None = None,
-    ) -> tuple[torch.Tensor, RawSample]:
+        decode_it: bool = True,
+    ) -> tuple[torch.Tensor | None, RawSample]:
         """One decoded, transformed sample: of class `cls` while its pool has one, else of a
         class drawn by `weights` among the non-empty pools. An undecodable sample is dropped from
-        its pool, counted, reported, and another is drawn."""
+        its pool, counted, reported, and another is drawn. With `decode_it=False` only the draws
+        are made (skipping batches on resume)."""
         while True:
             if cls is not None and pools.pools[cls]:
                 c = cls
@@ -415,6 +442,8 @@ class PairedTrainStream(IterableDataset):
                 c = int(rng.choice(NUM_CLASSES, p=w / w.sum()))
             s = pools.draw(c)
             pools.add(next(stream))  # the stream moves on as samples are used
+            if not decode_it:
+                return None, s
             try:
                 img = decode(s.data)
             except Exception:  # any decoder failure: count, report, draw again
@@ -424,24 +453,38 @@ class PairedTrainStream(IterableDataset):
             stats.decoded += 1
             return transform(img), s
 
-    def _batch(self, rng, weights, f_pools, f_stream, o_pools, o_stream, stats) -> dict:
+    def _batch(self, rng, weights, f_pools, f_stream, partner, stats, decode_it: bool) -> dict:
         f_imgs, o_imgs, f_s, o_s = [], [], [], []
         o_uniform = np.ones(NUM_CLASSES)
         for _ in range(self.cfg.batch_size):
-            x, fs = self._pick(rng, f_pools, f_stream, stats, self.transform, weights)
+            x, fs = self._pick(
+                rng, f_pools, f_stream, stats, self.transform, weights, decode_it=decode_it
+            )
+            f_imgs.append(x)
+            f_s.append(fs)
+            if partner is None:
+                continue
             # As released: the partner has the same label when OCT has that class, else it is a
             # random OCT sample with its own label (counted).
             y, os_ = self._pick(
-                rng, o_pools, o_stream, stats, self.oct_transform, o_uniform, cls=fs.label
+                rng, *partner, stats, self.oct_transform, o_uniform, fs.label, decode_it
             )
             stats.unmatched_oct += int(os_.label != fs.label)
-            f_imgs.append(x)
             o_imgs.append(y)
-            f_s.append(fs)
             o_s.append(os_)
+        if not decode_it:
+            return {}
+        labels = torch.tensor([s.label for s in f_s])
+        if partner is None:
+            return {
+                "image": torch.stack(f_imgs),
+                "label": labels,
+                "key": [s.key for s in f_s],
+                "stats": stats.as_dict(),
+            }
         return {
             "fundus": torch.stack(f_imgs),
-            "fundus_label": torch.tensor([s.label for s in f_s]),
+            "fundus_label": labels,
             "oct": torch.stack(o_imgs),
             "oct_label": torch.tensor([s.label for s in o_s]),
             "fundus_key": [s.key for s in f_s],
