@@ -1,0 +1,288 @@
+"""Fused concept-similarity distillation step: the ``"paper"`` prototype and local contrastive
+terms of OCT-CoDA computed from embeddings in three Triton kernels (two forward, one backward).
+
+The reference is :mod:`multieye_dist.losses` on ``sims = einsum("bld,kd->blk", emb, concepts)``:
+``prototype_loss(..., variant="paper")`` and
+``contrastive_loss(..., variant="paper", scope="local")``. What the kernels do differently:
+
+* The sims are computed in the kernel (fp32 accumulation) and never leave it as a graph tensor.
+* The contrastive log-sum-exp streams over the 2B candidates (online log-sum-exp) so the
+  2B x 2B logit matrix is never held; the backward recomputes it tile by tile from the stored
+  per-anchor log-sum-exp (as flash attention does). The positive term needs no matrix at all:
+  ``sum_{k in P(j)} x_j . x_k = x_j . (G[y_j] - x_j)`` with ``G`` the per-class sums.
+* Gradients: to ``student_emb`` always, to ``concepts`` when it requires grad (through the
+  student sims only: the reference detaches the teacher sims, and so does this). The teacher
+  embeddings are constants and get no gradient, whatever their ``requires_grad``.
+
+Precision: bf16/fp16 inputs keep their precision for the tensor-core dots (the sims feeding the
+contrastive logits are rounded to the input dtype, as the model's own bf16 sims would be) with
+fp32 accumulation; everything else (sims sums, log-sum-exp, prototypes, gradients) is fp32. fp32
+inputs use exact fp32 products (no TF32). Class sums and the two scalars are accumulated with
+atomics, so the last bits can differ between runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_TRITON_MODULE = "multieye_dist.kernels.distill_triton"
+MAX_CONCEPTS = 256  # K: a whole row of sims lives in registers in the streaming loops
+_DOT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CLASS_BLOCK = 16  # classes per one-hot tile (tl.dot needs >= 16)
+
+
+def triton_available() -> bool:
+    """Whether triton can be imported (it is an optional accelerator, not a dependency)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpret_mode() -> bool:
+    """Whether triton kernels would run under its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if not triton_available():
+        return False
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _triton_module() -> ModuleType:
+    """The kernel module, imported now, or re-imported if ``TRITON_INTERPRET`` changed since.
+
+    ``@triton.jit`` picks compiled or interpreted execution when the decorator runs; a module
+    imported before a test set ``TRITON_INTERPRET=1`` would hold compiled kernels that cannot
+    take CPU tensors.
+    """
+    if not triton_available():
+        raise RuntimeError(
+            "the Triton distillation kernel needs the 'triton' package, which is not installed; "
+            "set loss.impl=torch (or auto) to use the PyTorch loss"
+        )
+    mod = sys.modules.get(_TRITON_MODULE)
+    if mod is None:
+        return importlib.import_module(_TRITON_MODULE)
+    if mod.INTERPRETED != interpret_mode():
+        logger.debug("re-importing %s: TRITON_INTERPRET changed", _TRITON_MODULE)
+        mod = importlib.reload(mod)
+    return mod
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes. Untuned guesses for an H100 (no GPU was available when this was written);
+    the interpreter uses small tiles so that small test shapes span several tiles."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+
+    @staticmethod
+    def choose(block_k: int, interpret: bool) -> LaunchConfig:
+        if interpret:
+            return LaunchConfig(block_m=16, block_n=16, block_d=16, num_warps=1)
+        if block_k <= 64:
+            return LaunchConfig(block_m=64, block_n=64, block_d=64, num_warps=4)
+        if block_k <= 128:
+            return LaunchConfig(block_m=64, block_n=64, block_d=64, num_warps=4)
+        return LaunchConfig(block_m=64, block_n=32, block_d=32, num_warps=8)
+
+
+def _describe(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return f"type {type(t).__name__}"
+
+
+def _validate(
+    student_emb: Any,
+    teacher_emb: Any,
+    concepts: Any,
+    student_labels: Any,
+    teacher_labels: Any,
+    num_classes: int,
+    temperature: float,
+) -> None:
+    """Shapes, dtypes and devices (no host sync: label values are the caller's to check)."""
+    for name, t in (("student_emb", student_emb), ("teacher_emb", teacher_emb)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[1] != 2 or t.shape[0] < 1:
+            raise ValueError(f"{name} must be [B>=1, 2, D] (levels 1 and 2), got {_describe(t)}")
+    if not isinstance(concepts, torch.Tensor) or concepts.ndim != 2 or concepts.shape[0] < 1:
+        raise ValueError(f"concepts must be [K>=1, D], got {_describe(concepts)}")
+    b, _, d = student_emb.shape
+    if teacher_emb.shape != student_emb.shape:
+        raise ValueError(
+            f"teacher_emb {tuple(teacher_emb.shape)} must match student_emb "
+            f"{tuple(student_emb.shape)}: row i of the teacher is the partner of student row i"
+        )
+    if concepts.shape[1] != d:
+        raise ValueError(f"concepts {tuple(concepts.shape)} must have D={d} like the embeddings")
+    if concepts.shape[0] > MAX_CONCEPTS:
+        raise ValueError(
+            f"the fused kernel supports K <= {MAX_CONCEPTS} concepts, got K={concepts.shape[0]}; "
+            "use loss.impl=torch"
+        )
+    floats = {"student_emb": student_emb, "teacher_emb": teacher_emb, "concepts": concepts}
+    for name, t in floats.items():
+        if t.dtype not in _DOT_KINDS:
+            raise TypeError(
+                f"{name} must be float32, bfloat16 or float16 for the Triton kernel, got "
+                f"{t.dtype}; use loss.impl=torch for other dtypes"
+            )
+    for name, t in (("student_labels", student_labels), ("teacher_labels", teacher_labels)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != b:
+            raise ValueError(f"{name} must be [B={b}], got {_describe(t)}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer class indices, got {_describe(t)}")
+    devices = {t.device for t in (student_emb, teacher_emb, concepts, student_labels)}
+    devices.add(teacher_labels.device)
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # The kernels index with 32-bit offsets.
+    spans = [
+        sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+        for t in floats.values()
+    ]
+    if 2 * (2 * b) * _next_pow2(concepts.shape[0]) >= 2**31 or max(spans) >= 2**31:
+        raise ValueError(f"inputs too large for the kernel's 32-bit offsets (B={b}, D={d})")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class _FusedDistill(torch.autograd.Function):
+    """(student_emb, teacher_emb, concepts, y_f, y_o) -> [prototype, contrastive] (one tensor)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        student_emb: torch.Tensor,
+        teacher_emb: torch.Tensor,
+        concepts: torch.Tensor,
+        student_labels: torch.Tensor,
+        teacher_labels: torch.Tensor,
+        num_classes: int,
+        temperature: float,
+        config: LaunchConfig | None,
+    ) -> torch.Tensor:
+        mod = _triton_module()
+        b, _, d = student_emb.shape
+        k = concepts.shape[0]
+        m = 2 * b
+        dev = student_emb.device
+        block_k = max(16, _next_pow2(k))
+        cfg = config or LaunchConfig.choose(block_k, interpret_mode())
+        dot_kind = _DOT_KINDS[student_emb.dtype]
+        emulate = bool(mod.INTERPRETED)
+
+        # One zeroed allocation for everything accumulated with atomics: G, CNT, OUT.
+        n_g = 2 * 2 * num_classes * k
+        work = torch.zeros(n_g + 2 * num_classes + 2, device=dev, dtype=torch.float32)
+        g, cnt, out = work[:n_g], work[n_g : n_g + 2 * num_classes], work[n_g + 2 * num_classes :]
+        x32 = torch.empty((2, m, k), device=dev, dtype=torch.float32)
+        xlo = x32 if dot_kind == 0 else torch.empty((2, m, k), device=dev, dtype=student_emb.dtype)
+        lse = torch.empty((2, m), device=dev, dtype=torch.float32)
+        es, et, c = student_emb, teacher_emb, concepts
+
+        grid_rows = -(-b // cfg.block_m)
+        mod._sims_kernel[(grid_rows, 2, 2)](
+            es, et, c, student_labels, teacher_labels, x32, xlo, g, cnt,
+            b, m, k, d, num_classes,
+            *es.stride(), *et.stride(), *c.stride(),
+            BLOCK_M=cfg.block_m, BLOCK_K=block_k, BLOCK_D=cfg.block_d, BLOCK_C=_CLASS_BLOCK,
+            DOT_KIND=dot_kind, EMULATE=emulate, STORE_LO=dot_kind != 0,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+        mod._forward_kernel[(grid_rows, 2, 2)](
+            xlo, x32, student_labels, teacher_labels, g, cnt, lse, out,
+            b, m, k, num_classes, 1.0 / temperature,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_C=_CLASS_BLOCK,
+            DOT_KIND=dot_kind, EMULATE=emulate, num_warps=cfg.num_warps,
+        )  # fmt: skip
+
+        ctx.save_for_backward(x32, xlo, g, cnt, lse, concepts, student_labels, student_emb)
+        ctx.meta = (b, m, k, d, num_classes, temperature, block_k, cfg, dot_kind, emulate)
+        ctx.set_materialize_grads(True)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x32, xlo, g, cnt, lse, concepts, student_labels, student_emb = ctx.saved_tensors
+        b, m, k, d, num_classes, temperature, block_k, cfg, dot_kind, emulate = ctx.meta
+        mod = _triton_module()
+        need_emb, _, need_concepts = ctx.needs_input_grad[:3]
+        grad = grad_out.detach().to(torch.float32).contiguous()
+        d_emb = torch.empty((b, 2, d), device=x32.device, dtype=student_emb.dtype)
+        d_x = torch.empty(
+            (2, b, k) if need_concepts else (1,), device=x32.device, dtype=torch.float32
+        )
+        mod._backward_kernel[(-(-b // cfg.block_m), 2)](
+            xlo, x32, student_labels, g, cnt, lse, concepts, d_emb, d_x, grad,
+            b, m, k, d, num_classes, 1.0 / temperature,
+            *d_emb.stride(), *concepts.stride(),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_D=cfg.block_d,
+            BLOCK_C=_CLASS_BLOCK, DOT_KIND=dot_kind, EMULATE=emulate, STORE_DX=need_concepts,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+        d_concepts = None
+        if need_concepts:
+            # dC = sum over levels and student rows of dx^T e (the teacher sims are constants).
+            d_concepts = torch.einsum("lbk,bld->kd", d_x, student_emb.float()).to(concepts.dtype)
+        return (d_emb if need_emb else None), None, d_concepts, None, None, None, None, None
+
+
+def fused_distill(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    concepts: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    *,
+    num_classes: int,
+    temperature: float,
+    config: LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """UNweighted (prototype, contrastive) of the ``"paper"`` variant, from embeddings.
+
+    ``student_emb``/``teacher_emb`` are [B, 2, D] (level-1 embedding v, level-2 embedding u),
+    ``concepts`` [K, D] (K <= 256); sims = emb @ concepts^T are formed inside the kernel. Equal to
+    ``prototype_loss(sims_f, y_f, sims_o, y_o, num_classes, variant="paper")`` and
+    ``contrastive_loss(sims_f, sims_o, y_f, y_o, temperature=T, variant="paper",
+    scope="local")``. The teacher embeddings and concepts are cast to the student's dtype (as
+    the model casts its concept bank to the activations' dtype). Both outputs are float32
+    scalars. Labels must lie in [0, num_classes) (not checked here: that needs a host sync;
+    :func:`octcoda_loss_fused` checks). ``config`` overrides the tile sizes (tests).
+    """
+    _validate(
+        student_emb, teacher_emb, concepts, student_labels, teacher_labels, num_classes, temperature
+    )
+    dtype = student_emb.dtype
+    out = _FusedDistill.apply(
+        student_emb,
+        teacher_emb.detach().to(dtype),
+        concepts.to(dtype),
+        student_labels.contiguous(),
+        teacher_labels.contiguous(),
+        int(num_classes),
+        float(temperature),
+        config,
+    )
+    proto, con = out.unbind(0)
+    return proto, con

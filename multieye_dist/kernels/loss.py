@@ -1,0 +1,122 @@
+"""The OCT-CoDA student loss from embeddings, with the distillation terms from the fused kernel,
+and the choice between the Triton and PyTorch implementations (config ``loss.impl``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from multieye_dist.kernels.distill import fused_distill, interpret_mode, triton_available
+from multieye_dist.losses import (
+    LossOutput,
+    _check_label_range,
+    _check_labels,
+    _check_logits,
+    _compute_dtype,
+    _gate_rule,
+    _no_autocast,
+    gate_distances,
+    octcoda_loss,
+)
+
+logger = logging.getLogger(__name__)
+
+IMPLS: tuple[str, ...] = ("auto", "triton", "torch")
+
+
+def resolve_impl(impl: str, device: torch.device | str) -> str:
+    """Map the config value ``loss.impl`` to the implementation to run: "triton" or "torch".
+
+    ``auto``: Triton on CUDA (when triton is installed), PyTorch elsewhere. ``triton`` on a
+    non-CUDA device is allowed only under triton's CPU interpreter (``TRITON_INTERPRET=1``,
+    tests); otherwise it is an error rather than a silent fallback, since the user asked for it.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown loss.impl {impl!r}; expected one of {IMPLS}")
+    device = torch.device(device)
+    if impl == "torch":
+        return "torch"
+    if impl == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cuda":
+            logger.warning("loss.impl=auto: triton is not installed; using the PyTorch loss")
+        return "torch"
+    if not triton_available():
+        raise ValueError("loss.impl=triton needs the 'triton' package; use loss.impl=torch")
+    if device.type != "cuda" and not interpret_mode():
+        raise ValueError(
+            f"loss.impl=triton needs a CUDA device, got {device.type!r} (on CPU only under "
+            f"triton's interpreter, TRITON_INTERPRET=1; it is now "
+            f"{os.environ.get('TRITON_INTERPRET')!r}); use loss.impl=auto or torch"
+        )
+    return "triton"
+
+
+def octcoda_loss_fused(
+    student_logits: torch.Tensor,
+    student_emb: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    concepts: torch.Tensor,
+    *,
+    alpha: float = 0.6,
+    beta: float = 0.05,
+    temperature: float = 10.0,
+    impl: str = "triton",
+) -> LossOutput:
+    """``octcoda_loss(variant="paper", contrastive_scope="local")`` from embeddings.
+
+    ``student_emb``/``teacher_emb`` [B, 2, D] are the level-1 and level-2 embeddings (v, u),
+    ``concepts`` [K, D] the bank; sims = emb @ concepts^T. ``impl`` is a resolved
+    implementation (:func:`resolve_impl`): ``"triton"`` computes the distillation terms with
+    :func:`fused_distill`; ``"torch"`` forms the sims and calls
+    :func:`multieye_dist.losses.octcoda_loss`. The gate, the cross-entropy, the ``0 * distill``
+    when the gate is closed and the dropping of a non-finite term are the reference's.
+    """
+    if impl == "torch":
+        sims = [
+            torch.einsum("bld,kd->blk", e, concepts.to(e.dtype)) for e in (student_emb, teacher_emb)
+        ]
+        return octcoda_loss(
+            student_logits, sims[0], student_labels, teacher_logits, sims[1], teacher_labels,
+            alpha=alpha, beta=beta, temperature=temperature, variant="paper",
+            contrastive_scope="local",
+        )  # fmt: skip
+    if impl != "triton":
+        raise ValueError(f"impl must be 'triton' or 'torch' (see resolve_impl), got {impl!r}")
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    b, num_classes = student_logits.shape
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits {tuple(teacher_logits.shape)} must match student_logits "
+            f"{tuple(student_logits.shape)}: the gate pairs student and teacher rows"
+        )
+    _check_labels("student_labels", student_labels, b, "student_logits")
+    _check_labels("teacher_labels", teacher_labels, b, "teacher_logits")
+    _check_label_range(num_classes, student_labels=student_labels, teacher_labels=teacher_labels)
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    with _no_autocast(student_logits.device):
+        zf, zo = student_logits.to(dtype), teacher_logits.to(dtype).detach()
+        yf, yo = student_labels.long(), teacher_labels.long()
+        cls = F.cross_entropy(zf, yf)
+        gate_open = _gate_rule(*gate_distances(zf, zo, yf))
+        proto, con = fused_distill(
+            student_emb, teacher_emb, concepts, yf, yo,
+            num_classes=num_classes, temperature=temperature,
+        )  # fmt: skip
+        distill = beta * proto + alpha * con
+        # One host sync for both decisions, as in the reference.
+        gated, finite = (bool(v) for v in torch.stack([gate_open, distill.isfinite()]).tolist())
+        if not finite:
+            logger.debug("non-finite distillation term %s dropped", distill.item())
+            total = cls
+        else:
+            total = cls + (distill.to(cls.dtype) if gated else 0.0 * distill.to(cls.dtype))
+    return LossOutput(total=total, cls=cls, prototype=proto, contrastive=con, gated=gated)
