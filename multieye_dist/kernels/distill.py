@@ -136,20 +136,22 @@ def _validate(
         )
     floats = {"student_emb": student_emb, "teacher_emb": teacher_emb, "concepts": concepts}
     for name, t in floats.items():
-        if t.dtype not in _DOT_KINDS:
-            raise TypeError(
-                f"{name} must be float32, bfloat16 or float16 for the Triton kernel, got "
-                f"{t.dtype}; use loss.impl=torch for other dtypes"
-            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {_describe(t)}")
+    if student_emb.dtype not in _DOT_KINDS:
+        # The teacher and the bank are cast to the student's dtype; the student's sets the math.
+        raise TypeError(
+            "student_emb must be float32, bfloat16 or float16 for the Triton kernel, got "
+            f"{student_emb.dtype}; use loss.impl=torch for other dtypes"
+        )
     for name, t in (("student_labels", student_labels), ("teacher_labels", teacher_labels)):
         if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != b:
             raise ValueError(f"{name} must be [B={b}], got {_describe(t)}")
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer class indices, got {_describe(t)}")
-    devices = {t.device for t in (student_emb, teacher_emb, concepts, student_labels)}
-    devices.add(teacher_labels.device)
+    devices = {str(t.device) for t in (*floats.values(), student_labels, teacher_labels)}
     if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"all inputs must be on one device, got {sorted(devices)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not temperature > 0:

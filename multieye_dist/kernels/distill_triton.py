@@ -34,6 +34,25 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # 2 = float16 operands. Accumulation is float32 in every case.
 
 
+# Reductions through tl.reduce with triton's own combine functions instead of tl.sum/tl.max:
+# those (like tl.zeros) are @triton.jit functions of triton.language.standard, decorated
+# compiled-or-interpreted once, when triton is first imported. Builtins and our own helpers
+# follow this module's (re-)import, so the kernels also run under the interpreter in a process
+# that imported triton before setting TRITON_INTERPRET (the test suite does exactly that, to
+# leave triton itself in compiled mode for everything else). The interpreter recognises these
+# two combine functions and reduces with numpy.
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
 @triton.jit
 def _to_lo(x, DOT_KIND: tl.constexpr, EMULATE: tl.constexpr):
     """x rounded to the kind's precision (round to nearest even, as the GPU's conversion).
@@ -85,8 +104,8 @@ def _anchor_stats(CNT, NC, BLOCK_C: tl.constexpr):
         cs = tl.load(CNT + cc, mask=ok, other=0.0)
         ct = tl.load(CNT + NC + cc, mask=ok, other=0.0)
         tot = cs + ct
-        n_anchor += tl.sum(tl.where(tot > 1.5, tot, 0.0), axis=0)
-        n_shared += tl.sum(((cs > 0.5) & (ct > 0.5)).to(tl.float32), axis=0)
+        n_anchor += _sum(tl.where(tot > 1.5, tot, 0.0), axis=0)
+        n_shared += _sum(((cs > 0.5) & (ct > 0.5)).to(tl.float32), axis=0)
     return n_anchor, n_shared
 
 
@@ -121,7 +140,7 @@ def _sims_kernel(
         s_ed = s_etd
         y = tl.load(YT + rl, mask=row_ok, other=-1).to(tl.int32)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
@@ -149,7 +168,7 @@ def _sims_kernel(
             g_base + cc[:, None] * K + kk[None, :], sums, mask=c_ok[:, None] & k_ok[None, :]
         )
         if level == 0:
-            tl.atomic_add(CNT + side * NC + cc, tl.sum(onehot, axis=0), mask=c_ok)
+            tl.atomic_add(CNT + side * NC + cc, _sum(onehot, axis=0), mask=c_ok)
 
 
 @triton.jit
@@ -178,13 +197,13 @@ def _prototype(G, CNT, OUT, NC, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr)
         cs = tl.load(CNT + cc, mask=c_ok, other=0.0)
         ct = tl.load(CNT + NC + cc, mask=c_ok, other=0.0)
         shared = (cs > 0.5) & (ct > 0.5)
-        n_shared += tl.sum(shared.to(tl.float32), axis=0)
+        n_shared += _sum(shared.to(tl.float32), axis=0)
         m2 = shared[:, None] & k_ok[None, :]
         for level in tl.static_range(2):
             gs = tl.load(G + (level * NC + cc)[:, None] * K + kk[None, :], mask=m2, other=0.0)
             gt = tl.load(G + ((2 + level) * NC + cc)[:, None] * K + kk[None, :], mask=m2, other=0.0)
             diff = gs / tl.maximum(cs, 1.0)[:, None] - gt / tl.maximum(ct, 1.0)[:, None]
-            total += tl.sum(tl.sum(tl.where(m2, diff * diff, 0.0), axis=1), axis=0)
+            total += _sum(_sum(tl.where(m2, diff * diff, 0.0), axis=1), axis=0)
     tl.atomic_add(OUT, total / (tl.maximum(n_shared, 1.0) * 2.0 * K))
 
 
@@ -213,7 +232,7 @@ def _forward_kernel(
 
     scale = inv_t * LOG2E  # base-2 logits: exp2 is the native instruction
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    l_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
     for n0 in range(0, M, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
@@ -225,11 +244,11 @@ def _forward_kernel(
         s = _mm(x_i, tl.trans(x_j), DOT_KIND, EMULATE) * scale
         keep = col_ok[None, :] & (cols[None, :] != rows[:, None])  # self-pair excluded
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, _max(s, axis=1))
         # A tile can hold no candidate for a row (only its self pair): keep exp2 away from
         # (-inf) - (-inf).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        l_i = l_i * tl.exp2(m_i - m_safe) + _sum(tl.exp2(s - m_safe[:, None]), axis=1)
         m_i = m_new
     lse = (m_i + tl.log2(l_i)) * LN2
 
@@ -242,10 +261,10 @@ def _forward_kernel(
     has_pos = y_ok & (n_pos > 0.5)
     n_anchor, _ = _anchor_stats(CNT, NC, BLOCK_C)
     x32 = tl.load(X32 + x_base + rows[:, None] * K + kk[None, :], mask=tile_ok, other=0.0)
-    pos = tl.sum(x32 * (gs + gt - x32), axis=1) * inv_t / tl.maximum(n_pos, 1.0)
+    pos = _sum(x32 * (gs + gt - x32), axis=1) * inv_t / tl.maximum(n_pos, 1.0)
     loss = tl.where(has_pos, lse - pos, 0.0)
     # (L_1 + L_2) / 2 of per-level means over the A anchors that have a positive.
-    tl.atomic_add(OUT + 1, tl.sum(loss, axis=0) * 0.5 / tl.maximum(n_anchor, 1.0))
+    tl.atomic_add(OUT + 1, _sum(loss, axis=0) * 0.5 / tl.maximum(n_anchor, 1.0))
     lse_adj = tl.where(has_pos, lse + tl.log(tl.maximum(n_anchor, 1.0)), float("inf"))
     tl.store(LSE + level * M + rows, lse_adj, mask=row_ok)
 
@@ -264,7 +283,7 @@ def _contrastive_row_grad(
     row's own softmax (P_ik) and row i's place in every other anchor's softmax (P_ki)."""
     scale = inv_t * LOG2E
     lse_i = tl.load(LSE + level * M + rows, mask=row_ok, other=float("inf")) * LOG2E
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
     for n0 in range(0, M, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M

@@ -1,0 +1,437 @@
+"""Tests for multieye_dist.kernels: the fused Triton distillation step against the float64
+reference of multieye_dist.losses, on CPU under triton's interpreter (TRITON_INTERPRET=1).
+
+Every check draws fresh random inputs from a seed printed in its failure message; set
+MULTIEYE_TEST_SEED=<seed> to replay one. The interpreter is slow, so shapes are small (B <= 40,
+K <= 50, D <= 70) but chosen so that they are not multiples of the 16-wide interpreter tiles,
+plus one check at a few hundred anchors with the GPU's tile sizes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multieye_dist.kernels import (
+    LaunchConfig,
+    fused_distill,
+    interpret_mode,
+    octcoda_loss_fused,
+    resolve_impl,
+    triton_available,
+)
+from multieye_dist.losses import contrastive_loss, octcoda_loss, prototype_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ["random", "missing", "single_class", "singletons", "disjoint", "one_pair"]
+NAMES = ("prototype", "contrastive", "d student_emb", "d concepts")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter() -> Iterator[None]:
+    """Run this module's kernels under triton's CPU interpreter, then restore the environment.
+
+    triton decides compiled-or-interpreted when a @triton.jit decorator runs. triton itself is
+    imported first, without the flag, so that its own library stays compiled-mode for any other
+    test in this process; the kernel module re-imports itself whenever the flag has changed.
+    """
+    import triton  # noqa: F401
+
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def fresh_seed() -> int:
+    forced = os.environ.get("MULTIEYE_TEST_SEED")
+    return int(forced) if forced else random.SystemRandom().randrange(2**31)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_labels(
+    scenario: str, b: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(y_f, y_o, num_classes) exercising one edge of the class bookkeeping."""
+
+    def draw(lo: int, hi: int) -> torch.Tensor:
+        return torch.randint(lo, hi, (b,), generator=g)
+
+    if scenario == "random":
+        nc = int(torch.randint(2, 13, (), generator=g))
+        return draw(0, nc), draw(0, nc), nc
+    if scenario == "missing":  # partial overlap: some classes on one side only
+        nc = int(torch.randint(4, 13, (), generator=g))
+        return draw(0, nc // 2 + 1), draw(nc // 2, nc), nc
+    if scenario == "single_class":
+        nc = int(torch.randint(1, 10, (), generator=g))
+        c = int(torch.randint(0, nc, (), generator=g))
+        return torch.full((b,), c), torch.full((b,), c), nc
+    if scenario == "singletons":  # most anchors have no positive at all
+        nc = 2 * b + 3
+        labels = torch.randperm(nc, generator=g)[: 2 * b]
+        labels[0] = labels[-1]  # one pair (student 0, teacher B-1) keeps one anchor class alive
+        return labels[:b], labels[b:], nc
+    if scenario == "disjoint":  # no shared class: prototype term 0, contrastive within sides
+        nc = int(torch.randint(2, 10, (), generator=g))
+        return draw(0, nc), draw(nc, 2 * nc), 2 * nc
+    if scenario == "one_pair":  # B = 1
+        nc = 3
+        return draw(0, 2), draw(0, 2), nc
+    raise AssertionError(scenario)
+
+
+def make_inputs(seed: int, scenario: str, dtype: torch.dtype, scale: float = 1.0) -> dict:
+    """Embeddings shaped like the model's: level 1 unit-norm (v), level 2 free (u); a unit-norm
+    concept bank (text embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+    b = 1 if scenario == "one_pair" else int(torch.randint(2, 41, (), generator=g))
+    k = int(torch.randint(3, 51, (), generator=g))
+    d = int(torch.randint(5, 71, (), generator=g))
+
+    def emb() -> torch.Tensor:
+        v = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
+        u = torch.randn(b, d, generator=g, dtype=torch.float64) * (1.5 / math.sqrt(d))
+        return torch.stack([v, u], dim=1) * scale
+
+    ys, yt, nc = make_labels(scenario, b, g)
+    temperature = math.exp(
+        float(torch.empty(()).uniform_(math.log(0.3), math.log(10), generator=g))
+    )
+    concepts = F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1)
+    return {
+        "student_emb": emb().to(dtype),
+        "teacher_emb": emb().to(dtype),
+        "concepts": concepts.to(dtype),
+        "student_labels": ys,
+        "teacher_labels": yt,
+        "num_classes": nc,
+        "temperature": temperature,
+        "weights": torch.rand(2, generator=g, dtype=torch.float64) + 0.1,
+        "desc": f"seed={seed} scenario={scenario} dtype={dtype} B={b} K={k} D={d} nc={nc} "
+        f"T={temperature:.3f} y_f={ys.tolist()} y_o={yt.tolist()}",
+    }
+
+
+def reference(
+    inp: dict, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prototype, contrastive, grad student_emb, grad concepts) of losses.py computed in
+    ``dtype`` (float64: the reference), for the loss w0 * prototype + w1 * contrastive."""
+    es = inp["student_emb"].detach().to(dtype).requires_grad_()
+    c = inp["concepts"].detach().to(dtype).requires_grad_()
+    sf = torch.einsum("bld,kd->blk", es, c)
+    so = torch.einsum("bld,kd->blk", inp["teacher_emb"].to(dtype), c)
+    ys, yt = inp["student_labels"], inp["teacher_labels"]
+    proto = prototype_loss(sf, ys, so, yt, inp["num_classes"], variant="paper")
+    con = contrastive_loss(
+        sf, so, ys, yt, temperature=inp["temperature"], variant="paper", scope="local"
+    )
+    w = inp["weights"].to(dtype)
+    (w[0] * proto + w[1] * con).backward()
+    return proto.detach(), con.detach(), es.grad, c.grad
+
+
+def fused(inp: dict, config: LaunchConfig | None = None) -> tuple[torch.Tensor, ...]:
+    es = inp["student_emb"].clone().requires_grad_()
+    c = inp["concepts"].clone().requires_grad_()
+    proto, con = fused_distill(
+        es,
+        inp["teacher_emb"],
+        c,
+        inp["student_labels"],
+        inp["teacher_labels"],
+        num_classes=inp["num_classes"],
+        temperature=inp["temperature"],
+        config=config,
+    )
+    w = inp["weights"]
+    (w[0] * proto + w[1] * con).backward()
+    return proto.detach(), con.detach(), es.grad, c.grad
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-30) -> float:
+    """Norm-wise relative error ||got - want|| / max(||want||, floor)."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm() / want.norm().clamp(min=floor))
+
+
+# The contrastive term is a mean of -log p, in nats: where it is exactly 0 (every anchor's only
+# candidate is its positive) the kernel's lse_j - (mean positive logit) leaves rounding noise of
+# the logits' size, so below 1 nat its error is measured in nats. Other quantities: relative.
+FLOORS = {"contrastive": 1.0}
+
+
+def assert_close(got: tuple, want: tuple, tol: float, desc: str) -> None:
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert a is not None, f"{name}: no gradient ({desc})"
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)} ({desc})"
+        assert torch.isfinite(a).all(), f"{name}: non-finite values ({desc})"
+        err = rel_err(a, b, FLOORS.get(name, 1e-30))
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g} ({desc})"
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_matches_float64_reference(scenario: str, dtype: torch.dtype) -> None:
+    inp = make_inputs(fresh_seed(), scenario, dtype)
+    assert_close(fused(inp), reference(inp), TOL[dtype], inp["desc"])
+
+
+def test_edge_values_are_exact_zeros() -> None:
+    """One pair of different classes: no shared class and no positive, so both terms are 0 and
+    no gradient flows (not NaN); one pair of one class: each anchor's only candidate is its
+    positive, so the contrastive term is exactly log 1 = 0 too."""
+    inp = make_inputs(fresh_seed(), "one_pair", torch.float32)
+    for same in (False, True):
+        inp["teacher_labels"] = inp["student_labels"] + (0 if same else 1)
+        proto, con, d_emb, d_c = fused(inp)
+        assert float(con) == pytest.approx(0.0, abs=1e-6), inp["desc"]
+        if not same:
+            assert float(proto) == 0.0 and d_emb.abs().max() == 0 and d_c.abs().max() == 0
+
+
+def test_fp16_and_large_logits() -> None:
+    """fp16 inputs; and fp32 inputs with logits in the hundreds, where a log-sum-exp without the
+    running maximum would overflow. Logits that large cost fp32 digits in any implementation, so
+    there the bar is the fp32 PyTorch reference's own error (or 1e-5, whichever is larger)."""
+    inp = make_inputs(fresh_seed(), "random", torch.float16)
+    assert_close(fused(inp), reference(inp), TOL[torch.float16], inp["desc"])
+
+    inp = make_inputs(fresh_seed(), "random", torch.float32, scale=4.0)
+    inp["temperature"] = 0.05
+    es, c = inp["student_emb"].double(), inp["concepts"].double()
+    max_logit = float(torch.einsum("bld,kd->blk", es, c).pow(2).sum(2).max()) / 0.05
+    desc = f"{inp['desc']} scale=4 T=0.05 max logit {max_logit:.0f}"
+    assert max_logit > 100, f"not a large-logit case ({desc})"
+    want, got, fp32 = reference(inp), fused(inp), reference(inp, torch.float32)
+    for name, a, b, c32 in zip(NAMES, got, want, fp32, strict=True):
+        bar = max(1e-5, 4 * rel_err(c32, b))
+        assert rel_err(a, b) <= bar, f"{name}: {rel_err(a, b):.3g} > {bar:.3g} ({desc})"
+
+
+def test_one_output_used_and_no_concept_grad() -> None:
+    """Backward through one of the two outputs only (the other's gradient is None inside
+    autograd), with a concept bank that does not require grad (the normal case: a buffer)."""
+    inp = make_inputs(fresh_seed(), "random", torch.float32)
+    for used in (0, 1):
+        es = inp["student_emb"].clone().requires_grad_()
+        terms = fused_distill(
+            es, inp["teacher_emb"], inp["concepts"], inp["student_labels"],
+            inp["teacher_labels"], num_classes=inp["num_classes"],
+            temperature=inp["temperature"],
+        )  # fmt: skip
+        terms[used].backward()
+        inp["weights"] = torch.tensor([1.0, 0.0] if used == 0 else [0.0, 1.0], dtype=torch.float64)
+        _, _, want, _ = reference(inp)
+        err = rel_err(es.grad, want)
+        assert err <= 1e-5, f"output {used} alone: relative error {err:.3g} ({inp['desc']})"
+
+
+def test_teacher_is_a_constant() -> None:
+    inp = make_inputs(fresh_seed(), "random", torch.float32)
+    et = inp["teacher_emb"].clone().requires_grad_()
+    es = inp["student_emb"].clone().requires_grad_()
+    proto, con = fused_distill(
+        es, et, inp["concepts"], inp["student_labels"], inp["teacher_labels"],
+        num_classes=inp["num_classes"], temperature=inp["temperature"],
+    )  # fmt: skip
+    (proto + con).backward()
+    assert et.grad is None and es.grad is not None, inp["desc"]
+
+
+def test_larger_batch_with_gpu_tiles() -> None:
+    """A few hundred anchors with the tile sizes used on the GPU (64-row tiles, K padded to 128),
+    non-contiguous embeddings, int32 labels, and a float64 concept bank (cast to float32)."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    b, k, d = 150 + int(torch.randint(0, 20, (), generator=g)), 98, 40
+    inp = make_inputs(seed, "random", torch.float32)
+    full = torch.randn(b, 3, d, generator=g)
+    inp["student_emb"] = F.normalize(full[:, ::2], dim=2)  # [B, 2, D], stride 3 * D per row
+    inp["teacher_emb"] = F.normalize(torch.randn(b, 2, d, generator=g), dim=2)
+    inp["concepts"] = F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1)
+    inp["student_labels"] = torch.randint(0, 9, (b,), generator=g, dtype=torch.int32)
+    inp["teacher_labels"] = torch.randint(0, 9, (b,), generator=g, dtype=torch.int32)
+    inp["num_classes"] = 9
+    inp["desc"] = f"seed={seed} B={b} K={k} D={d}"
+    config = LaunchConfig.choose(128, interpret=False)
+    assert_close(fused(inp, config), reference(inp), 1e-5, inp["desc"])
+
+
+def test_validation_errors() -> None:
+    inp = make_inputs(fresh_seed(), "random", torch.float32)
+    args = [inp[n] for n in ("student_emb", "teacher_emb", "concepts")]
+    labels = (inp["student_labels"], inp["teacher_labels"])
+    kw = {"num_classes": inp["num_classes"], "temperature": 1.0}
+    with pytest.raises(TypeError, match="loss.impl=torch"):
+        fused_distill(*(a.double() for a in args), *labels, **kw)
+    with pytest.raises(ValueError, match="K <= 256"):
+        big = torch.randn(257, args[0].shape[2])
+        fused_distill(args[0], args[1], big, *labels, **kw)
+    with pytest.raises(ValueError, match=r"\[B>=1, 2, D\]"):
+        fused_distill(args[0][:, :1], args[1], args[2], *labels, **kw)
+    with pytest.raises(ValueError, match="teacher_emb"):
+        fused_distill(args[0], args[1][:-1], args[2], *labels, **kw)
+    with pytest.raises(ValueError, match="temperature"):
+        fused_distill(*args, *labels, num_classes=3, temperature=0.0)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def loss_inputs(seed: int, gate_open: bool, poison: bool = False) -> dict:
+    """A full octcoda batch (9 classes) with logits chosen so the gate is open (a student
+    confidently wrong, a teacher mostly right whose remaining mass sits on other classes, so
+    d_t < d_s and d_st > delta) or closed (the same with the two roles swapped)."""
+    inp = make_inputs(seed, "random", torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    b, nc = inp["student_emb"].shape[0], 9
+    ys = torch.randint(0, nc, (b,), generator=g)
+    yo = torch.randint(0, nc, (b,), generator=g)
+    noise = torch.randn(b, nc, generator=g) * 0.1
+    wrong = 6 * F.one_hot((ys + 1) % nc, nc) + noise
+    right = 4 * F.one_hot(ys, nc) + 2 * F.one_hot((ys + 2) % nc, nc) + noise
+    zf, zo = (wrong, right) if gate_open else (right, wrong)
+    es = inp["student_emb"].clone()
+    if poison:
+        es[0, 1, 0] = float("inf")
+    return {
+        "student_logits": zf, "student_emb": es, "student_labels": ys,
+        "teacher_logits": zo, "teacher_emb": inp["teacher_emb"],
+        "teacher_labels": yo, "concepts": inp["concepts"],
+        "desc": f"{inp['desc']} (labels redrawn: y_f={ys.tolist()} y_o={yo.tolist()})",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("gate_open", [True, False])
+def test_octcoda_loss_fused_matches_reference(gate_open: bool) -> None:
+    inp = loss_inputs(fresh_seed(), gate_open)
+    desc = inp.pop("desc")
+    kw = {"alpha": 0.6, "beta": 0.05, "temperature": 10.0}
+    outs, grads = [], []
+    for impl in ("triton", "torch"):
+        zf = inp["student_logits"].clone().requires_grad_()
+        es = inp["student_emb"].clone().requires_grad_()
+        out = octcoda_loss_fused(
+            **{**inp, "student_logits": zf, "student_emb": es}, **kw, impl=impl
+        )
+        out.total.backward()
+        outs.append(out)
+        grads.append((zf.grad, es.grad))
+    fast, ref = outs
+    assert fast.gated == ref.gated == gate_open, desc
+    for name in ("total", "cls", "prototype", "contrastive"):
+        err = rel_err(getattr(fast, name), getattr(ref, name))
+        assert err <= 1e-5, f"{name}: relative error {err:.3g} ({desc})"
+    for name, a, b in zip(("d logits", "d student_emb"), *grads, strict=True):
+        assert rel_err(a, b) <= 1e-5, f"{name}: relative error {rel_err(a, b):.3g} ({desc})"
+    if not gate_open:  # closed: 0 * distill, the embeddings still get a (zero) gradient
+        assert grads[0][1].abs().max() == 0, desc
+    # The torch implementation is octcoda_loss on the sims, nothing else.
+    emb = (inp["student_emb"], inp["teacher_emb"])
+    sims = [torch.einsum("bld,kd->blk", e, inp["concepts"]) for e in emb]
+    direct = octcoda_loss(
+        inp["student_logits"], sims[0], inp["student_labels"], inp["teacher_logits"], sims[1],
+        inp["teacher_labels"], **kw,
+    )  # fmt: skip
+    assert direct.total.item() == ref.total.item(), desc
+
+
+def test_octcoda_loss_fused_drops_non_finite_distillation() -> None:
+    inp = loss_inputs(fresh_seed(), gate_open=True, poison=True)
+    desc = inp.pop("desc")
+    out = octcoda_loss_fused(**inp, impl="triton")
+    assert not torch.isfinite(out.contrastive), desc
+    assert float(out.total) == float(out.cls), desc
+
+
+def test_octcoda_loss_fused_checks_labels() -> None:
+    inp = loss_inputs(fresh_seed(), gate_open=True)
+    inp.pop("desc")
+    inp["teacher_labels"] = inp["teacher_labels"].clone()
+    inp["teacher_labels"][0] = inp["student_logits"].shape[1]
+    with pytest.raises(ValueError, match="teacher_labels must lie in"):
+        octcoda_loss_fused(**inp, impl="triton")
+    with pytest.raises(ValueError, match="impl"):
+        octcoda_loss_fused(**inp, impl="auto")
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_resolve_impl(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_impl("auto", cpu) == "torch"
+    assert resolve_impl("auto", cuda) == "triton"
+    assert resolve_impl("torch", cuda) == "torch"
+    assert resolve_impl("triton", cuda) == "triton"
+    assert interpret_mode() and resolve_impl("triton", cpu) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="loss.impl=triton needs a CUDA device"):
+        resolve_impl("triton", "cpu")
+    with pytest.raises(ValueError, match="unknown loss.impl 'fast'"):
+        resolve_impl("fast", cpu)
+
+
+def test_import_without_triton() -> None:
+    """The package imports, and auto falls back to torch, where triton is missing; asking for
+    the Triton implementation is then a clear error."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, multieye_dist.kernels as k\n"
+        "assert not k.triton_available()\n"
+        "assert k.resolve_impl('auto', torch.device('cuda')) == 'torch'\n"
+        "try:\n"
+        "    k.resolve_impl('triton', torch.device('cuda'))\n"
+        "except ValueError as e:\n"
+        "    assert 'loss.impl' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_benchmark_cpu_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/bench_kernel.py's tiny CPU mode runs end to end and prints its table last."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_kernel", ROOT / "benchmarks" / "bench_kernel.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.modules.pop(spec.name, None)
+    bench.main(["--device", "cpu", "--sizes", "5,21", "--repeat", "1", "--warmup", "0"])
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = [line for line in out if line.startswith("|")]
+    assert rows and out[-1] == rows[-1], "\n".join(out)
+    assert len([r for r in rows if r.startswith("| 5 ") or r.startswith("| 21 ")]) == 2, "\n".join(
+        out
+    )
