@@ -186,13 +186,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--d", type=int, help="embedding dim D (default 512; cpu 16)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--methods", help="comma list of eager,compile,triton (cpu default: no compile)")
-    p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, help="timed steps per case (default 10; cpu 2)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; cpu 1)")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
     args.sizes = [
         int(s) for s in (args.sizes or ("8,24" if cpu else "64,512,4096,16384,65536")).split(",")
     ]
+    args.repeat = args.repeat if args.repeat is not None else (2 if cpu else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
     args.k = args.k or (10 if cpu else 98)
     args.d = args.d or (16 if cpu else 512)
     args.methods = (args.methods or ("eager,triton" if cpu else "eager,compile,triton")).split(",")
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         res = {}
         for m in args.methods:
             res[m] = measure(fns[m], inputs, args.device, args.warmup, args.repeat)
-            logger.info("N=%d %s: %s ms, %s MiB (%s)", n, m, res[m].ms, res[m].mib, res[m].status)
+            r = res[m]
+            logger.info("N=%d %s: %s ms, %s MiB", n, m, _fmt(r.ms, ".3f", r), _fmt(r.mib, ".1f", r))
         rows.append((n, res))
         del inputs
     print(table(rows, args.methods), flush=True)

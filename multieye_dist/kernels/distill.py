@@ -14,11 +14,13 @@ The reference is :mod:`multieye_dist.losses` on ``sims = einsum("bld,kd->blk", e
   student sims only: the reference detaches the teacher sims, and so does this). The teacher
   embeddings are constants and get no gradient, whatever their ``requires_grad``.
 
-Precision: bf16/fp16 inputs keep their precision for the tensor-core dots (the sims feeding the
-contrastive logits are rounded to the input dtype, as the model's own bf16 sims would be) with
-fp32 accumulation; everything else (sims sums, log-sum-exp, prototypes, gradients) is fp32. fp32
-inputs use exact fp32 products (no TF32). Class sums and the two scalars are accumulated with
-atomics, so the last bits can differ between runs.
+Precision: the sims are accumulated in fp32 and stored once in the inputs' dtype (bf16/fp16:
+rounded, exactly as the model's own sims are under autocast before ``octcoda_loss`` upcasts
+them); from those stored values on, everything is fp32 arithmetic (tensor-core dots take the
+16-bit sims and the 16-bit softmax weights with fp32 accumulation). So in bf16 the kernel
+computes the reference loss of the bf16-rounded sims. fp32 inputs use exact fp32 products (no
+TF32), except the final d(emb) = d(sims) @ C, which uses TF32 for 16-bit inputs. Class sums and
+the two scalars are accumulated with atomics, so the last bits can differ between runs.
 """
 
 from __future__ import annotations
@@ -198,45 +200,45 @@ class _FusedDistill(torch.autograd.Function):
         n_g = 2 * 2 * num_classes * k
         work = torch.zeros(n_g + 2 * num_classes + 2, device=dev, dtype=torch.float32)
         g, cnt, out = work[:n_g], work[n_g : n_g + 2 * num_classes], work[n_g + 2 * num_classes :]
-        x32 = torch.empty((2, m, k), device=dev, dtype=torch.float32)
-        xlo = x32 if dot_kind == 0 else torch.empty((2, m, k), device=dev, dtype=student_emb.dtype)
+        # The sims in the working precision (see distill_triton's docstring).
+        x = torch.empty((2, m, k), device=dev, dtype=student_emb.dtype)
         lse = torch.empty((2, m), device=dev, dtype=torch.float32)
         es, et, c = student_emb, teacher_emb, concepts
 
         grid_rows = -(-b // cfg.block_m)
         mod._sims_kernel[(grid_rows, 2, 2)](
-            es, et, c, student_labels, teacher_labels, x32, xlo, g, cnt,
+            es, et, c, student_labels, teacher_labels, x, g, cnt,
             b, m, k, d, num_classes,
-            *es.stride(), *et.stride(), *c.stride(),
+            es.stride(0), es.stride(1), et.stride(0), et.stride(1), *c.stride(),
             BLOCK_M=cfg.block_m, BLOCK_K=block_k, BLOCK_D=cfg.block_d, BLOCK_C=_CLASS_BLOCK,
-            DOT_KIND=dot_kind, EMULATE=emulate, STORE_LO=dot_kind != 0,
+            DOT_KIND=dot_kind, EMULATE=emulate,
             num_warps=cfg.num_warps,
         )  # fmt: skip
         mod._forward_kernel[(grid_rows, 2, 2)](
-            xlo, x32, student_labels, teacher_labels, g, cnt, lse, out,
+            x, student_labels, teacher_labels, g, cnt, lse, out,
             b, m, k, num_classes, 1.0 / temperature,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_C=_CLASS_BLOCK,
             DOT_KIND=dot_kind, EMULATE=emulate, num_warps=cfg.num_warps,
         )  # fmt: skip
 
-        ctx.save_for_backward(x32, xlo, g, cnt, lse, concepts, student_labels, student_emb)
+        ctx.save_for_backward(x, g, cnt, lse, concepts, student_labels, student_emb)
         ctx.meta = (b, m, k, d, num_classes, temperature, block_k, cfg, dot_kind, emulate)
         ctx.set_materialize_grads(True)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x32, xlo, g, cnt, lse, concepts, student_labels, student_emb = ctx.saved_tensors
+        x, g, cnt, lse, concepts, student_labels, student_emb = ctx.saved_tensors
         b, m, k, d, num_classes, temperature, block_k, cfg, dot_kind, emulate = ctx.meta
         mod = _triton_module()
         need_emb, _, need_concepts = ctx.needs_input_grad[:3]
         grad = grad_out.detach().to(torch.float32).contiguous()
-        d_emb = torch.empty((b, 2, d), device=x32.device, dtype=student_emb.dtype)
+        d_emb = torch.empty((b, 2, d), device=x.device, dtype=student_emb.dtype)
         d_x = torch.empty(
-            (2, b, k) if need_concepts else (1,), device=x32.device, dtype=torch.float32
+            (2, b, k) if need_concepts else (1,), device=x.device, dtype=torch.float32
         )
         mod._backward_kernel[(-(-b // cfg.block_m), 2)](
-            xlo, x32, student_labels, g, cnt, lse, concepts, d_emb, d_x, grad,
+            x, student_labels, g, cnt, lse, concepts, d_emb, d_x, grad,
             b, m, k, d, num_classes, 1.0 / temperature,
             *d_emb.stride(), *concepts.stride(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_D=cfg.block_d,
@@ -276,9 +278,14 @@ def fused_distill(
         student_emb, teacher_emb, concepts, student_labels, teacher_labels, num_classes, temperature
     )
     dtype = student_emb.dtype
+
+    def unit_stride(t: torch.Tensor) -> torch.Tensor:
+        # The kernel reads the embeddings' rows as contiguous D-vectors.
+        return t if t.stride(-1) == 1 else t.contiguous()
+
     out = _FusedDistill.apply(
-        student_emb,
-        teacher_emb.detach().to(dtype),
+        unit_stride(student_emb),
+        unit_stride(teacher_emb.detach().to(dtype)),
         concepts.to(dtype),
         student_labels.contiguous(),
         teacher_labels.contiguous(),

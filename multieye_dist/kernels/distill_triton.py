@@ -7,9 +7,13 @@ so the loader can re-import the module if ``TRITON_INTERPRET`` changed since.
 
 Layout of the work buffers (all float32, contiguous):
 
-* ``X32``/``XLO`` [2 levels, M, K]: the concept similarities of all M = 2B anchors, rows 0..B-1
-  the student, rows B..2B-1 the teacher. ``XLO`` is the copy in the inputs' precision (bf16/fp16)
-  that feeds the tensor-core dots of the streaming loops; for fp32 inputs it is ``X32`` itself.
+* ``X`` [2 levels, M, K]: the concept similarities of all M = 2B anchors (rows 0..B-1 the
+  student, rows B..2B-1 the teacher), accumulated in fp32 and stored in the inputs' precision,
+  as the model's own sims are under autocast. Everything downstream (class sums, prototypes,
+  logits, gradients) is computed in fp32 from these stored values, so the kernels compute the
+  reference loss of exactly these sims; mixing the rounded copy (for the tensor-core dots) with
+  an fp32 copy (for the rest) would break the exact cancellations between the softmax part and
+  the positive part of the contrastive gradient.
 * ``G`` [2 sides, 2 levels, NC, K]: per-class sums of the sims of each side (side 0 student,
   labelled by y_f; side 1 teacher, labelled by y_o).
 * ``CNT`` [2 sides, NC]: per-class counts of each side.
@@ -28,7 +32,6 @@ import triton.language as tl
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 # DOT_KIND: 0 = float32 operands, exact fp32 products ("ieee", no TF32); 1 = bfloat16 operands;
 # 2 = float16 operands. Accumulation is float32 in every case.
@@ -95,34 +98,44 @@ def _mm(a, b, DOT_KIND: tl.constexpr, EMULATE: tl.constexpr):
 @triton.jit
 def _anchor_stats(CNT, NC, BLOCK_C: tl.constexpr):
     """(A, n_shared): anchors with a positive (class count over both sides >= 2), and classes
-    present on both sides. Classes are few; every program recomputes this from the counts."""
-    n_anchor = 0.0
-    n_shared = 0.0
+    present on both sides. Classes are few; every program recomputes this from the counts.
+    (Loop-carried values are vectors reduced after the loop: a Python-float start value would
+    change type inside the loop.)"""
+    n_anchor = tl.full((BLOCK_C,), 0.0, dtype=tl.float32)
+    n_shared = tl.full((BLOCK_C,), 0.0, dtype=tl.float32)
     for c0 in range(0, NC, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         ok = cc < NC
         cs = tl.load(CNT + cc, mask=ok, other=0.0)
         ct = tl.load(CNT + NC + cc, mask=ok, other=0.0)
         tot = cs + ct
-        n_anchor += _sum(tl.where(tot > 1.5, tot, 0.0), axis=0)
-        n_shared += _sum(((cs > 0.5) & (ct > 0.5)).to(tl.float32), axis=0)
-    return n_anchor, n_shared
+        n_anchor += tl.where(tot > 1.5, tot, 0.0)
+        n_shared += ((cs > 0.5) & (ct > 0.5)).to(tl.float32)
+    return _sum(n_anchor, axis=0), _sum(n_shared, axis=0)
+
+
+@triton.jit
+def _side_labels(YS, YT, side, rl, row_ok):
+    """Labels of rows ``rl`` of one side (0: student, 1: teacher), as int32; -1 past the end."""
+    is_s = (rl * 0 + side) == 0  # a vector: the interpreter rejects vector & scalar masks
+    ys = tl.load(YS + rl, mask=row_ok & is_s, other=-1).to(tl.int32)
+    yt = tl.load(YT + rl, mask=row_ok & ~is_s, other=-1).to(tl.int32)
+    return tl.where(is_s, ys, yt)
 
 
 @triton.jit
 def _sims_kernel(
-    ES, ET, C, YS, YT, X32, XLO, G, CNT,
+    ES, ET, C, YS, YT, X, G, CNT,
     B, M, K, D, NC,
-    s_esb, s_esl, s_esd, s_etb, s_etl, s_etd, s_ck, s_cd,
+    s_esb, s_esl, s_etb, s_etl, s_ck, s_cd,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, DOT_KIND: tl.constexpr, EMULATE: tl.constexpr,
-    STORE_LO: tl.constexpr,
 ):  # fmt: skip
     """Grid (row blocks, side, level): sims of one side's rows at one level, and their class sums.
 
-    x = E[:, level] @ C^T with fp32 accumulation, stored to X32 (and XLO); the per-class sums of
-    x (and, at level 0, the class counts) are added to G/CNT with one atomic per class and column,
-    from a one-hot matmul, rather than one atomic per row.
+    x = E[:, level] @ C^T with fp32 accumulation, rounded to the working precision and stored to
+    X; the per-class sums of the stored x (and, at level 0, the class counts) are added to
+    G/CNT with one atomic per class and column, from a one-hot matmul, not one per row.
     """
     pid = tl.program_id(0)
     side = tl.program_id(1)
@@ -131,20 +144,17 @@ def _sims_kernel(
     row_ok = rl < B
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
-    if side == 0:
-        e_row = ES + rl * s_esb + level * s_esl
-        s_ed = s_esd
-        y = tl.load(YS + rl, mask=row_ok, other=-1).to(tl.int32)
-    else:
-        e_row = ET + rl * s_etb + level * s_etl
-        s_ed = s_etd
-        y = tl.load(YT + rl, mask=row_ok, other=-1).to(tl.int32)
+    # Select the side with tl.where rather than if/else: both branches would have to agree on
+    # types, and triton specialises integer arguments equal to 1 into constants.
+    e_row = tl.where(side == 0, ES + rl * s_esb + level * s_esl, ET + rl * s_etb + level * s_etl)
+    y = _side_labels(YS, YT, side, rl, row_ok)
 
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        e = tl.load(e_row[:, None] + dd[None, :] * s_ed, mask=row_ok[:, None] & d_ok[None, :])
+        # The embeddings' last dimension is contiguous (the host makes it so).
+        e = tl.load(e_row[:, None] + dd[None, :], mask=row_ok[:, None] & d_ok[None, :])
         ct = tl.load(
             C + kk[None, :] * s_ck + dd[:, None] * s_cd, mask=k_ok[None, :] & d_ok[:, None]
         )
@@ -153,16 +163,16 @@ def _sims_kernel(
     rows = side * B + rl
     offs = level * M * K + rows[:, None] * K + kk[None, :]
     tile_ok = row_ok[:, None] & k_ok[None, :]
-    tl.store(X32 + offs, acc, mask=tile_ok)
-    if STORE_LO:
-        tl.store(XLO + offs, _to_lo(acc, DOT_KIND, EMULATE).to(XLO.dtype.element_ty), mask=tile_ok)
+    x = _to_lo(acc, DOT_KIND, EMULATE)
+    tl.store(X + offs, x.to(X.dtype.element_ty), mask=tile_ok)
+    x = x.to(tl.float32)
 
     g_base = G + (side * 2 + level) * NC * K
     for c0 in range(0, NC, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         onehot = ((y[:, None] == cc[None, :]) & row_ok[:, None]).to(tl.float32)
         # Exact fp32 sums: a 0/1 matrix times fp32 values with "ieee" products.
-        sums = tl.dot(tl.trans(onehot), acc, input_precision="ieee")
+        sums = tl.dot(tl.trans(onehot), x, input_precision="ieee")
         c_ok = cc < NC
         tl.atomic_add(
             g_base + cc[:, None] * K + kk[None, :], sums, mask=c_ok[:, None] & k_ok[None, :]
@@ -189,27 +199,28 @@ def _prototype(G, CNT, OUT, NC, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr)
     """MSE of the class means over classes present on both sides, both levels and all K."""
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
-    total = 0.0
-    n_shared = 0.0
+    total = tl.full((BLOCK_C,), 0.0, dtype=tl.float32)
+    n_shared = tl.full((BLOCK_C,), 0.0, dtype=tl.float32)
     for c0 in range(0, NC, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         c_ok = cc < NC
         cs = tl.load(CNT + cc, mask=c_ok, other=0.0)
         ct = tl.load(CNT + NC + cc, mask=c_ok, other=0.0)
         shared = (cs > 0.5) & (ct > 0.5)
-        n_shared += _sum(shared.to(tl.float32), axis=0)
+        n_shared += shared.to(tl.float32)
         m2 = shared[:, None] & k_ok[None, :]
         for level in tl.static_range(2):
             gs = tl.load(G + (level * NC + cc)[:, None] * K + kk[None, :], mask=m2, other=0.0)
             gt = tl.load(G + ((2 + level) * NC + cc)[:, None] * K + kk[None, :], mask=m2, other=0.0)
             diff = gs / tl.maximum(cs, 1.0)[:, None] - gt / tl.maximum(ct, 1.0)[:, None]
-            total += _sum(_sum(tl.where(m2, diff * diff, 0.0), axis=1), axis=0)
-    tl.atomic_add(OUT, total / (tl.maximum(n_shared, 1.0) * 2.0 * K))
+            total += _sum(tl.where(m2, diff * diff, 0.0), axis=1)
+    denom = tl.maximum(_sum(n_shared, axis=0), 1.0) * 2.0 * K
+    tl.atomic_add(OUT, _sum(total, axis=0) / denom)
 
 
 @triton.jit
 def _forward_kernel(
-    XLO, X32, YS, YT, G, CNT, LSE, OUT,
+    X, YS, YT, G, CNT, LSE, OUT,
     B, M, K, NC, inv_t,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr, DOT_KIND: tl.constexpr, EMULATE: tl.constexpr,
@@ -228,39 +239,39 @@ def _forward_kernel(
     k_ok = kk < K
     x_base = level * M * K
     tile_ok = row_ok[:, None] & k_ok[None, :]
-    x_i = tl.load(XLO + x_base + rows[:, None] * K + kk[None, :], mask=tile_ok, other=0.0)
+    x_i = tl.load(X + x_base + rows[:, None] * K + kk[None, :], mask=tile_ok, other=0.0)
 
-    scale = inv_t * LOG2E  # base-2 logits: exp2 is the native instruction
+    # Running max and sum in natural units; exp2 (the native instruction) only ever sees the
+    # difference s - m, so logits in the thousands lose no more than one rounding of s - m.
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
     for n0 in range(0, M, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
         x_j = tl.load(
-            XLO + x_base + cols[:, None] * K + kk[None, :],
+            X + x_base + cols[:, None] * K + kk[None, :],
             mask=col_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        s = _mm(x_i, tl.trans(x_j), DOT_KIND, EMULATE) * scale
+        s = _mm(x_i, tl.trans(x_j), DOT_KIND, EMULATE) * inv_t
         keep = col_ok[None, :] & (cols[None, :] != rows[:, None])  # self-pair excluded
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, _max(s, axis=1))
         # A tile can hold no candidate for a row (only its self pair): keep exp2 away from
         # (-inf) - (-inf).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + _sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        l_i = l_i * tl.exp2((m_i - m_safe) * LOG2E) + _sum(
+            tl.exp2((s - m_safe[:, None]) * LOG2E), axis=1
+        )
         m_i = m_new
-    lse = (m_i + tl.log2(l_i)) * LN2
+    lse = m_i + tl.log(l_i)
 
-    if side == 0:
-        y = tl.load(YS + rl, mask=row_ok, other=-1).to(tl.int32)
-    else:
-        y = tl.load(YT + rl, mask=row_ok, other=-1).to(tl.int32)
+    y = _side_labels(YS, YT, side, rl, row_ok)
     gs, gt, cs, ct, y_ok = _row_class_stats(G, CNT, y, row_ok, level, NC, K, kk, k_ok)
     n_pos = cs + ct - 1.0
     has_pos = y_ok & (n_pos > 0.5)
     n_anchor, _ = _anchor_stats(CNT, NC, BLOCK_C)
-    x32 = tl.load(X32 + x_base + rows[:, None] * K + kk[None, :], mask=tile_ok, other=0.0)
+    x32 = x_i.to(tl.float32)
     pos = _sum(x32 * (gs + gt - x32), axis=1) * inv_t / tl.maximum(n_pos, 1.0)
     loss = tl.where(has_pos, lse - pos, 0.0)
     # (L_1 + L_2) / 2 of per-level means over the A anchors that have a positive.
@@ -274,36 +285,35 @@ def _forward_kernel(
 
 @triton.jit
 def _contrastive_row_grad(
-    XLO, LSE, x_i, rows, row_ok, level, M, K, inv_t, kk, k_ok,
+    X, LSE, x_i, rows, row_ok, level, M, K, inv_t, kk, k_ok,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_KIND: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """sum_k (P_ik + P_ki) x_k over k != i, with P_jk = w_j softmax_j(k) recomputed tile by tile
     from the stored LSE. The logits are symmetric (s_ik = s_ki), so one tile of s serves both the
     row's own softmax (P_ik) and row i's place in every other anchor's softmax (P_ki)."""
-    scale = inv_t * LOG2E
-    lse_i = tl.load(LSE + level * M + rows, mask=row_ok, other=float("inf")) * LOG2E
+    lse_i = tl.load(LSE + level * M + rows, mask=row_ok, other=float("inf"))
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
     for n0 in range(0, M, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
         x_j = tl.load(
-            XLO + level * M * K + cols[:, None] * K + kk[None, :],
+            X + level * M * K + cols[:, None] * K + kk[None, :],
             mask=col_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        lse_j = tl.load(LSE + level * M + cols, mask=col_ok, other=float("inf")) * LOG2E
-        s = _mm(x_i, tl.trans(x_j), DOT_KIND, EMULATE) * scale
+        lse_j = tl.load(LSE + level * M + cols, mask=col_ok, other=float("inf"))
+        s = _mm(x_i, tl.trans(x_j), DOT_KIND, EMULATE) * inv_t
         keep = col_ok[None, :] & (cols[None, :] != rows[:, None])
         s = tl.where(keep, s, float("-inf"))
-        p = tl.exp2(s - lse_i[:, None]) + tl.exp2(s - lse_j[None, :])
+        p = tl.exp2((s - lse_i[:, None]) * LOG2E) + tl.exp2((s - lse_j[None, :]) * LOG2E)
         acc += _mm(p, x_j, DOT_KIND, EMULATE)
     return acc
 
 
 @triton.jit
 def _backward_kernel(
-    XLO, X32, YS, G, CNT, LSE, C, DE, DX, GRAD,
+    X, YS, G, CNT, LSE, C, DE, DX, GRAD,
     B, M, K, D, NC, inv_t,
     s_deb, s_del, s_ded, s_ck, s_cd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -328,9 +338,9 @@ def _backward_kernel(
     k_ok = kk < K
     tile_ok = row_ok[:, None] & k_ok[None, :]
     x_off = level * M * K + rows[:, None] * K + kk[None, :]
-    x_i = tl.load(XLO + x_off, mask=tile_ok, other=0.0)
+    x_i = tl.load(X + x_off, mask=tile_ok, other=0.0)
     acc = _contrastive_row_grad(
-        XLO, LSE, x_i, rows, row_ok, level, M, K, inv_t, kk, k_ok,
+        X, LSE, x_i, rows, row_ok, level, M, K, inv_t, kk, k_ok,
         BLOCK_M, BLOCK_N, BLOCK_K, DOT_KIND, EMULATE,
     )  # fmt: skip
 
@@ -343,7 +353,7 @@ def _backward_kernel(
     c_i = tl.where(
         y_ok & (n_pos > 0.5), inv_t / (tl.maximum(n_anchor, 1.0) * tl.maximum(n_pos, 1.0)), 0.0
     )
-    x32 = tl.load(X32 + x_off, mask=tile_ok, other=0.0)
+    x32 = x_i.to(tl.float32)
     dx = (0.5 * inv_t * g_con) * acc - (g_con * c_i)[:, None] * (gs + gt - x32)
     shared = y_ok & (cs > 0.5) & (ct > 0.5)
     coef = tl.where(shared, g_proto / (tl.maximum(cs, 1.0) * tl.maximum(n_shared, 1.0) * K), 0.0)
