@@ -75,3 +75,78 @@ def run_ranks(fn, world: int, *args, timeout: float = 120) -> None:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{world}-process run of {fn.__name__} timed out after {timeout}s")
+
+
+# --- A real single-node Slurm cluster (launch/slurm_cluster.sh) -----------------------------
+
+
+class SlurmCluster:
+    """A running cluster: its state directory, slurm.conf and default partition."""
+
+    partition = "debug"
+
+    def __init__(self, state_dir: Path, script: Path) -> None:
+        self.state_dir = state_dir
+        self.conf = state_dir / "etc" / "slurm.conf"
+        self.script = script
+
+    def run(self, *args: str, timeout: float = 180):
+        """launch/slurm_cluster.sh ARGS on this cluster's state directory."""
+        import os
+        import subprocess
+
+        return subprocess.run(
+            ["bash", str(self.script), *args],
+            env={**os.environ, "MULTIEYE_SLURM_DIR": str(self.state_dir)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Boots a Slurm cluster for the session and points SLURM_CONF at it; tears it down after.
+
+    The state lives in a fresh temporary directory (removed afterwards), so that concurrent
+    sessions never share daemons; with $MULTIEYE_SLURM_DIR set, that directory's cluster is
+    used, and left running if it already was. Where Slurm cannot be booted (not root, packages
+    missing: the script exits 3) the tests skip, except under CI=true, where they fail."""
+    import os
+    import shlex
+    import tempfile
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "slurm_cluster.sh"
+    given = os.environ.get("MULTIEYE_SLURM_DIR")
+    state_dir = Path(given) if given else Path(tempfile.mkdtemp(prefix="multieye-slurm-"))
+    cluster = SlurmCluster(state_dir, script)
+
+    was_running = given is not None and cluster.run("status").returncode == 0
+    up = cluster.run("up")
+    if up.returncode != 0:
+        if not given:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        reason = (up.stderr or up.stdout).strip()
+        if up.returncode == 3 and os.environ.get("CI") != "true":
+            pytest.skip(reason)
+        pytest.fail(f"slurm_cluster.sh up exited {up.returncode}:\n{reason}")
+
+    # What `env` prints (SLURM_CONF) must be in os.environ: submitit runs sbatch, sacct and
+    # scancel as subprocesses of this process, and the jobs inherit it for srun.
+    saved: dict[str, str | None] = {}
+    for line in cluster.run("env").stdout.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        saved.setdefault(key, os.environ.get(key))
+        os.environ[key] = shlex.split(value)[0]  # the script quotes values for a shell
+    try:
+        yield cluster
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if not given:
+            cluster.run("purge")
+        elif not was_running:
+            cluster.run("down")

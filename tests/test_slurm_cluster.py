@@ -1,0 +1,164 @@
+"""The single-node Slurm cluster of launch/slurm_cluster.sh, through sbatch and through submitit.
+
+Every test runs real jobs on real slurmctld/slurmd daemons (the `slurm_cluster` fixture boots
+them); job states come from sacct, as submitit reads them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import submitit
+
+from multieye_dist.cluster import SlurmOptions, make_executor
+
+# The jobs unpickle these functions in a fresh interpreter that cannot import this test module
+# (pytest put tests/ on sys.path, the job does not): ship them by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _rank() -> int:
+    return submitit.JobEnvironment().global_rank
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def _until(what: str, predicate, timeout: float = 30):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def _sacct_state(job_id: str) -> str:
+    res = _run("sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id)
+    return res.stdout.strip().splitlines()[0] if res.stdout.strip() else ""
+
+
+def _ended(state: str) -> str:
+    """`state` if it is a final one, else "" (sacct may not know the job for a moment)."""
+    return "" if state in ("", "PENDING", "RUNNING", "COMPLETING", "REQUEUED") else state
+
+
+def _executor(folder: Path, cluster):
+    return make_executor(folder, "slurm", SlurmOptions(partition=cluster.partition, time_min=5))
+
+
+def test_sbatch_job_completes_with_its_output(slurm_cluster, tmp_path):
+    res = _run(
+        "sbatch",
+        "--parsable",
+        "-o",
+        str(tmp_path / "out-%j.txt"),
+        "--wrap",
+        'echo "hello from job $SLURM_JOB_ID on partition $SLURM_JOB_PARTITION"',
+    )
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip()
+    assert _until("the job to end", lambda: _ended(_sacct_state(job_id))) == "COMPLETED"
+    out = (tmp_path / f"out-{job_id}.txt").read_text()
+    assert out == f"hello from job {job_id} on partition debug\n"
+
+
+def test_submitit_job_returns_its_result_and_sacct_state(slurm_cluster, tmp_path):
+    job = _executor(tmp_path, slurm_cluster).submit(_square, 7)
+    assert job.result() == 49
+    # submitit's own state query (sacct through slurmdbd) sees the job finish.
+    state = _until(
+        "submitit to see COMPLETED",
+        lambda: (s := job.watcher.get_state(job.job_id, mode="force")) == "COMPLETED" and s,
+        timeout=15,
+    )
+    assert state == "COMPLETED"
+
+
+def test_submitit_two_tasks_have_ranks_0_and_1(slurm_cluster, tmp_path):
+    ex = _executor(tmp_path, slurm_cluster)
+    ex.update_parameters(tasks_per_node=2)
+    job = ex.submit(_rank)
+    assert job.results() == [0, 1]
+
+
+def test_submitit_array_of_four(slurm_cluster, tmp_path):
+    jobs = _executor(tmp_path, slurm_cluster).map_array(_square, [1, 2, 3, 4])
+    assert len({j.job_id.split("_")[0] for j in jobs}) == 1  # one Slurm array
+    assert [j.result() for j in jobs] == [1, 4, 9, 16]
+
+
+def test_cancelled_job_is_seen_as_done(slurm_cluster, tmp_path):
+    """A job killed from outside writes no result: only the sacct state ends the wait."""
+    job = _executor(tmp_path, slurm_cluster).submit(_sleep, 120)
+    _until("the job to run", lambda: _sacct_state(job.job_id) == "RUNNING")
+    assert _run("scancel", job.job_id).returncode == 0
+    _until("submitit to see the job done", lambda: job.done(force_check=True), timeout=20)
+    assert job.state.startswith("CANCELLED")
+
+
+def test_up_is_idempotent_and_status_reports_running(slurm_cluster):
+    before = slurm_cluster.run("status")
+    assert before.returncode == 0, before.stdout + before.stderr
+    again = slurm_cluster.run("up")
+    assert again.returncode == 0, again.stderr
+    assert "already up" in again.stdout
+    after = slurm_cluster.run("status")
+    assert after.returncode == 0
+    assert "running" in after.stdout
+    # The same daemons (pids) answer: nothing was restarted.
+    pids = [line for line in before.stdout.splitlines() if "pid" in line]
+    assert len(pids) == 5
+    assert pids == [line for line in after.stdout.splitlines() if "pid" in line]
+
+
+def test_requeued_job_runs_again(slurm_cluster, tmp_path):
+    out = tmp_path / "requeue.txt"
+    res = _run(
+        "sbatch",
+        "--parsable",
+        "--open-mode=append",  # a requeued job would otherwise truncate its first start's line
+        "-o",
+        str(out),
+        "--wrap",
+        "echo start ${SLURM_RESTART_COUNT:-0}; sleep 60",
+    )
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip()
+    try:
+
+        def starts() -> list[str]:
+            text = out.read_text() if out.exists() else ""
+            return [line for line in text.splitlines() if line.startswith("start")]
+
+        _until("the first start", lambda: starts() == ["start 0"])
+        res = _run("scontrol", "requeue", job_id)
+        assert res.returncode == 0, res.stderr
+        # A requeued job waits cred_expire (10 s on this cluster) before it may start again.
+        _until("the second start", lambda: len(starts()) == 2, timeout=40)
+        assert starts() == ["start 0", "start 1"]
+        show = _run("scontrol", "show", "job", job_id).stdout
+        assert "Restarts=1" in show
+    finally:
+        _run("scancel", job_id)
+
+
+def test_unknown_partition_is_refused_by_sbatch(slurm_cluster):
+    res = _run("sbatch", "-p", "no-such-partition", "--wrap", "true")
+    assert res.returncode != 0
+    assert "invalid partition specified: no-such-partition" in res.stderr
