@@ -345,8 +345,9 @@ def loss_inputs(seed: int, gate_open: bool, poison: bool = False) -> dict:
     right = 4 * F.one_hot(ys, nc) + 2 * F.one_hot((ys + 2) % nc, nc) + noise
     zf, zo = (wrong, right) if gate_open else (right, wrong)
     es = inp["student_emb"].clone()
-    if poison:
+    if poison:  # an inf in an anchor that has a positive (its OCT partner's label)
         es[0, 1, 0] = float("inf")
+        yo[0] = ys[0]
     return {
         "student_logits": zf, "student_emb": es, "student_labels": ys,
         "teacher_logits": zo, "teacher_emb": inp["teacher_emb"],
@@ -392,9 +393,10 @@ def test_octcoda_loss_fused_matches_reference(gate_open: bool) -> None:
 def test_octcoda_loss_fused_drops_non_finite_distillation() -> None:
     inp = loss_inputs(fresh_seed(), gate_open=True, poison=True)
     desc = inp.pop("desc")
-    out = octcoda_loss_fused(**inp, impl="triton")
-    assert not torch.isfinite(out.contrastive), desc
-    assert float(out.total) == float(out.cls), desc
+    for impl in ("triton", "torch"):
+        out = octcoda_loss_fused(**inp, impl=impl)
+        assert not torch.isfinite(out.contrastive), f"{impl}: {desc}"
+        assert out.gated and out.total.item() == out.cls.item(), f"{impl}: {desc}"
 
 
 def test_octcoda_loss_fused_checks_labels() -> None:
@@ -421,6 +423,9 @@ def test_resolve_impl(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="loss.impl=triton needs a CUDA device"):
         resolve_impl("triton", "cpu")
+    inp = make_inputs(fresh_seed(), "random", torch.float32)
+    with pytest.raises(ValueError, match="needs CUDA tensors.*loss.impl=torch"):
+        fused(inp)
     with pytest.raises(ValueError, match="unknown loss.impl 'fast'"):
         resolve_impl("fast", cpu)
 

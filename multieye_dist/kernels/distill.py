@@ -187,12 +187,17 @@ class _FusedDistill(torch.autograd.Function):
         config: LaunchConfig | None,
     ) -> torch.Tensor:
         mod = _triton_module()
+        if student_emb.device.type != "cuda" and not mod.INTERPRETED:
+            raise ValueError(
+                f"the Triton kernel needs CUDA tensors, got {student_emb.device} (CPU only under "
+                "triton's interpreter, TRITON_INTERPRET=1); use loss.impl=torch or auto"
+            )
         b, _, d = student_emb.shape
         k = concepts.shape[0]
         m = 2 * b
         dev = student_emb.device
         block_k = max(16, _next_pow2(k))
-        cfg = config or LaunchConfig.choose(block_k, interpret_mode())
+        cfg = config or LaunchConfig.choose(block_k, bool(mod.INTERPRETED))
         dot_kind = _DOT_KINDS[student_emb.dtype]
         emulate = bool(mod.INTERPRETED)
 
