@@ -1,4 +1,4 @@
-"""`multieye-dist` command line: synth, shards convert/verify, demo."""
+"""`multieye-dist` command line: synth, shards, train, eval, explain, concepts, demo."""
 
 from __future__ import annotations
 
@@ -129,7 +129,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--per-class", type=int, default=100, help="train images per class")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data-tool processes (0 = all cores)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides for every training stage (train.epochs=2)"
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -150,6 +153,83 @@ def _add_explain(sub) -> None:
     p.add_argument("--topk", type=int, default=5, help="concepts listed per image")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.set_defaults(func=cmd_explain)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the OCT teacher or a fundus student (DeepSpeed)")
+    tsub = p.add_subparsers(dest="stage", required=True)
+    for stage, text in (
+        ("teacher", "stage 1: the OCT teacher, cross-entropy"),
+        ("distill", "stage 2: a fundus student (OCT-CoDA, or loss.name=fundus-only)"),
+    ):
+        t = tsub.add_parser(stage, help=text)
+        t.add_argument("--config", type=Path, help="YAML file (a diff over the defaults)")
+        t.add_argument(
+            "--resume",
+            help='"auto" (default: the latest checkpoint in train.out_dir), '
+            '"never", or a checkpoint directory',
+        )
+        t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+        t.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score an inference checkpoint on a shard split")
+    p.add_argument("--checkpoint", type=Path, required=True, help="inference .safetensors")
+    p.add_argument("--shards", type=Path, required=True, help="directory of converted shards")
+    p.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    p.add_argument(
+        "--modality", choices=("fundus", "oct"), help="default: the one the model was trained on"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="loader worker processes")
+    p.add_argument("--json", type=Path, help="also write the full result here")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from multieye_dist.config import ConfigError, load_config
+    from multieye_dist.train import run
+
+    overrides = [f"train.stage={args.stage}", *args.overrides]
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    if cfg.train.stage != args.stage:
+        raise ConfigError(
+            f"train.stage={cfg.train.stage} contradicts the command 'train {args.stage}'"
+        )
+    summary = run(cfg)
+    return 0 if summary is not None else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from multieye_dist.checkpoint import load_inference
+    from multieye_dist.evaluation import evaluate_split
+    from multieye_dist.metrics import format_table
+
+    model, meta = load_inference(args.checkpoint)
+    modality = args.modality or meta.get("extra", {}).get("modality") or "fundus"
+    result = evaluate_split(
+        model,
+        args.shards,
+        modality,
+        args.split,
+        image_size=meta["image_size"],
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=torch.device("cpu"),
+    )
+    print(f"{args.checkpoint} on {modality}-{args.split} ({args.shards}):")
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -211,35 +291,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data -> shards -> verify, with a summary. Later issues add training."""
-    from multieye_dist.data.preprocess import Preprocess
-    from multieye_dist.data.shards import ConvertOptions, convert
-    from multieye_dist.data.synth import SynthOptions, generate
-    from multieye_dist.data.verify import verify
-    from multieye_dist.data.workers import resolve_workers
+    from multieye_dist.demo import run_demo
 
-    t0 = time.perf_counter()
-    raw, shard_dir = args.out / "raw", args.out / "shards"
-    print(f"[1/3] synthetic MultiEYE -> {raw}")
-    generate(
-        raw,
-        SynthOptions(
-            per_class=args.per_class,
-            seed=args.seed,
-            image_size=args.image_size,
-            workers=resolve_workers(args.workers),
-        ),
+    return run_demo(
+        args.out,
+        per_class=args.per_class,
+        image_size=args.image_size,
+        seed=args.seed,
+        workers=args.workers,
+        extra=args.overrides,
     )
-    print(f"[2/3] convert -> {shard_dir}")
-    opts = ConvertOptions(
-        shard_samples=200, workers=args.workers, preprocess=Preprocess(image_size=args.image_size)
-    )
-    print(convert(raw, shard_dir, opts).table())
-    print("[3/3] verify")
-    report = verify(shard_dir, workers=resolve_workers(args.workers))
-    print(report.text())
-    print(f"demo finished in {time.perf_counter() - t0:.1f}s")
-    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_shards(sub)
     _add_demo(sub)
+    _add_train(sub)
+    _add_eval(sub)
     _add_explain(sub)
     _add_concepts(sub)
     return parser
@@ -257,18 +320,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level if rank == "0" else logging.WARNING,  # one voice per job
+        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
     )
+    if not args.verbose:  # DeepSpeed reports every engine detail at INFO
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from multieye_dist.data.layout import LayoutError
     from multieye_dist.data.shards import ConversionError
+    from multieye_dist.data.stream import DataError
 
     try:
         return args.func(args)
     except (LayoutError, ConversionError, ValueError, FileNotFoundError) as exc:
         print(f"multieye-dist: error: {exc}", file=sys.stderr)
         return 2
+    except DataError as exc:
+        print(f"multieye-dist: data error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if type(exc).__name__ != "TrainingError":
+            raise
+        print(f"multieye-dist: training stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

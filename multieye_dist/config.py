@@ -179,6 +179,9 @@ class DataConfig(_Section):
     resampled: bool = False
     seed: int = 0
     max_bad_fraction: float = 0.01  # corrupt samples tolerated before the run stops
+    # The release's training augmentation (random resized crop, flip, RandAugment, erasing);
+    # false = evaluation transform only (tiny CPU runs on position-coded synthetic data).
+    augment: bool = True
 
     def _validate(self) -> None:
         for name in ("image_size", "batch_size", "samples_per_epoch", "pool_size"):
@@ -257,11 +260,19 @@ class TrainConfig(_Section):
     resume: str = "auto"  # "auto" (latest in out_dir), "never", or a checkpoint path
     log_every_steps: int = 10
     seed: int = 0
-    precision: Literal["bf16", "fp32", "autocast-bf16"] = "bf16"
+    # Mixed precision (multieye_dist/engine.py): DeepSpeed's torch-autocast mode with bf16, its
+    # bf16 mode (bf16 weights, fp32 master copies), or none. See BENCHMARKS.md, "Precision".
+    precision: Literal["autocast-bf16", "bf16", "fp32"] = "autocast-bf16"
+    # Stop (after a checkpoint) once this process has made this many optimizer steps: time-boxed
+    # jobs, and tests of resumption. None = run to the last epoch.
+    stop_after_steps: int | None = None
+    progress: bool = True  # progress bars on rank 0
 
     def _validate(self) -> None:
         for name in ("epochs", "eval_every_epochs", "checkpoint_every_steps", "log_every_steps"):
             self._check(getattr(self, name) >= 1, name, ">= 1")
+        if self.stop_after_steps is not None:
+            self._check(self.stop_after_steps >= 1, "stop_after_steps", ">= 1 or null")
         self._check(self.seed >= 0, "seed", ">= 0")
         self._check(bool(self.out_dir), "out_dir", "a non-empty path")
         self._check(bool(self.resume), "resume", '"auto", "never" or a checkpoint path')

@@ -151,7 +151,7 @@ def test_unknown_section(tmp_path):
     "override, message",
     [
         ("loss.variant=foo", "loss.variant='foo': choose one of paper, official"),
-        ("train.precision=fp16", "train.precision='fp16': choose one of bf16, fp32, autocast-bf16"),
+        ("train.precision=fp16", "train.precision='fp16': choose one of autocast-bf16, bf16, fp32"),
         ("deepspeed.zero_stage=3", "deepspeed.zero_stage=3: choose one of 0, 1, 2"),
         ("wandb.mode=cloud", "wandb.mode='cloud': choose one of offline, online, disabled"),
         ("optim.lr=0", "optim.lr=0.0: must be > 0"),

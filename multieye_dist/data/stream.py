@@ -168,6 +168,7 @@ def read_unit(unit: Unit, ext: str) -> Iterator[RawSample]:
 class StreamStats:
     """Counters travel with every batch, so the main process sees what its workers saw."""
 
+    worker: int = 0  # the (logical) loader worker whose counts these are
     decoded: int = 0
     bad: int = 0
     unmatched_oct: int = 0
@@ -183,6 +184,7 @@ class StreamStats:
 
     def as_dict(self) -> dict:
         return {
+            "worker": self.worker,
             "decoded": self.decoded,
             "bad": self.bad,
             "unmatched_oct": self.unmatched_oct,
@@ -388,7 +390,7 @@ class PairedTrainStream(IterableDataset):
             raise DataError(f"rank {rank} worker {worker}: no fundus sample in its shards")
         weights = weights / weights.sum()
         partner = self._partner_pools(rng, global_counts, announce=g == 0)
-        stats = StreamStats()
+        stats = StreamStats(worker=worker)
         for b in range(n_batches):
             decode_it = b >= n_skip
             with rng_scope(new_rng_state(_seed(seed, b))):
@@ -519,7 +521,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = identity(self.rank, self.world)
         units = make_units(self.shards, world * workers)[rank * workers + worker :: world * workers]
-        stats, buf = StreamStats(), []
+        stats, buf = StreamStats(worker=worker), []
         for unit in units:
             for s in read_unit(unit, self.shards.image_ext):
                 try:

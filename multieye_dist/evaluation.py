@@ -1,0 +1,103 @@
+"""Scoring a model on a shard split with the release's metrics; runs with or without ranks.
+
+Each rank scores its share of the split (:class:`EvalStream` gives every sample to exactly one
+rank and worker), rank 0 gathers the records and computes :func:`metrics.evaluate` on all of
+them. No DeepSpeed: the ``eval`` command and the trainer share this code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from multieye_dist.data.classes import CLASS_NAMES
+from multieye_dist.data.stream import EvalStream, ShardSet, gather_records, make_loader
+from multieye_dist.metrics import evaluate
+
+logger = logging.getLogger(__name__)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> tuple[list[dict], int]:
+    """Records {key, label, probs} for every sample the loader yields, and the number of
+    undecodable samples (each worker's counters are cumulative: keep the last per worker)."""
+    was_training = model.training
+    model.eval()
+    param_dtype = next(model.parameters()).dtype  # bf16 weights take bf16 inputs
+    records: list[dict] = []
+    per_worker: dict[int, int] = {}
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress, mininterval=2, leave=False):
+            per_worker[batch["stats"]["worker"]] = batch["stats"]["bad"]
+            if not batch["key"]:
+                continue
+            x = batch["image"].to(device, dtype=param_dtype, non_blocking=True)
+            with _autocast(device, autocast_dtype):
+                logits, _ = model(x)
+            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            for k, y, p in zip(batch["key"], batch["label"].tolist(), probs, strict=True):
+                records.append({"key": k, "label": int(y), "probs": p.tolist()})
+    finally:
+        model.train(was_training)
+    return records, sum(per_worker.values())
+
+
+def evaluate_split(
+    model: nn.Module,
+    shard_dir: Path,
+    modality: str,
+    split: str,
+    *,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    max_bad_fraction: float = 0.01,
+    progress: bool = False,
+) -> dict | None:
+    """Metrics of `model` on `modality`-`split` (on rank 0; None on other ranks). The result is
+    :func:`metrics.evaluate`'s dict plus ``split``, ``modality`` and ``bad`` (undecodable
+    samples that could not be scored)."""
+    shards = ShardSet.from_manifest(Path(shard_dir), modality, split)
+    stream = EvalStream(shards, image_size, batch_size, max_bad_fraction=max_bad_fraction)
+    records, bad = predict(
+        model,
+        make_loader(stream, num_workers),
+        device,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+        desc=f"eval {modality}-{split}",
+    )
+    # The bad count rides along as one extra record per rank.
+    gathered = gather_records(records + [{"key": "~bad", "bad": bad}])
+    if gathered is None:
+        return None
+    bad = sum(r["bad"] for r in gathered if r["key"] == "~bad")
+    rows = [r for r in gathered if r["key"] != "~bad"]
+    if not rows:
+        raise ValueError(f"{shard_dir}: no sample of {modality}-{split} could be scored")
+    labels = np.array([r["label"] for r in rows])
+    probs = np.array([r["probs"] for r in rows])
+    result = evaluate(labels, probs, CLASS_NAMES)
+    result.update(split=split, modality=modality, bad=bad)
+    if bad:
+        logger.warning("%s-%s: %d undecodable sample(s) were not scored", modality, split, bad)
+    return result

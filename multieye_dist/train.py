@@ -1,0 +1,555 @@
+"""Training on DeepSpeed ranks: the OCT teacher (stage 1) and the fundus student (stage 2).
+
+``run(cfg)`` is the whole job; every rank calls it (torchrun, the deepspeed launcher or Slurm set
+the environment, :mod:`multieye_dist.distributed`). The student is the DeepSpeed engine; the
+teacher is a :class:`FrozenTeacher` outside it. Rank 0 writes the run directory::
+
+    <train.out_dir>/config.yaml            resolved config
+    <train.out_dir>/checkpoints/<tag>/     DeepSpeed checkpoints (+ trainer_state.json), latest
+    <train.out_dir>/best.safetensors       inference export of the best dev macro-F1 model
+    <train.out_dir>/last.safetensors       inference export of the final model
+    <train.out_dir>/eval/*.json            dev/test results (release metrics)
+    <train.out_dir>/metrics.jsonl, summary.json, wandb/   (multieye_dist.tracking)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from multieye_dist import distributed as D
+from multieye_dist import engine as E
+from multieye_dist.checkpoint import export_inference, load_inference
+from multieye_dist.concepts import load_bank
+from multieye_dist.config import Config, LossConfig, save_resolved, to_dict
+from multieye_dist.data.stream import PairedTrainStream, ShardSet, StreamConfig, make_loader
+from multieye_dist.evaluation import evaluate_split
+from multieye_dist.losses import LossOutput, compute_loss
+from multieye_dist.metrics import format_table
+from multieye_dist.model import ConceptModel, FrozenTeacher, build_model
+from multieye_dist.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores beyond DeepSpeed's own state (JSON in the checkpoint)."""
+
+    epoch: int = 0  # the epoch in progress
+    batch: int = 0  # batches of `epoch` this rank has consumed
+    step: int = 0  # optimizer steps
+    best_f1: float = -1.0
+    best_epoch: int = -1
+    nonfinite: int = 0  # skipped steps, whole run
+    nonfinite_in_row: int = 0
+    wandb_run_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Meter:
+    """Sums over the steps since the last log line."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    samples: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, values: dict[str, float], samples: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.samples += samples
+
+
+@dataclass
+class Job:
+    """Everything the loop needs, built once by :func:`setup`."""
+
+    cfg: Config
+    env: D.DistEnv
+    device: torch.device
+    run_dir: Path
+    engine: Any
+    teacher: FrozenTeacher | None
+    stream: PairedTrainStream
+    loader: Any
+    tracker: Tracker
+    sentences: list[str]
+    modality: str  # the evaluated modality: oct for the teacher, fundus for students
+    usable_batches: int  # per epoch and rank: a multiple of grad_accum
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.cfg.train.precision == "autocast-bf16" else None
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train as configured; returns the final summary (on every rank; metrics on rank 0)."""
+    job, state = setup(cfg)
+    meter, start_step = Meter(), state.step
+    stop_at = (
+        None if cfg.train.stop_after_steps is None else start_step + cfg.train.stop_after_steps
+    )
+    for epoch in range(state.epoch, cfg.train.epochs):
+        job.stream.set_epoch(epoch, skip=state.batch)
+        for batch in _progress(job, epoch, state.batch):
+            if state.batch >= job.usable_batches:
+                break  # the micro-batches left over by gradient accumulation
+            values = train_step(job, batch)
+            state.batch += 1
+            _count_nonfinite(job, state, values)
+            if values is not None:
+                meter.add(values, job.cfg.data.batch_size)
+            if job.engine.global_steps == state.step:
+                continue  # still accumulating
+            state.step = job.engine.global_steps
+            if state.step % cfg.train.log_every_steps == 0:
+                log_train(job, state, meter, batch["stats"])
+                meter = Meter()
+            if stop_at is not None and state.step >= stop_at:
+                save(job, state)
+                return stop(job, state, f"stopped after {cfg.train.stop_after_steps} steps")
+            if state.step % cfg.train.checkpoint_every_steps == 0:
+                save(job, state)
+        state.epoch, state.batch = epoch + 1, 0
+        last = state.epoch == cfg.train.epochs
+        if last or state.epoch % cfg.train.eval_every_epochs == 0:
+            evaluate_dev(job, state)
+        save(job, state)
+    return finish(job, state)
+
+
+def train_step(job: Job, batch: dict) -> dict[str, float] | None:
+    """Forward, loss, backward and (at accumulation boundaries) the optimizer step. Returns the
+    loss terms, or None when the loss was not finite on some rank (nothing is applied then)."""
+    engine, device = job.engine, job.device
+    torch.manual_seed(_step_seed(job, engine.global_steps))  # dropout etc.: a function of step
+    # Unpaired batches (teacher, fundus-only) carry image/label; paired ones fundus/oct.
+    key = "image" if "image" in batch else "fundus"
+    x, y = batch[key], batch["label" if key == "image" else "fundus_label"].to(device)
+    x = x.to(device, dtype=_param_dtype(engine), non_blocking=True)
+    logits, sims = engine(x)
+    out = _loss(job, logits, sims, y, batch)
+    if not D.all_true(bool(torch.isfinite(out.total)), device):
+        return None
+    engine.backward(out.total)
+    engine.step()
+    return {
+        "loss": out.total.item(),
+        "cls": out.cls.item(),
+        "prototype": out.prototype.item(),
+        "contrastive": out.contrastive.item(),
+        "gate_open": float(out.gated),
+    }
+
+
+def _loss(job: Job, logits, sims, y, batch: dict) -> LossOutput:
+    cfg = job.cfg
+    if cfg.train.stage == "teacher":
+        return teacher_loss(logits, sims, y, job.engine.module, cfg.teacher.train_level2)
+    if cfg.loss.name == "fundus-only":
+        return compute_loss("fundus-only", student_logits=logits, student_labels=y)
+    with torch.no_grad():
+        xo = batch["oct"].to(job.device, non_blocking=True)
+        zo, so = job.teacher(xo)
+    return distill_loss(cfg.loss, logits, sims, y, zo, so, batch["oct_label"].to(job.device))
+
+
+def distill_loss(loss: LossConfig, zf, sf, yf, zo, so, yo) -> LossOutput:
+    return compute_loss(
+        "octcoda",
+        student_logits=zf,
+        student_sims=sf,
+        student_labels=yf,
+        teacher_logits=zo,
+        teacher_sims=so,
+        teacher_labels=yo,
+        alpha=loss.alpha,
+        beta=loss.beta,
+        temperature=loss.temperature,
+        variant=loss.variant,
+        contrastive_scope=loss.contrastive_scope,
+    )
+
+
+def teacher_loss(
+    logits: torch.Tensor,
+    sims: torch.Tensor,
+    labels: torch.Tensor,
+    model: ConceptModel,
+    train_level2: bool,
+) -> LossOutput:
+    """Cross-entropy of the OCT teacher. With ``train_level2`` the level-2 similarities s' are
+    also read through the classifier (its weights detached, so only W_4 learns from this term):
+    the classifier never reads s', so without it W_4 would get no gradient at all."""
+    cls = F.cross_entropy(logits.float(), labels)
+    zero = cls.new_zeros(())
+    total = cls
+    if train_level2:
+        w, b = model.classifier.weight.detach(), model.classifier.bias.detach()
+        level2 = F.cross_entropy(F.linear(sims[:, 1].float(), w.float(), b.float()), labels)
+        total = cls + level2
+    return LossOutput(total=total, cls=cls, prototype=zero, contrastive=zero, gated=False)
+
+
+def _step_seed(job: Job, step: int) -> int:
+    return (job.cfg.train.seed * 1_000_003 + step) * 4099 + job.env.rank
+
+
+def _param_dtype(engine) -> torch.dtype:
+    return next(engine.module.parameters()).dtype
+
+
+def _count_nonfinite(job: Job, state: TrainState, values: dict | None) -> None:
+    if values is not None:
+        state.nonfinite_in_row = 0
+        return
+    state.nonfinite += 1
+    state.nonfinite_in_row += 1
+    limit = job.cfg.optim.max_nonfinite_in_row
+    logger.warning(
+        "non-finite loss at epoch %d batch %d: step skipped (%d in a row, %d in all)",
+        state.epoch,
+        state.batch,
+        state.nonfinite_in_row,
+        state.nonfinite,
+    )
+    if state.nonfinite_in_row >= limit:
+        raise TrainingError(
+            f"{state.nonfinite_in_row} non-finite losses in a row (optim.max_nonfinite_in_row="
+            f"{limit}) at epoch {state.epoch}, batch {state.batch}: lower optim.lr, check the "
+            "data, or try train.precision=fp32"
+        )
+
+
+def _progress(job: Job, epoch: int, skip: int):
+    return tqdm(
+        job.loader,
+        total=job.usable_batches - skip,
+        desc=f"{job.cfg.train.stage} epoch {epoch + 1}/{job.cfg.train.epochs}",
+        disable=not (job.env.is_main and job.cfg.train.progress),
+        mininterval=2,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup(cfg: Config) -> tuple[Job, TrainState]:
+    """Checks, process group, data, models, engine, resume, tracker, in that order."""
+    run_dir = Path(cfg.train.out_dir)
+    # What can be checked without the other ranks fails here, before any collective.
+    checkpoint = E.find_checkpoint(cfg.train.resume, run_dir / "checkpoints")
+    if _needs_teacher(cfg) and cfg.teacher.checkpoint is None:
+        raise ValueError(
+            "teacher.checkpoint is not set: distillation needs the teacher run's inference "
+            "export (e.g. teacher.checkpoint=runs/teacher/best.safetensors), or use "
+            "loss.name=fundus-only"
+        )
+    env = D.from_env()
+    device = D.device_for(env)
+    E.init_distributed(env, device)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    if env.is_main:
+        save_resolved(cfg, run_dir)
+    bank, sentences, _ = load_bank(resolve_path(cfg.concepts.bank))
+    stage = cfg.train.stage
+    stream, modality = build_stream(cfg, env)
+    model = build_model(cfg.model, bank).to(device)
+    _freeze_unreached(model, cfg)
+    teacher = build_teacher(cfg, bank, device) if _needs_teacher(cfg) else None
+    steps_per_epoch = len(stream) // cfg.optim.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"data.samples_per_epoch={cfg.data.samples_per_epoch} gives {len(stream)} batch(es) "
+            f"per rank, fewer than optim.grad_accum={cfg.optim.grad_accum}: no optimizer step"
+        )
+    engine = E.build_engine(
+        model,
+        optim=cfg.optim,
+        ds=cfg.deepspeed,
+        precision=cfg.train.precision,
+        micro_batch=cfg.data.batch_size,
+        world=env.world,
+        steps_per_epoch=steps_per_epoch,
+        epochs=cfg.train.epochs,
+    )
+    state = resume(engine, checkpoint)
+    tracker = Tracker(
+        cfg.wandb,
+        run_dir,
+        config=to_dict(cfg),
+        rank=env.rank,
+        job_type=stage,
+        run_id=state.wandb_run_id,
+    )
+    state.wandb_run_id = tracker.run_id
+    loader = make_loader(stream, cfg.data.num_workers)
+    job = Job(
+        cfg,
+        env,
+        device,
+        run_dir,
+        engine,
+        teacher,
+        stream,
+        loader,
+        tracker,
+        sentences,
+        modality,
+        usable_batches=steps_per_epoch * cfg.optim.grad_accum,
+    )
+    logger.info(
+        "%s: %d rank(s) on %s, %d steps/epoch x %d epochs, precision %s, ZeRO %d, from step %d",
+        stage,
+        env.world,
+        device,
+        steps_per_epoch,
+        cfg.train.epochs,
+        cfg.train.precision,
+        cfg.deepspeed.zero_stage,
+        state.step,
+    )
+    return job, state
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path from the working directory, else from the project root (so the shipped
+    defaults such as the concept bank work from anywhere in a checkout)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    alt = Path(__file__).resolve().parents[1] / p
+    return alt if alt.exists() else p
+
+
+def build_stream(cfg: Config, env: D.DistEnv) -> tuple[PairedTrainStream, str]:
+    """The teacher reads OCT alone; OCT-CoDA reads fundus with OCT partners; the fundus-only
+    baseline reads fundus alone (decoding partners it would not use costs half the loader)."""
+    d = cfg.data
+    shard_dir = resolve_path(d.shards)
+    scfg = StreamConfig(
+        samples_per_epoch=d.samples_per_epoch,
+        batch_size=d.batch_size,
+        image_size=d.image_size,
+        seed=d.seed,
+        resampled=d.resampled,
+        pool_size=d.pool_size,
+        max_bad_fraction=d.max_bad_fraction,
+        augment=d.augment,
+    )
+    if cfg.train.stage == "teacher":
+        primary, partner, modality = ShardSet.from_manifest(shard_dir, "oct", "train"), None, "oct"
+    else:
+        primary, modality = ShardSet.from_manifest(shard_dir, "fundus", "train"), "fundus"
+        partner = ShardSet.from_manifest(shard_dir, "oct", "train") if _needs_teacher(cfg) else None
+    return PairedTrainStream(primary, partner, scfg, rank=env.rank, world=env.world), modality
+
+
+def _needs_teacher(cfg: Config) -> bool:
+    return cfg.train.stage == "distill" and cfg.loss.name == "octcoda"
+
+
+def _freeze_unreached(model: ConceptModel, cfg: Config) -> None:
+    """W_4 (level 2) gets a gradient only from the distillation loss or the teacher's level-2
+    term; parameters no loss reaches stay out of the optimizer (ZeRO would otherwise reduce
+    gradients that never exist)."""
+    reached = _needs_teacher(cfg) or (cfg.train.stage == "teacher" and cfg.teacher.train_level2)
+    for p in model.level2.parameters():
+        p.requires_grad_(reached)
+
+
+def build_teacher(cfg: Config, bank: torch.Tensor, device: torch.device) -> FrozenTeacher:
+    path = resolve_path(cfg.teacher.checkpoint)
+    model, meta = load_inference(path)
+    if model.concepts.shape != bank.shape or not torch.allclose(model.concepts, bank.float()):
+        raise ValueError(
+            f"teacher.checkpoint={path}: its concept bank {tuple(model.concepts.shape)} differs "
+            f"from concepts.bank={cfg.concepts.bank} {tuple(bank.shape)}; teacher and student "
+            "must share one concept space"
+        )
+    logger.info(
+        "teacher %s (%s, %d px)", path, meta["model_config"]["backbone"], meta["image_size"]
+    )
+    return FrozenTeacher(model.to(device), dtype=_DTYPES[cfg.teacher.dtype])
+
+
+def resume(engine, path: Path | None) -> TrainState:
+    if path is None:
+        return TrainState()
+    state = TrainState.from_dict(E.load_checkpoint(engine, path))
+    if state.step != engine.global_steps:
+        raise RuntimeError(
+            f"{path}: trainer_state step {state.step} != DeepSpeed's {engine.global_steps}"
+        )
+    return state
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def log_train(job: Job, state: TrainState, meter: Meter, stats: dict) -> None:
+    """Mean loss terms over the interval and over ranks (one small all-reduce), rank 0 logs."""
+    keys = sorted(meter.sums)
+    vec = torch.tensor([meter.sums[k] for k in keys] + [meter.steps], dtype=torch.float64)
+    if D.world_size() > 1:
+        torch.distributed.all_reduce(vec)
+    if not job.env.is_main:
+        return
+    n = max(vec[-1].item(), 1.0)
+    elapsed = time.perf_counter() - meter.t0
+    values = {f"train/{k}": vec[i].item() / n for i, k in enumerate(keys)}
+    values.update(
+        {
+            "train/lr": E.current_lr(job.engine),
+            "train/epoch": state.epoch + state.batch / job.usable_batches,
+            "train/samples_per_s": meter.samples * job.env.world / max(elapsed, 1e-9),
+            "train/nonfinite_skipped": state.nonfinite,
+            "data/bad": stats.get("bad", 0),
+            "data/unmatched_oct": stats.get("unmatched_oct", 0),
+        }
+    )
+    job.tracker.log(values, step=state.step)
+    logger.debug("step %d %s", state.step, values)
+
+
+def evaluate_dev(job: Job, state: TrainState) -> None:
+    """Dev metrics; a new best macro-F1 is exported as best.safetensors."""
+    result = _evaluate(job, job.engine.module, "dev")
+    f1 = D.broadcast_object(result["f1"] if result else None)
+    if f1 > state.best_f1:
+        state.best_f1, state.best_epoch = f1, state.epoch
+        export(job, state, "best")
+    if job.env.is_main:
+        job.tracker.log_eval(result, prefix="dev/", step=state.step)
+        _write_json(job.run_dir / "eval" / f"dev_epoch{state.epoch:03d}.json", result)
+        logger.info(
+            "epoch %d: dev macro-F1 %.2f  acc %.2f  (best %.2f at epoch %d)",
+            state.epoch,
+            100 * f1,
+            100 * result["accuracy"],
+            100 * state.best_f1,
+            state.best_epoch,
+        )
+
+
+def _evaluate(job: Job, model: torch.nn.Module, split: str) -> dict | None:
+    D.average_batchnorm_stats(job.engine.module)
+    d = job.cfg.data
+    return evaluate_split(
+        model,
+        resolve_path(d.shards),
+        job.modality,
+        split,
+        image_size=d.image_size,
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        device=job.device,
+        autocast_dtype=job.autocast_dtype,
+        max_bad_fraction=d.max_bad_fraction,
+        progress=job.env.is_main and job.cfg.train.progress,
+    )
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    E._write_atomic(path, json.dumps(obj, indent=1))
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save(job: Job, state: TrainState) -> None:
+    D.average_batchnorm_stats(job.engine.module)
+    E.save_checkpoint(
+        job.engine, job.run_dir / "checkpoints", f"step{state.step:08d}", asdict(state)
+    )
+
+
+def export(job: Job, state: TrainState, name: str) -> Path:
+    """Inference export (rank 0): fp32 weights, the resolved config and where it came from."""
+    path = job.run_dir / f"{name}.safetensors"
+    if job.env.is_main:
+        model = job.engine.module
+        if _param_dtype(job.engine) != torch.float32:
+            logger.info("%s: exporting bf16 weights as fp32 (train.precision=bf16)", path)
+        extra = {
+            "config": to_dict(job.cfg),
+            "epoch": state.epoch,
+            "step": state.step,
+            "dev_f1": state.best_f1 if name == "best" else None,
+            "modality": job.modality,
+        }
+        export_inference(
+            path,
+            _fp32_copy(model) if _param_dtype(job.engine) != torch.float32 else model,
+            job.cfg.model,
+            concept_sentences=job.sentences,
+            image_size=job.cfg.data.image_size,
+            extra=extra,
+        )
+    D.barrier()
+    return path
+
+
+def _fp32_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).float()
+
+
+def stop(job: Job, state: TrainState, reason: str) -> dict[str, Any]:
+    logger.info("%s at step %d; resume with train.resume=auto", reason, state.step)
+    job.tracker.finish()
+    return {"stopped": True, "step": state.step, "reason": reason}
+
+
+def finish(job: Job, state: TrainState) -> dict[str, Any]:
+    """Export the last model; score test with the best and the last; write the summary."""
+    export(job, state, "last")
+    summary: dict[str, Any] = {
+        "step": state.step,
+        "best_epoch": state.best_epoch,
+        "best_dev_f1": state.best_f1,
+        "nonfinite_skipped": state.nonfinite,
+    }
+    for name in ("best", "last"):
+        path = job.run_dir / f"{name}.safetensors"
+        model = job.engine.module if name == "last" else load_inference(path)[0].to(job.device)
+        result = _evaluate(job, model, "test")
+        if job.env.is_main:
+            _write_json(job.run_dir / "eval" / f"test_{name}.json", result)
+            summary.update(
+                {f"test/{name}/{k}": result[k] for k in ("accuracy", "f1", "auc", "map", "kappa")}
+            )
+            logger.info("test, %s model (%s):\n%s", name, path, format_table(result))
+    if job.env.is_main:
+        job.tracker.summary(summary)
+    job.tracker.finish()
+    D.barrier()
+    return summary
