@@ -95,10 +95,10 @@ class LaunchConfig:
     def choose(block_k: int, interpret: bool) -> LaunchConfig:
         if interpret:
             return LaunchConfig(block_m=16, block_n=16, block_d=16, num_warps=1)
-        if block_k <= 64:
-            return LaunchConfig(block_m=64, block_n=64, block_d=64, num_warps=4)
         if block_k <= 128:
             return LaunchConfig(block_m=64, block_n=64, block_d=64, num_warps=4)
+        # K up to 256: a [64, 256] fp32 gradient accumulator per program; narrower column tiles
+        # and more warps keep it in registers.
         return LaunchConfig(block_m=64, block_n=32, block_d=32, num_warps=8)
 
 
@@ -226,9 +226,10 @@ class _FusedDistill(torch.autograd.Function):
             DOT_KIND=dot_kind, EMULATE=emulate, num_warps=cfg.num_warps,
         )  # fmt: skip
 
-        ctx.save_for_backward(x, g, cnt, lse, concepts, student_labels, student_emb)
+        # The embeddings are needed only for d(concepts) = dx^T e.
+        emb_for_concepts = student_emb if concepts.requires_grad else None
+        ctx.save_for_backward(x, g, cnt, lse, concepts, student_labels, emb_for_concepts)
         ctx.meta = (b, m, k, d, num_classes, temperature, block_k, cfg, dot_kind, emulate)
-        ctx.set_materialize_grads(True)
         return out
 
     @staticmethod
@@ -238,7 +239,7 @@ class _FusedDistill(torch.autograd.Function):
         mod = _triton_module()
         need_emb, _, need_concepts = ctx.needs_input_grad[:3]
         grad = grad_out.detach().to(torch.float32).contiguous()
-        d_emb = torch.empty((b, 2, d), device=x.device, dtype=student_emb.dtype)
+        d_emb = torch.empty((b, 2, d), device=x.device, dtype=concepts.dtype)
         d_x = torch.empty(
             (2, b, k) if need_concepts else (1,), device=x.device, dtype=torch.float32
         )
