@@ -5,7 +5,7 @@ This module imports triton at the top and is only imported on demand (``_triton_
 decided when the decorator runs, i.e. when this module is imported; ``INTERPRETED`` records that
 so the loader can re-import the module if ``TRITON_INTERPRET`` changed since.
 
-Layout of the work buffers (all float32, contiguous):
+Layout of the work buffers (contiguous; float32 except ``X``):
 
 * ``X`` [2 levels, M, K]: the concept similarities of all M = 2B anchors (rows 0..B-1 the
   student, rows B..2B-1 the teacher), accumulated in fp32 and stored in the inputs' precision,
