@@ -86,9 +86,13 @@ def export(env: DistEnv) -> None:
 
 
 def device_for(env: DistEnv) -> torch.device:
-    """The GPU this rank owns (LOCAL_RANK among the visible ones), else the CPU."""
+    """The GPU this rank owns: LOCAL_RANK among the visible ones, or the only visible one when
+    the launcher binds one GPU per task (srun --gpu-bind); else the CPU."""
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
+        if n == 1 and env.local_rank > 0:  # the launcher bound one GPU to this task
+            torch.cuda.set_device(0)
+            return torch.device("cuda", 0)
         if env.local_rank >= n:
             raise RuntimeError(
                 f"LOCAL_RANK={env.local_rank} but only {n} GPU(s) visible "
@@ -123,6 +127,11 @@ def all_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0)
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is true on some rank."""
+    return not all_true(not flag, device)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -136,8 +136,20 @@ class ConceptModel(nn.Module):
         u = self.level2(h)
         return u @ self.concepts.to(u.dtype).t()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def embeddings(self, h: Tensor) -> Tensor:
+        """[v, u] = [normalize(W_p h), W_4 h + b_4], [B, 2, D]: what the fused loss kernel
+        (``loss.impl=triton``) takes instead of the similarities (sims = emb C^T)."""
+        v = F.normalize(self.proj(h), dim=-1)
+        u = self.level2(h)
+        return torch.stack([v, u.to(v.dtype)], dim=1)
+
+    def forward(self, x: Tensor, return_embeddings: bool = False) -> tuple[Tensor, Tensor]:
+        """(logits, sims [B, 2, K]), or (logits, embeddings [B, 2, D]) when asked."""
         h = self.features(x)
+        if return_embeddings:
+            emb = self.embeddings(h)
+            logits = self.classifier(emb[:, 0] @ self.concepts.to(emb.dtype).t())
+            return logits, emb
         s = self.level1_sims(h)
         s2 = self.level2_sims(h)
         logits = self.classifier(s)
@@ -340,6 +352,12 @@ class FrozenTeacher(nn.Module):
             with torch.set_grad_enabled(self.train_level2 and torch.is_grad_enabled()):
                 s2 = m.level2_sims(h)
         return logits.detach(), torch.stack([s.detach(), s2], dim=1)
+
+    @torch.no_grad()
+    def embeddings(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, [v, u] [B, 2, D]) for the fused loss; always constants."""
+        with self._autocast(x):
+            return self.model(x, return_embeddings=True)
 
 
 # ----------------------------------------------------------------------------- optimiser

@@ -505,3 +505,33 @@ class Tracker:
         tb: TracebackType | None,
     ) -> None:
         self.finish(exit_code=1 if exc_type is not None else None)
+
+
+# ----------------------------------------------------------------------------- online sweeps
+
+
+def create_sweep(spec: Mapping[str, Any], cfg: WandbConfig) -> str:
+    """Register a sweep (a validated W&B sweep dict) on the W&B server; returns its id.
+    Needs the network and WANDB_API_KEY in the environment."""
+    import wandb
+
+    return str(wandb.sweep(dict(spec), project=cfg.project, entity=cfg.entity))
+
+
+def next_sweep_run(sweep_id: str, cfg: WandbConfig) -> tuple[str, dict[str, Any]]:
+    """One agent step: the run id and parameters the sweep controller chose next. The run is
+    then continued by a :class:`Tracker` with that id (``resume="allow"``), which logs the
+    training itself."""
+    import wandb
+
+    got: dict[str, Any] = {}
+
+    def take() -> None:
+        run = wandb.init(settings=_wandb_settings(wandb))
+        got.update(run_id=run.id, params=dict(run.config))
+        run.finish()
+
+    wandb.agent(sweep_id, function=take, count=1, project=cfg.project, entity=cfg.entity)
+    if "run_id" not in got:
+        raise TrackerError(f"sweep {sweep_id}: the agent got no run (sweep finished?)")
+    return got["run_id"], got["params"]

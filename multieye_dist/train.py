@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ class Job:
     tracker: Tracker
     sentences: list[str]
     modality: str  # the evaluated modality: oct for the teacher, fundus for students
+    loss_impl: str  # "triton" (fused kernel, from embeddings) or "torch" (from similarities)
     usable_batches: int  # per epoch and rank: a multiple of grad_accum
 
     @property
@@ -106,8 +108,13 @@ class Job:
 # ----------------------------------------------------------------------------- the loop
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train as configured; returns the final summary (on every rank; metrics on rank 0)."""
+def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Train as configured; returns the final summary (on every rank; metrics on rank 0).
+
+    `stop_requested` (e.g. set by a preemption signal) is polled at every optimizer step; once
+    it is true on any rank, every rank saves a checkpoint at that same step and the run returns
+    ``{"stopped": True, "preempted": True, ...}``: resuming repeats and loses no step.
+    """
     job, state = setup(cfg)
     meter, start_step = Meter(), state.step
     stop_at = (
@@ -129,6 +136,9 @@ def run(cfg: Config) -> dict[str, Any]:
             if state.step % cfg.train.log_every_steps == 0:
                 log_train(job, state, meter, batch["stats"])
                 meter = Meter()
+            if stop_requested is not None and D.any_true(stop_requested(), job.device):
+                save(job, state)
+                return stop(job, state, "stop requested (preemption or time limit)", True)
             if stop_at is not None and state.step >= stop_at:
                 save(job, state)
                 return stop(job, state, f"stopped after {cfg.train.stop_after_steps} steps")
@@ -151,8 +161,9 @@ def train_step(job: Job, batch: dict) -> dict[str, float] | None:
     key = "image" if "image" in batch else "fundus"
     x, y = batch[key], batch["label" if key == "image" else "fundus_label"].to(device)
     x = x.to(device, dtype=_param_dtype(engine), non_blocking=True)
-    logits, sims = engine(x)
-    out = _loss(job, logits, sims, y, batch)
+    fused = job.loss_impl == "triton" and _needs_teacher(job.cfg)
+    logits, sims = engine(x, return_embeddings=True) if fused else engine(x)
+    out = _fused_loss(job, logits, sims, y, batch) if fused else _loss(job, logits, sims, y, batch)
     if not D.all_true(bool(torch.isfinite(out.total)), device):
         return None
     engine.backward(out.total)
@@ -176,6 +187,43 @@ def _loss(job: Job, logits, sims, y, batch: dict) -> LossOutput:
         xo = batch["oct"].to(job.device, non_blocking=True)
         zo, so = job.teacher(xo)
     return distill_loss(cfg.loss, logits, sims, y, zo, so, batch["oct_label"].to(job.device))
+
+
+def _fused_loss(job: Job, logits, emb, y, batch: dict) -> LossOutput:
+    """The same loss from embeddings, with the fused Triton kernel (loss.impl)."""
+    from multieye_dist.kernels import octcoda_loss_fused
+
+    zo, eo = job.teacher.embeddings(batch["oct"].to(job.device, non_blocking=True))
+    c = job.cfg.loss
+    return octcoda_loss_fused(
+        logits,
+        emb,
+        y,
+        zo,
+        eo,
+        batch["oct_label"].to(job.device),
+        job.engine.module.concepts,
+        alpha=c.alpha,
+        beta=c.beta,
+        temperature=c.temperature,
+        impl="triton",
+    )
+
+
+def resolve_loss_impl(loss: LossConfig, device: torch.device) -> str:
+    """``loss.impl`` to "triton" or "torch". The kernel computes the paper variant with the
+    local contrastive scope; anything else runs in PyTorch (auto) or is an error (triton)."""
+    from multieye_dist.kernels import resolve_impl
+
+    impl = resolve_impl(loss.impl, device)
+    if impl == "triton" and (loss.variant != "paper" or loss.contrastive_scope != "local"):
+        if loss.impl == "triton":
+            raise ValueError(
+                f"loss.impl=triton computes loss.variant=paper with loss.contrastive_scope=local "
+                f"(got {loss.variant}, {loss.contrastive_scope}); use loss.impl=torch or auto"
+            )
+        return "torch"
+    return impl
 
 
 def distill_loss(loss: LossConfig, zf, sf, yf, zo, so, yo) -> LossOutput:
@@ -322,6 +370,7 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
         tracker,
         sentences,
         modality,
+        loss_impl=resolve_loss_impl(cfg.loss, device) if _needs_teacher(cfg) else "torch",
         usable_batches=steps_per_epoch * cfg.optim.grad_accum,
     )
     logger.info(
@@ -523,10 +572,10 @@ def _fp32_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).float()
 
 
-def stop(job: Job, state: TrainState, reason: str) -> dict[str, Any]:
+def stop(job: Job, state: TrainState, reason: str, preempted: bool = False) -> dict[str, Any]:
     logger.info("%s at step %d; resume with train.resume=auto", reason, state.step)
     job.tracker.finish()
-    return {"stopped": True, "step": state.step, "reason": reason}
+    return {"stopped": True, "preempted": preempted, "step": state.step, "reason": reason}
 
 
 def finish(job: Job, state: TrainState) -> dict[str, Any]:

@@ -26,6 +26,57 @@ def fresh_root(synth_root, tmp_path) -> Path:
     return root
 
 
+# ----------------------------------------------------------------- training runs
+
+
+@pytest.fixture(scope="session")
+def shards(synth_root, tmp_path_factory) -> Path:
+    """The synthetic dataset as 32 px shards, for training runs."""
+    from multieye_dist.data.preprocess import Preprocess
+    from multieye_dist.data.shards import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("train") / "shards"
+    opts = ConvertOptions(shard_samples=20, workers=2, preprocess=Preprocess(image_size=32))
+    convert(synth_root, out, opts, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """An (untrained) OCT teacher export: distillation only needs a frozen model to read."""
+    import torch
+
+    from multieye_dist.checkpoint import export_inference
+    from multieye_dist.concepts import load_bank
+    from multieye_dist.model import ConceptModel, ModelConfig
+
+    bank, sentences, _ = load_bank(
+        Path(__file__).resolve().parents[1] / "configs" / "concepts" / "minilm-l6.safetensors"
+    )
+    cfg = ModelConfig(backbone="test_resnet")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "best.safetensors"
+    export_inference(
+        path,
+        ConceptModel(cfg, bank),
+        cfg,
+        concept_sentences=sentences,
+        image_size=32,
+        extra={"modality": "oct"},
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def wandb_home(tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("wandb_home")
+    return {
+        "WANDB_DATA_DIR": str(home / "data"),
+        "WANDB_CACHE_DIR": str(home / "cache"),
+        "WANDB_CONFIG_DIR": str(home / "config"),
+    }
+
+
 def free_port() -> int:
     import socket
 

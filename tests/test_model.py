@@ -410,3 +410,20 @@ def test_param_groups_skip_frozen_and_no_weight_decay_names():
     no_decay, decay = param_groups(net, 0.1)
     assert {id(p) for p in no_decay["params"]} == {id(net.pos_embed), id(net.lin.bias)}
     assert {id(p) for p in decay["params"]} == {id(net.lin.weight)}
+
+
+def test_embeddings_give_the_same_logits_and_similarities():
+    """forward(return_embeddings=True) is what the fused loss reads: sims = emb C^T."""
+    from multieye_dist.model import FrozenTeacher
+
+    torch.manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(7, 16), dim=-1)
+    model = ConceptModel(ModelConfig(backbone="test_resnet"), bank).eval()
+    x = torch.randn(3, 3, 32, 32)
+    logits, sims = model(x)
+    logits2, emb = model(x, return_embeddings=True)
+    assert emb.shape == (3, 2, 16)
+    assert torch.allclose(logits, logits2, atol=1e-6)
+    assert torch.allclose(torch.einsum("bld,kd->blk", emb, bank), sims, atol=1e-5)
+    zt, et = FrozenTeacher(model).embeddings(x)
+    assert torch.allclose(et, emb) and not et.requires_grad and not zt.requires_grad

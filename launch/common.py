@@ -1,0 +1,69 @@
+"""Command-line options shared by launch/submit.py and launch/sweep.py."""
+
+from __future__ import annotations
+
+import argparse
+
+from multieye_dist.cluster import SlurmOptions
+
+
+def add_slurm_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Slurm resources (per job, or per array task)")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=0, help="one task (rank) per GPU")
+    g.add_argument(
+        "--tasks-per-node", type=int, default=None, help="default: --gpus-per-node, or 1 on CPU"
+    )
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint")
+    g.add_argument("--time", type=int, default=60, help="minutes")
+    g.add_argument("--mem", type=float, default=None, help="GB per node")
+    g.add_argument("--cpus-per-task", type=int, default=1)
+    g.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        help="seconds before the time limit at which Slurm sends SIGUSR2",
+    )
+    g.add_argument(
+        "--max-requeues",
+        type=int,
+        default=3,
+        help="requeues after preemption or time limit before giving up",
+    )
+    g.add_argument(
+        "--local",
+        action="store_true",
+        help="run through submitit's local executor instead of Slurm",
+    )
+    g.add_argument("--wait", action="store_true", help="wait for the job(s) and report")
+
+
+def slurm_options(args: argparse.Namespace, job_name: str) -> SlurmOptions:
+    for name in ("nodes", "time", "cpus_per_task"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if args.gpus_per_node < 0 or args.max_requeues < 0:
+        raise ValueError("--gpus-per-node and --max-requeues must be >= 0")
+    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
+    if args.gpus_per_node and tasks != args.gpus_per_node:
+        raise ValueError(
+            f"--tasks-per-node={tasks} with --gpus-per-node={args.gpus_per_node}: one task per "
+            "GPU, so every GPU has the rank that owns it"
+        )
+    return SlurmOptions(
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        time_min=args.time,
+        nodes=args.nodes,
+        tasks_per_node=tasks,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem,
+        job_name=job_name,
+        signal_delay_s=args.signal_delay,
+    )

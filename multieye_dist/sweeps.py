@@ -1,0 +1,190 @@
+"""W&B sweep files: validation, deterministic offline expansion, and the summary of a sweep.
+
+A sweep file is a standard W&B sweep configuration (``method``: grid, random or bayes;
+``metric``: name and goal; ``parameters``). Parameter names are our dotted config keys
+(``optim.lr``), so a run is the base config plus one override per parameter.
+
+Offline (no account, or no network on the compute nodes), grid and random sweeps are expanded
+here, deterministically: grid in the order of the file, random from ``seed``. Bayes needs the
+W&B server. Only YAML (``yaml.safe_load``) is read; no pickle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from multieye_dist.config import ConfigError, load_config
+
+METHODS = ("grid", "random", "bayes")
+GOALS = ("maximize", "minimize")
+# Distributions expanded offline (W&B's names); others need the W&B server.
+OFFLINE_DISTRIBUTIONS = ("uniform", "log_uniform_values", "int_uniform", "q_uniform", "normal")
+
+
+class SweepError(ValueError):
+    """The sweep file is not a valid W&B sweep (the message names the file and key)."""
+
+
+def load_sweep(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SweepError(f"{path}: cannot read the sweep file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SweepError(f"{path}: invalid YAML: {exc}") from None
+    validate(spec, str(path))
+    return spec
+
+
+def validate(spec: Any, where: str) -> None:
+    if not isinstance(spec, dict):
+        raise SweepError(f"{where}: a sweep file is a mapping (method, metric, parameters)")
+    method = spec.get("method")
+    if method not in METHODS:
+        raise SweepError(f"{where}: method={method!r}: choose one of {', '.join(METHODS)}")
+    metric = spec.get("metric")
+    if not isinstance(metric, dict) or not isinstance(metric.get("name"), str):
+        raise SweepError(f"{where}: metric must be a mapping with a name (e.g. dev/f1)")
+    if metric.get("goal", "maximize") not in GOALS:
+        raise SweepError(f"{where}: metric.goal={metric.get('goal')!r}: maximize or minimize")
+    params = spec.get("parameters")
+    if not isinstance(params, dict) or not params:
+        raise SweepError(f"{where}: parameters must be a non-empty mapping")
+    for name, p in params.items():
+        key = f"{where}: parameters.{name}"
+        if not isinstance(p, dict):
+            raise SweepError(f"{key}: expected a mapping (values, value, distribution, ...)")
+        if "values" in p and (not isinstance(p["values"], list) or not p["values"]):
+            raise SweepError(f"{key}.values: expected a non-empty list")
+        if not ({"values", "value", "min", "max", "distribution"} & set(p)):
+            raise SweepError(f"{key}: give values, value, or a distribution with min/max")
+        if method == "grid" and not ({"values", "value"} & set(p)):
+            raise SweepError(f"{key}: a grid sweep needs values or value for every parameter")
+
+
+def _distribution(p: dict) -> str:
+    if "distribution" in p:
+        return str(p["distribution"])
+    if "values" in p:
+        return "categorical"
+    if "value" in p:
+        return "constant"
+    both_int = isinstance(p.get("min"), int) and isinstance(p.get("max"), int)
+    return "int_uniform" if both_int else "uniform"  # W&B's inference from min/max
+
+
+def _sample(name: str, p: dict, rng: np.random.Generator) -> Any:
+    kind = _distribution(p)
+    if kind == "categorical":
+        return p["values"][int(rng.integers(len(p["values"])))]
+    if kind == "constant":
+        return p["value"]
+    if kind not in OFFLINE_DISTRIBUTIONS:
+        raise SweepError(
+            f"parameters.{name}: distribution {kind!r} needs the W&B server "
+            f"(offline: {', '.join(OFFLINE_DISTRIBUTIONS)}, values, value)"
+        )
+    if kind == "normal":
+        return float(rng.normal(p.get("mu", 0.0), p.get("sigma", 1.0)))
+    lo, hi = p.get("min"), p.get("max")
+    if lo is None or hi is None or not lo < hi:
+        raise SweepError(f"parameters.{name}: {kind} needs min < max, got {lo!r}, {hi!r}")
+    if kind == "int_uniform":
+        return int(rng.integers(int(lo), int(hi) + 1))
+    if kind == "log_uniform_values":
+        if lo <= 0:
+            raise SweepError(f"parameters.{name}: log_uniform_values needs min > 0")
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    x = float(rng.uniform(lo, hi))
+    if kind == "q_uniform":
+        q = p.get("q", 1.0)
+        x = round(x / q) * q
+    return x
+
+
+def expand(spec: dict, count: int | None, seed: int = 0) -> list[dict[str, Any]]:
+    """The runs of an offline sweep: one {dotted key: value} per run."""
+    params = spec["parameters"]
+    if spec["method"] == "bayes":
+        raise SweepError(
+            "method bayes needs the W&B server: run the sweep online, or use grid or random offline"
+        )
+    if spec["method"] == "grid":
+        names = list(params)
+        choices = [
+            params[n]["values"] if "values" in params[n] else [params[n]["value"]] for n in names
+        ]
+        runs = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*choices)]
+        return runs[:count] if count else runs
+    if not count:
+        raise SweepError("a random sweep needs --count (how many runs to draw)")
+    rng = np.random.default_rng(seed)
+    return [{n: _sample(n, p, rng) for n, p in params.items()} for _ in range(count)]
+
+
+def overrides_for(run: dict[str, Any]) -> list[str]:
+    return [f"{k}={json.dumps(v) if isinstance(v, str | list) else v}" for k, v in run.items()]
+
+
+def check_runs(config: Path | None, base: list[str], runs: list[dict]) -> None:
+    """Every run's config resolves (names, types, ranges), before anything is submitted."""
+    for i, run in enumerate(runs):
+        try:
+            load_config(config, [*base, *overrides_for(run)])
+        except ConfigError as exc:
+            raise SweepError(f"run {i} ({run}): {exc}") from None
+
+
+def summarize(sweep_dir: Path) -> tuple[dict, list[dict]]:
+    """(manifest, rows best first): each run's final value of the sweep's metric, from its
+    metrics.jsonl (the last value logged), or None when the run has not logged it (yet)."""
+    from multieye_dist.tracking import read_metrics
+
+    sweep_dir = Path(sweep_dir)
+    manifest_path = sweep_dir / "sweep.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: not a sweep directory (no sweep.json)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    metric, goal = manifest["metric"]["name"], manifest["metric"].get("goal", "maximize")
+    runs = manifest["runs"] or [  # online sweeps: the runs the agents were handed
+        json.loads(f.read_text(encoding="utf-8"))
+        for f in sorted((sweep_dir / "agents").glob("*.json"))
+    ]
+    rows = []
+    for run in runs:
+        run_dir = Path(run["out_dir"])
+        value, step = None, None
+        if (run_dir / "metrics.jsonl").is_file():
+            for rec in read_metrics(run_dir):
+                if metric in rec:
+                    value, step = rec[metric], rec["step"]
+        rows.append({**run, "value": value, "step": step})
+    sign = -1.0 if goal == "maximize" else 1.0
+    rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0.0)))
+    return manifest, rows
+
+
+def format_summary(manifest: dict, rows: list[dict]) -> str:
+    metric = manifest["metric"]["name"]
+    names = list(rows[0]["params"]) if rows else []
+    head = f"{'run':<10}{metric:>12}{'step':>8}  " + "  ".join(names)
+    lines = [
+        f"sweep {manifest['name']} ({manifest['method']}, {metric} "
+        f"{manifest['metric'].get('goal', 'maximize')}), {len(rows)} runs",
+        head,
+    ]
+    for r in rows:
+        v = "-" if r["value"] is None else f"{r['value']:.4f}"
+        params = "  ".join(f"{r['params'][n]}" for n in names)
+        lines.append(
+            f"{r['name']:<10}{v:>12}{r['step'] if r['step'] is not None else '-':>8}  {params}"
+        )
+    return "\n".join(lines)

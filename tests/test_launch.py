@@ -1,0 +1,232 @@
+"""launch/submit.py and launch/sweep.py on the real single-node Slurm cluster: a 2-task DeepSpeed
+job, a job preempted by Slurm's warning signal that requeues and resumes, an offline sweep array,
+and bad input refused before anything is queued."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import _losses
+
+from multieye_dist.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 16  # 2 epochs x 128 samples / 2 ranks / batch 8
+
+
+def _tiny(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train.stage=distill", "loss.name=fundus-only", "model.backbone=test_resnet",
+        f"data.shards={shards}", "data.image_size=32", "data.batch_size=8",
+        "data.samples_per_epoch=128", "train.epochs=2", f"train.out_dir={out}",
+        "train.log_every_steps=1", "train.progress=false", *extra,
+    ]  # fmt: skip
+
+
+def _launch(script: str, *args: str, env: dict, timeout: float = 300):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / script), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**__import__("os").environ, **env},
+    )  # fmt: skip
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+
+
+def _sacct(job_id: str) -> str:
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True
+    ).stdout.split()
+    return out[0] if out else ""
+
+
+def _until(what: str, predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def two_task_job(slurm_cluster, shards, wandb_home, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("submit") / "run"
+    proc = _launch(
+        "submit.py",
+        "--config",
+        "configs/demo.yaml",
+        "--tasks-per-node",
+        "2",
+        "--partition",
+        slurm_cluster.partition,
+        "--time",
+        "10",
+        "--wait",
+        *_tiny(shards, out),
+        env=wandb_home,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert re.search(r"submitted job \d+: 1 node\(s\) x 2 task\(s\)", proc.stdout)
+    assert "logs: " in proc.stdout and str(out) in proc.stdout
+    return out
+
+
+def test_two_task_deepspeed_job_finishes_and_writes_its_metrics(two_task_job):
+    assert _steps(two_task_job) == list(range(1, STEPS + 1))
+    summary = json.loads((two_task_job / "summary.json").read_text())
+    assert summary["step"] == STEPS and "test/best/f1" in summary
+    assert (two_task_job / "config.yaml").is_file()
+    logs = sorted(p.name for p in (two_task_job / "slurm").glob("*_log.err"))
+    assert len(logs) == 2  # one per task (rank)
+    err = "".join(p.read_text() for p in (two_task_job / "slurm").glob("*_0_log.err"))
+    assert "2 rank(s) on cpu" in err
+
+
+def test_preempted_job_saves_requeues_and_resumes_without_losing_a_step(
+    two_task_job,
+    slurm_cluster,
+    shards,
+    wandb_home,
+    tmp_path,
+):
+    """SIGUSR2 (what Slurm sends before a time limit or preemption) mid-run: every rank saves at
+    the same step, the job is requeued, and it resumes there in the same W&B run, ending at the
+    uninterrupted job's step count with the same losses."""
+    out = tmp_path / "run"
+    proc = _launch(
+        "submit.py",
+        "--config",
+        "configs/demo.yaml",
+        "--tasks-per-node",
+        "2",
+        "--partition",
+        slurm_cluster.partition,
+        "--time",
+        "10",
+        *_tiny(shards, out),
+        env=wandb_home,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    _until(
+        "3 training steps",
+        lambda: (out / "metrics.jsonl").is_file() and len(_steps(out)) >= 3,
+        timeout=180,
+    )
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    _until(
+        "the requeued job to finish",
+        lambda: _sacct(job_id) == "COMPLETED" and (out / "summary.json").is_file(),
+        timeout=300,
+    )
+
+    show = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    assert "Restarts=1" in show.stdout
+    steps = _steps(out)
+    assert steps == list(range(1, STEPS + 1))  # none lost, none repeated
+    expected = _losses(two_task_job)
+    for step, loss in _losses(out).items():
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    assert len(list(out.glob(f"wandb/offline-run-*-{run_id}*"))) == 2
+    err = "".join(p.read_text() for p in (out / "slurm").glob(f"{job_id}_0_log.err"))
+    assert "stop requested" in err and "resumed from" in err
+
+
+def test_offline_sweep_array_runs_every_run_and_summarizes(
+    slurm_cluster, shards, wandb_home, tmp_path
+):
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(
+        "method: grid\nmetric: {name: dev/f1, goal: maximize}\n"
+        "parameters:\n  optim.lr: {values: [0.001, 0.003]}\n  loss.alpha: {values: [0.3, 0.6]}\n"
+    )
+    out = tmp_path / "sweep"
+    base = _tiny(shards, tmp_path / "unused", "train.epochs=1", "data.samples_per_epoch=32")
+    base = [o for o in base if not o.startswith("train.out_dir")]
+    proc = _launch(
+        "sweep.py",
+        "--sweep",
+        str(sweep),
+        "--config",
+        "configs/demo.yaml",
+        "--out",
+        str(out),
+        "--partition",
+        slurm_cluster.partition,
+        "--time",
+        "10",
+        "--wait",
+        *base,
+        env=wandb_home,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "submitted 4 run(s)" in proc.stdout
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert len({j.split("_")[0] for j in manifest["job_ids"]}) == 1  # one array
+    summary = _launch("sweep.py", "--summary", str(out), env={})
+    assert summary.returncode == 0, summary.stderr
+    rows = [ln for ln in summary.stdout.splitlines() if ln.startswith("run-")]
+    assert len(rows) == 4
+    values = [float(ln.split()[1]) for ln in rows]
+    assert values == sorted(values, reverse=True)  # best first
+    params = {tuple(r["params"].values()) for r in manifest["runs"]}
+    assert params == {(0.001, 0.3), (0.001, 0.6), (0.003, 0.3), (0.003, 0.6)}
+
+
+def _queue() -> str:
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("submit.py", ["--partition", "nosuchpartition"], "invalid partition"),
+        ("submit.py", ["--nodes", "3"], "node configuration is not available"),
+        ("submit.py", ["--gpus-per-node", "2", "--tasks-per-node", "1"], "one task per GPU"),
+        ("submit.py", ["optim.lr=-1"], "optim.lr=-1.0: must be > 0"),
+        ("sweep.py", ["--sweep", "SWEEP", "--partition", "nosuchpartition"], "invalid partition"),
+        ("sweep.py", ["--sweep", "BADSWEEP"], "method='sideways'"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_queued(
+    script, args, message, slurm_cluster, shards, tmp_path
+):
+    (tmp_path / "s.yaml").write_text(
+        "method: grid\nmetric: {name: dev/f1}\nparameters:\n  optim.lr: {values: [0.001]}\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "method: sideways\nmetric: {name: dev/f1}\nparameters:\n  optim.lr: {values: [1]}\n"
+    )
+    args = [
+        {"SWEEP": str(tmp_path / "s.yaml"), "BADSWEEP": str(tmp_path / "b.yaml")}.get(a, a)
+        for a in args
+    ]
+    before = _queue()
+    over = [
+        o
+        for o in _tiny(shards, tmp_path / "run")
+        if script == "submit.py" or not o.startswith("train.out_dir")
+    ]
+    extra = ["--out", str(tmp_path / "sw")] if script == "sweep.py" else []
+    proc = _launch(script, "--config", "configs/demo.yaml", *extra, *args, *over, env={})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert _queue() == before  # nothing submitted
+    assert not (tmp_path / "sw" / "sweep.json").exists()
+
+
+def test_missing_config_file_is_named(slurm_cluster, tmp_path):
+    proc = _launch("submit.py", "--config", str(tmp_path / "nope.yaml"), env={})
+    assert proc.returncode == 2 and "nope.yaml: no such file" in proc.stderr
