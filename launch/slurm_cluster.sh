@@ -152,6 +152,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=1,batch_sched_delay=0,sched_min_interval=100000
+# Refuse at submission what the partition can never run (too many nodes or CPUs), as
+# production clusters usually do, instead of queueing it as pending forever.
+EnforcePartLimits=ALL
 # Jobs may be requeued (scontrol requeue; submitit on preemption and timeout).
 JobRequeue=1
 ReturnToService=2

@@ -193,7 +193,7 @@ def _queue() -> str:
     "script,args,message",
     [
         ("submit.py", ["--partition", "nosuchpartition"], "invalid partition"),
-        ("submit.py", ["--nodes", "3"], "node configuration is not available"),
+        ("submit.py", ["--nodes", "3"], "More processors requested than permitted"),
         ("submit.py", ["--gpus-per-node", "2", "--tasks-per-node", "1"], "one task per GPU"),
         ("submit.py", ["optim.lr=-1"], "optim.lr=-1.0: must be > 0"),
         ("sweep.py", ["--sweep", "SWEEP", "--partition", "nosuchpartition"], "invalid partition"),
