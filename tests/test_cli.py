@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -8,13 +11,31 @@ from multieye_dist import __version__
 from multieye_dist.cli import main, parse_size
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_end_to_end(tmp_path, wandb_home):
+    """The main command, shrunk (tiny model, a few steps), as a user runs it: a subprocess."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--per-class", "3", "--image-size", "32"]) == 0
-    printed = capsys.readouterr().out
+    cmd = [
+        sys.executable, "-m", "multieye_dist.cli", "demo", "--out", str(out),
+        "--per-class", "4", "--image-size", "32", "model.backbone=test_resnet",
+        "data.samples_per_epoch=64", "train.epochs=2", "data.batch_size=8",
+    ]  # fmt: skip
+    env = {**os.environ, **wandb_home}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    printed = proc.stdout
     assert "verify: OK" in printed
     manifest = json.loads((out / "shards" / "fundus-train.manifest.json").read_text())
-    assert manifest["num_samples"] == 27
+    assert manifest["num_samples"] == 36
+    table = printed[printed.index("Test split") :]
+    for row in ("teacher (OCT)", "fundus-only", "OCT-CoDA"):
+        assert row in table
+    assert "concepts for" in printed and "weight x similarity" in printed
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert {s["step"] for s in comparison.values()} == {16}  # same steps for every run
+    for run in ("teacher", "fundus-only", "octcoda"):
+        assert (out / run / "best.safetensors").is_file()
 
 
 def test_version(capsys):
