@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_slurm_options, slurm_options  # noqa: E402
 
 from multieye_dist import sweeps  # noqa: E402
+from multieye_dist.atomic import write_text  # noqa: E402
 from multieye_dist.cluster import (  # noqa: E402
     AgentTask,
     SubmissionError,
@@ -53,13 +53,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_slurm_options(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run")
     return p.parse_args(argv)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def plan(args: argparse.Namespace) -> tuple[dict, Path, list[dict]]:
@@ -128,7 +121,7 @@ def submit(args: argparse.Namespace) -> int:
         print(f"sweep: the scheduler refused the array: {exc}", file=sys.stderr)
         return 2
     manifest["job_ids"] = [j.job_id for j in jobs]
-    _write_json(out / "sweep.json", manifest)
+    write_text(out / "sweep.json", json.dumps(manifest, indent=1))
     print(
         f"submitted {len(jobs)} run(s) of sweep {args.sweep.stem} ({args.mode}) as array "
         f"{jobs[0].job_id.split('_')[0]}; directory {out}; logs in {out / 'slurm'}"

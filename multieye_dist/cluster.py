@@ -84,7 +84,7 @@ def make_executor(folder: Path, cluster: str | None, opts: SlurmOptions):
 
 
 def detect_cluster() -> str:
-    """"slurm" when a Slurm controller answers, else "local". (submitit's own test, srun on
+    """ "slurm" when a Slurm controller answers, else "local". (submitit's own test, srun on
     PATH, picks Slurm on any machine with the client package installed, even without a
     cluster.)"""
     import shutil
@@ -262,10 +262,9 @@ class AgentTask:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "wandb_run_id.txt").write_text(run_id + "\n", encoding="utf-8")
             record = {"name": run_id, "params": params, "out_dir": str(out_dir)}
-            tmp = handoff.with_suffix(".tmp")
-            handoff.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(record), encoding="utf-8")
-            os.replace(tmp, handoff)
+            from multieye_dist.atomic import write_text
+
+            write_text(handoff, json.dumps(record))
         deadline = time.monotonic() + 900
         while not handoff.is_file():  # other ranks: wait for rank 0's agent step
             if time.monotonic() > deadline:

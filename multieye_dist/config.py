@@ -26,8 +26,6 @@ that file back gives an equal :class:`Config`. Only ``yaml.safe_load``/``safe_du
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -36,6 +34,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from multieye_dist.atomic import write_text
 from multieye_dist.model import ModelConfig
 
 __all__ = [
@@ -510,14 +509,5 @@ def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
     text = "# resolved config (multieye_dist.config)\n" + yaml.safe_dump(
         to_dict(cfg), sort_keys=False
     )
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.", suffix=".yaml.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(target, text)
     return target

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from multieye_dist.atomic import write_text
 from multieye_dist.config import DeepSpeedConfig, OptimConfig
 from multieye_dist.distributed import DistEnv, backend_for, barrier, export
 from multieye_dist.model import param_groups
@@ -173,26 +174,14 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict[str, Any]) -> Path:
     """Collective: every rank writes its part; `latest` moves to `tag` once all are done."""
     ckpt_dir = Path(ckpt_dir)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={}, save_latest=False)
     barrier()
     if engine.global_rank == 0:
-        _write_atomic(ckpt_dir / tag / STATE_FILE, json.dumps(state, indent=1))
-        _write_atomic(ckpt_dir / LATEST, tag)
+        write_text(ckpt_dir / tag / STATE_FILE, json.dumps(state, indent=1))
+        write_text(ckpt_dir / LATEST, tag)
         logger.info("checkpoint %s saved (step %s)", ckpt_dir / tag, state.get("step"))
     barrier()
     return ckpt_dir / tag

@@ -33,12 +33,13 @@ import os
 import re
 import secrets
 import string
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+from multieye_dist.atomic import write_text
 
 if TYPE_CHECKING:
     from multieye_dist.config import WandbConfig
@@ -73,21 +74,6 @@ class TrackerError(RuntimeError):
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Temp file in the same directory + fsync + ``os.replace``: a reader (or a job restarted
-    after a crash) sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _new_run_id() -> str:
     # 8 characters of [a-z0-9], like wandb's own ids, without importing wandb.
     return "".join(secrets.choice(_RUN_ID_ALPHABET) for _ in range(8))
@@ -113,7 +99,7 @@ def _resolve_run_id(run_dir: Path, explicit: str | None) -> str:
             )
     run_id = explicit or persisted or _new_run_id()
     if run_id != persisted:
-        _atomic_write_text(path, run_id + "\n")
+        write_text(path, run_id + "\n")
     return run_id
 
 
@@ -476,7 +462,7 @@ class Tracker:
             if not isinstance(merged, dict):
                 merged = {}
         merged.update(values)
-        _atomic_write_text(path, json.dumps(merged, indent=2, allow_nan=True) + "\n")
+        write_text(path, json.dumps(merged, indent=2, allow_nan=True) + "\n")
         if self._run is not None:
             self._run.summary.update(values)
 

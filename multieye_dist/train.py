@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from multieye_dist import distributed as D
 from multieye_dist import engine as E
+from multieye_dist.atomic import write_text
 from multieye_dist.checkpoint import export_inference, load_inference
 from multieye_dist.concepts import load_bank
 from multieye_dist.config import Config, LossConfig, save_resolved, to_dict
@@ -526,8 +527,7 @@ def _evaluate(job: Job, model: torch.nn.Module, split: str) -> dict | None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    E._write_atomic(path, json.dumps(obj, indent=1))
+    write_text(path, json.dumps(obj, indent=1))
 
 
 # ----------------------------------------------------------------------------- saving
