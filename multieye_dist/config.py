@@ -46,6 +46,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "PerfConfig",
     "TeacherConfig",
     "TrainConfig",
     "WandbConfig",
@@ -278,6 +279,18 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
+class PerfConfig(_Section):
+    """The fast path of the step (BENCHMARKS.md, "The distillation step"); each switch is
+    measured by benchmarks/step.py. Off switches give the plain eager step."""
+
+    _key: ClassVar[str] = "perf"
+    channels_last: bool = True  # NHWC activations: tensor-core convolutions without transposes
+    compile: bool = False  # torch.compile of the student (DeepSpeed's engine.compile) and teacher
+    teacher_inference_mode: bool = True  # teacher under inference_mode (outputs cloned out)
+    prefetch: bool = True  # copy the next batch to the GPU on a side stream during the step
+
+
+@dataclass(frozen=True)
 class DeepSpeedConfig(_Section):
     _key: ClassVar[str] = "deepspeed"
     zero_stage: Literal[0, 1, 2] = 1
@@ -310,6 +323,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -332,6 +346,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "deepspeed": DeepSpeedConfig,
     "wandb": WandbConfig,
+    "perf": PerfConfig,
 }
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in _SECTIONS.items()}
 _FIELDS = {name: [f.name for f in fields(cls)] for name, cls in _SECTIONS.items()}

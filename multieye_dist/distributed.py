@@ -129,6 +129,14 @@ def all_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True if `t` is finite on every rank: one all-reduce on the device, one host sync."""
+    flag = torch.isfinite(t).all().to(torch.float32).reshape(1)
+    if initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
 def any_true(flag: bool, device: torch.device) -> bool:
     """True if `flag` is true on some rank."""
     return not all_true(not flag, device)

@@ -312,6 +312,7 @@ class FrozenTeacher(nn.Module):
         *,
         train_level2: bool = False,
         dtype: torch.dtype | None = None,
+        inference_mode: bool = False,
     ):
         super().__init__()
         if not isinstance(model, ConceptModel):
@@ -321,6 +322,9 @@ class FrozenTeacher(nn.Module):
         self.model = model
         self.train_level2 = bool(train_level2)
         self.dtype = dtype
+        # inference_mode skips autograd's bookkeeping entirely (faster than no_grad); its
+        # outputs are cloned out of it so the loss may save them for backward.
+        self.inference_mode = bool(inference_mode) and not self.train_level2
         for p in model.parameters():
             p.requires_grad_(False)
         if self.train_level2:
@@ -340,6 +344,10 @@ class FrozenTeacher(nn.Module):
         return torch.autocast(device_type=x.device.type, dtype=self.dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.inference_mode:
+            with torch.inference_mode(), self._autocast(x):
+                logits, sims = self.model(x)
+            return logits.clone(), sims.clone()
         m = self.model
         with self._autocast(x):
             # no_grad, not inference_mode: tensors made under inference_mode are "inference
@@ -356,6 +364,10 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def embeddings(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, [v, u] [B, 2, D]) for the fused loss; always constants."""
+        if self.inference_mode:
+            with torch.inference_mode(), self._autocast(x):
+                logits, emb = self.model(x, return_embeddings=True)
+            return logits.clone(), emb.clone()
         with self._autocast(x):
             return self.model(x, return_embeddings=True)
 

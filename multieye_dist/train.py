@@ -32,6 +32,7 @@ from multieye_dist.atomic import write_text
 from multieye_dist.checkpoint import export_inference, load_inference
 from multieye_dist.concepts import load_bank
 from multieye_dist.config import Config, LossConfig, save_resolved, to_dict
+from multieye_dist.data.prefetch import DevicePrefetcher
 from multieye_dist.data.stream import PairedTrainStream, ShardSet, StreamConfig, make_loader
 from multieye_dist.evaluation import evaluate_split
 from multieye_dist.losses import LossOutput, compute_loss
@@ -67,18 +68,21 @@ class TrainState:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+TERMS = ("loss", "cls", "prototype", "contrastive", "gate_open")
+
+
 @dataclass
 class Meter:
-    """Sums over the steps since the last log line."""
+    """Sums of the loss terms since the last log line, kept on the device: reading a loss to
+    the host every step would stall the GPU pipeline (one sync per log line instead)."""
 
-    sums: dict[str, float] = field(default_factory=dict)
+    sums: torch.Tensor | None = None
     steps: int = 0
     samples: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, values: dict[str, float], samples: int) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+    def add(self, terms: torch.Tensor, samples: int) -> None:
+        self.sums = terms.double() if self.sums is None else self.sums + terms.double()
         self.steps += 1
         self.samples += samples
 
@@ -153,29 +157,26 @@ def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dic
     return finish(job, state)
 
 
-def train_step(job: Job, batch: dict) -> dict[str, float] | None:
+def train_step(job: Job, batch: dict) -> torch.Tensor | None:
     """Forward, loss, backward and (at accumulation boundaries) the optimizer step. Returns the
-    loss terms, or None when the loss was not finite on some rank (nothing is applied then)."""
+    loss terms (:data:`TERMS`, on the device), or None when the loss was not finite on some rank
+    (nothing is applied then)."""
     engine, device = job.engine, job.device
     torch.manual_seed(_step_seed(job, engine.global_steps))  # dropout etc.: a function of step
     # Unpaired batches (teacher, fundus-only) carry image/label; paired ones fundus/oct.
     key = "image" if "image" in batch else "fundus"
     x, y = batch[key], batch["label" if key == "image" else "fundus_label"].to(device)
-    x = x.to(device, dtype=_param_dtype(engine), non_blocking=True)
+    fmt = torch.channels_last if job.cfg.perf.channels_last else torch.contiguous_format
+    x = x.to(device, dtype=_param_dtype(engine), memory_format=fmt, non_blocking=True)
     fused = job.loss_impl == "triton" and _needs_teacher(job.cfg)
     logits, sims = engine(x, return_embeddings=True) if fused else engine(x)
     out = _fused_loss(job, logits, sims, y, batch) if fused else _loss(job, logits, sims, y, batch)
-    if not D.all_true(bool(torch.isfinite(out.total)), device):
+    if not D.all_finite(out.total):  # the step's one host sync (the gate has its own)
         return None
     engine.backward(out.total)
     engine.step()
-    return {
-        "loss": out.total.item(),
-        "cls": out.cls.item(),
-        "prototype": out.prototype.item(),
-        "contrastive": out.contrastive.item(),
-        "gate_open": float(out.gated),
-    }
+    gate = torch.ones((), device=out.total.device) if out.gated else out.total.new_zeros(())
+    return torch.stack([out.total, out.cls, out.prototype, out.contrastive, gate]).detach()
 
 
 def _loss(job: Job, logits, sims, y, batch: dict) -> LossOutput:
@@ -184,9 +185,7 @@ def _loss(job: Job, logits, sims, y, batch: dict) -> LossOutput:
         return teacher_loss(logits, sims, y, job.engine.module, cfg.teacher.train_level2)
     if cfg.loss.name == "fundus-only":
         return compute_loss("fundus-only", student_logits=logits, student_labels=y)
-    with torch.no_grad():
-        xo = batch["oct"].to(job.device, non_blocking=True)
-        zo, so = job.teacher(xo)
+    zo, so = job.teacher(_teacher_input(job, batch["oct"]))
     return distill_loss(cfg.loss, logits, sims, y, zo, so, batch["oct_label"].to(job.device))
 
 
@@ -194,7 +193,7 @@ def _fused_loss(job: Job, logits, emb, y, batch: dict) -> LossOutput:
     """The same loss from embeddings, with the fused Triton kernel (loss.impl)."""
     from multieye_dist.kernels import octcoda_loss_fused
 
-    zo, eo = job.teacher.embeddings(batch["oct"].to(job.device, non_blocking=True))
+    zo, eo = job.teacher.embeddings(_teacher_input(job, batch["oct"]))
     c = job.cfg.loss
     return octcoda_loss_fused(
         logits,
@@ -264,6 +263,11 @@ def teacher_loss(
     return LossOutput(total=total, cls=cls, prototype=zero, contrastive=zero, gated=False)
 
 
+def _teacher_input(job: Job, x: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if job.cfg.perf.channels_last else torch.contiguous_format
+    return x.to(job.device, memory_format=fmt, non_blocking=True)
+
+
 def _step_seed(job: Job, step: int) -> int:
     return (job.cfg.train.seed * 1_000_003 + step) * 4099 + job.env.rank
 
@@ -272,7 +276,7 @@ def _param_dtype(engine) -> torch.dtype:
     return next(engine.module.parameters()).dtype
 
 
-def _count_nonfinite(job: Job, state: TrainState, values: dict | None) -> None:
+def _count_nonfinite(job: Job, state: TrainState, values: torch.Tensor | None) -> None:
     if values is not None:
         state.nonfinite_in_row = 0
         return
@@ -296,7 +300,7 @@ def _count_nonfinite(job: Job, state: TrainState, values: dict | None) -> None:
 
 def _progress(job: Job, epoch: int, skip: int):
     return tqdm(
-        job.loader,
+        DevicePrefetcher(job.loader, job.device, job.cfg.perf.prefetch),
         total=job.usable_batches - skip,
         desc=f"{job.cfg.train.stage} epoch {epoch + 1}/{job.cfg.train.epochs}",
         disable=not (job.env.is_main and job.cfg.train.progress),
@@ -329,6 +333,9 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     bank, sentences, _ = load_bank(resolve_path(cfg.concepts.bank))
     stage = cfg.train.stage
     stream, modality = build_stream(cfg, env)
+    # Student weights stay in the default layout: DeepSpeed broadcasts them as byte views and
+    # ZeRO keeps them as views of one flat buffer. perf.channels_last makes the inputs NHWC,
+    # which is what makes convolutions pick NHWC kernels.
     model = build_model(cfg.model, bank).to(device)
     _freeze_unreached(model, cfg)
     teacher = build_teacher(cfg, bank, device) if _needs_teacher(cfg) else None
@@ -348,6 +355,8 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
         steps_per_epoch=steps_per_epoch,
         epochs=cfg.train.epochs,
     )
+    if cfg.perf.compile:
+        engine.compile()  # DeepSpeed's wrapper around torch.compile of the student
     state = resume(engine, checkpoint)
     tracker = Tracker(
         cfg.wandb,
@@ -446,7 +455,16 @@ def build_teacher(cfg: Config, bank: torch.Tensor, device: torch.device) -> Froz
     logger.info(
         "teacher %s (%s, %d px)", path, meta["model_config"]["backbone"], meta["image_size"]
     )
-    return FrozenTeacher(model.to(device), dtype=_DTYPES[cfg.teacher.dtype])
+    model = model.to(device)
+    if cfg.perf.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.perf.compile:
+        model.backbone = torch.compile(model.backbone)  # never saved: no key renaming issue
+    return FrozenTeacher(
+        model,
+        dtype=_DTYPES[cfg.teacher.dtype],
+        inference_mode=cfg.perf.teacher_inference_mode,
+    )
 
 
 def resume(engine, path: Path | None) -> TrainState:
@@ -465,15 +483,18 @@ def resume(engine, path: Path | None) -> TrainState:
 
 def log_train(job: Job, state: TrainState, meter: Meter, stats: dict) -> None:
     """Mean loss terms over the interval and over ranks (one small all-reduce), rank 0 logs."""
-    keys = sorted(meter.sums)
-    vec = torch.tensor([meter.sums[k] for k in keys] + [meter.steps], dtype=torch.float64)
+    sums = meter.sums if meter.sums is not None else torch.zeros(len(TERMS), device=job.device)
+    vec = torch.cat(
+        [sums.double(), torch.tensor([float(meter.steps)], device=sums.device, dtype=torch.float64)]
+    )
     if D.world_size() > 1:
-        torch.distributed.all_reduce(vec)
+        torch.distributed.all_reduce(vec)  # on the device: NCCL reduces CUDA tensors only
     if not job.env.is_main:
         return
-    n = max(vec[-1].item(), 1.0)
+    host = vec.tolist()
+    n = max(host[-1], 1.0)
     elapsed = time.perf_counter() - meter.t0
-    values = {f"train/{k}": vec[i].item() / n for i, k in enumerate(keys)}
+    values = {f"train/{k}": host[i] / n for i, k in enumerate(TERMS)}
     values.update(
         {
             "train/lr": E.current_lr(job.engine),
