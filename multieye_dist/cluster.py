@@ -271,12 +271,11 @@ class AgentTask:
                 raise RuntimeError(f"no sweep run handed over in {handoff} after 15 min")
             time.sleep(2)
         record = json.loads(handoff.read_text(encoding="utf-8"))
+        from multieye_dist.sweeps import overrides_for
+
         overrides = [
             *self.overrides,
-            *(
-                f"{k}={json.dumps(v) if isinstance(v, str) else v}"
-                for k, v in record["params"].items()
-            ),
+            *overrides_for(record["params"]),
             f"train.out_dir={record['out_dir']}",
             "wandb.mode=online",
         ]

@@ -8,10 +8,10 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from test_slurm_cluster import _sacct_state, _until
 from test_train import _losses
 
 from multieye_dist.tracking import read_metrics
@@ -39,23 +39,6 @@ def _launch(script: str, *args: str, env: dict, timeout: float = 300):
 
 def _steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
-
-
-def _sacct(job_id: str) -> str:
-    out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True
-    ).stdout.split()
-    return out[0] if out else ""
-
-
-def _until(what: str, predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +109,7 @@ def test_preempted_job_saves_requeues_and_resumes_without_losing_a_step(
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     _until(
         "the requeued job to finish",
-        lambda: _sacct(job_id) == "COMPLETED" and (out / "summary.json").is_file(),
+        lambda: _sacct_state(job_id) == "COMPLETED" and (out / "summary.json").is_file(),
         timeout=300,
     )
 
