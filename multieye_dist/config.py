@@ -402,10 +402,12 @@ def _check_tree(tree: dict, where: Any) -> None:
                 )
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_dicts(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, recursively for nested mappings (neither is modified)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        both = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = merge_dicts(out[k], v) if both else v
     return out
 
 
@@ -449,7 +451,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str,
     _check_tree(tree, where)
     for sec, body in tree.items():
         sources.update({f"{sec}.{k}": where((sec, k)) for k in body})
-    return _merge(base_tree, tree), sources
+    return merge_dicts(base_tree, tree), sources
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -475,7 +477,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         for k in reversed(keys):
             layer = {k: layer}
         _check_tree(layer, lambda _p, text=text: f"override {text!r}")
-        tree = _merge(tree, layer)
+        tree = merge_dicts(tree, layer)
         sources.update({f"{keys[0]}.{k}": f"override {text!r}" for k in layer[keys[0]]})
 
     sections = {}

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from multieye_dist.atomic import write_text
-from multieye_dist.config import DeepSpeedConfig, OptimConfig
+from multieye_dist.config import DeepSpeedConfig, OptimConfig, merge_dicts
 from multieye_dist.distributed import DistEnv, backend_for, barrier, export
 from multieye_dist.model import param_groups
 from multieye_dist.schedule import lr_at
@@ -71,14 +71,7 @@ def ds_config(
         cfg["bf16"] = {"enabled": True}
     elif precision == "autocast-bf16":
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    return _merge(cfg, ds.extra)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return merge_dicts(cfg, ds.extra)
 
 
 def build_engine(

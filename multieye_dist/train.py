@@ -14,6 +14,7 @@ teacher is a :class:`FrozenTeacher` outside it. Rank 0 writes the run directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -166,8 +167,7 @@ def train_step(job: Job, batch: dict) -> torch.Tensor | None:
     # Unpaired batches (teacher, fundus-only) carry image/label; paired ones fundus/oct.
     key = "image" if "image" in batch else "fundus"
     x, y = batch[key], batch["label" if key == "image" else "fundus_label"].to(device)
-    fmt = torch.channels_last if job.cfg.perf.channels_last else torch.contiguous_format
-    x = x.to(device, dtype=_param_dtype(engine), memory_format=fmt, non_blocking=True)
+    x = _device_input(job, x, dtype=_param_dtype(engine))
     fused = job.loss_impl == "triton" and _needs_teacher(job.cfg)
     logits, sims = engine(x, return_embeddings=True) if fused else engine(x)
     out = _fused_loss(job, logits, sims, y, batch) if fused else _loss(job, logits, sims, y, batch)
@@ -185,7 +185,7 @@ def _loss(job: Job, logits, sims, y, batch: dict) -> LossOutput:
         return teacher_loss(logits, sims, y, job.engine.module, cfg.teacher.train_level2)
     if cfg.loss.name == "fundus-only":
         return compute_loss("fundus-only", student_logits=logits, student_labels=y)
-    zo, so = job.teacher(_teacher_input(job, batch["oct"]))
+    zo, so = job.teacher(_device_input(job, batch["oct"]))
     return distill_loss(cfg.loss, logits, sims, y, zo, so, batch["oct_label"].to(job.device))
 
 
@@ -193,7 +193,7 @@ def _fused_loss(job: Job, logits, emb, y, batch: dict) -> LossOutput:
     """The same loss from embeddings, with the fused Triton kernel (loss.impl)."""
     from multieye_dist.kernels import octcoda_loss_fused
 
-    zo, eo = job.teacher.embeddings(_teacher_input(job, batch["oct"]))
+    zo, eo = job.teacher.embeddings(_device_input(job, batch["oct"]))
     c = job.cfg.loss
     return octcoda_loss_fused(
         logits,
@@ -263,9 +263,10 @@ def teacher_loss(
     return LossOutput(total=total, cls=cls, prototype=zero, contrastive=zero, gated=False)
 
 
-def _teacher_input(job: Job, x: torch.Tensor) -> torch.Tensor:
+def _device_input(job: Job, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Images on the device, NHWC when perf.channels_last (student and teacher alike)."""
     fmt = torch.channels_last if job.cfg.perf.channels_last else torch.contiguous_format
-    return x.to(job.device, memory_format=fmt, non_blocking=True)
+    return x.to(job.device, dtype=dtype, memory_format=fmt, non_blocking=True)
 
 
 def _step_seed(job: Job, step: int) -> int:
@@ -566,8 +567,9 @@ def export(job: Job, state: TrainState, name: str) -> Path:
     path = job.run_dir / f"{name}.safetensors"
     if job.env.is_main:
         model = job.engine.module
-        if _param_dtype(job.engine) != torch.float32:
+        if _param_dtype(job.engine) != torch.float32:  # train.precision=bf16
             logger.info("%s: exporting bf16 weights as fp32 (train.precision=bf16)", path)
+            model = copy.deepcopy(model).float()
         extra = {
             "config": to_dict(job.cfg),
             "epoch": state.epoch,
@@ -577,7 +579,7 @@ def export(job: Job, state: TrainState, name: str) -> Path:
         }
         export_inference(
             path,
-            _fp32_copy(model) if _param_dtype(job.engine) != torch.float32 else model,
+            model,
             job.cfg.model,
             concept_sentences=job.sentences,
             image_size=job.cfg.data.image_size,
@@ -585,12 +587,6 @@ def export(job: Job, state: TrainState, name: str) -> Path:
         )
     D.barrier()
     return path
-
-
-def _fp32_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model).float()
 
 
 def stop(job: Job, state: TrainState, reason: str, preempted: bool = False) -> dict[str, Any]:

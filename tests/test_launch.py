@@ -37,6 +37,24 @@ def _launch(script: str, *args: str, env: dict, timeout: float = 300):
     )  # fmt: skip
 
 
+def _submit_two_tasks(cluster, shards: Path, out: Path, env: dict, *flags: str):
+    """launch/submit.py: the tiny distillation run as one job of 2 tasks (ranks)."""
+    return _launch(
+        "submit.py",
+        "--config",
+        "configs/demo.yaml",
+        "--tasks-per-node",
+        "2",
+        "--partition",
+        cluster.partition,
+        "--time",
+        "10",
+        *flags,
+        *_tiny(shards, out),
+        env=env,
+    )
+
+
 def _steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
 
@@ -44,20 +62,7 @@ def _steps(run_dir: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def two_task_job(slurm_cluster, shards, wandb_home, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("submit") / "run"
-    proc = _launch(
-        "submit.py",
-        "--config",
-        "configs/demo.yaml",
-        "--tasks-per-node",
-        "2",
-        "--partition",
-        slurm_cluster.partition,
-        "--time",
-        "10",
-        "--wait",
-        *_tiny(shards, out),
-        env=wandb_home,
-    )
+    proc = _submit_two_tasks(slurm_cluster, shards, out, wandb_home, "--wait")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert re.search(r"submitted job \d+: 1 node\(s\) x 2 task\(s\)", proc.stdout)
     assert "logs: " in proc.stdout and str(out) in proc.stdout
@@ -86,19 +91,7 @@ def test_preempted_job_saves_requeues_and_resumes_without_losing_a_step(
     the same step, the job is requeued, and it resumes there in the same W&B run, ending at the
     uninterrupted job's step count with the same losses."""
     out = tmp_path / "run"
-    proc = _launch(
-        "submit.py",
-        "--config",
-        "configs/demo.yaml",
-        "--tasks-per-node",
-        "2",
-        "--partition",
-        slurm_cluster.partition,
-        "--time",
-        "10",
-        *_tiny(shards, out),
-        env=wandb_home,
-    )
+    proc = _submit_two_tasks(slurm_cluster, shards, out, wandb_home)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     _until(
