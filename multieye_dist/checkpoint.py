@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
+from multieye_dist.atomic import write_bytes
 from multieye_dist.data.classes import CLASS_NAMES
 from multieye_dist.model import ConceptModel, ModelConfig
 
@@ -26,11 +26,10 @@ def export_inference(
     image_size: int,
     extra: dict | None = None,
 ) -> None:
-    """Write atomically (temporary file, then rename): a reader never sees half a checkpoint."""
-    from safetensors.torch import save_file
+    """Write atomically (:mod:`multieye_dist.atomic`): a reader never sees half a checkpoint."""
+    from safetensors.torch import save
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -40,12 +39,9 @@ def export_inference(
         "image_size": str(image_size),
         "extra": json.dumps(extra or {}),
     }
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # To bytes, then one atomic write: safetensors' save_file makes its own mkstemp file (mode
+    # 0600). The copy costs one model's size of host memory, once, at export.
+    write_bytes(path, save(state, metadata=meta))
 
 
 def load_inference(path: Path) -> tuple[ConceptModel, dict]:

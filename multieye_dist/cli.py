@@ -227,8 +227,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.checkpoint} on {modality}-{args.split} ({args.shards}):")
     print(format_table(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
+        from multieye_dist.atomic import write_text
+
+        write_text(args.json, json.dumps(result, indent=1))  # creates the parent directories
     return 0
 
 

@@ -29,11 +29,12 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from multieye_dist.atomic import write_bytes
 
 if TYPE_CHECKING:  # torch is imported inside the functions: the CLI builds its parser without it
     import torch
@@ -296,7 +297,7 @@ def save_bank(
     sentences: Sequence[str],
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the bank atomically (temp file in the same directory + ``os.replace``).
+    """Write the bank atomically (:mod:`multieye_dist.atomic`).
 
     ``meta``: extra string metadata (e.g. ``prompt``, ``encoder``, ``pooling``); non-string values
     are JSON-encoded. ``format``, ``sentences`` (JSON list), ``num_concepts`` and ``dim`` are
@@ -328,24 +329,8 @@ def save_bank(
     )
     tensor = embeddings.detach().to("cpu", torch.float32).contiguous()
 
-    data = save({BANK_KEY: tensor}, metadata=metadata)  # bytes: the bank is small
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Our own O_EXCL temp file (not mkstemp, not save_file): the result gets the usual
-    # umask-based mode instead of 0600.
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    # Bytes (the bank is small), not save_file: that makes its own mkstemp file (mode 0600).
+    return write_bytes(path, save({BANK_KEY: tensor}, metadata=metadata))
 
 
 def load_bank(path: str | os.PathLike) -> tuple[torch.Tensor, list[str], dict[str, str]]:

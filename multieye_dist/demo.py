@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+from multieye_dist.atomic import write_text
 from multieye_dist.config import load_config
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,8 @@ def run_demo(
             overrides.append(f"teacher.checkpoint={out / 'teacher' / 'best.safetensors'}")
         rows.append((name, "fundus", train_stage(name, out / loss, overrides)))
     table = comparison_table(rows)
-    (out / "comparison.txt").write_text(table + "\n", encoding="utf-8")
-    (out / "comparison.json").write_text(json.dumps({n: s for n, _, s in rows}, indent=1))
+    write_text(out / "comparison.txt", table + "\n")
+    write_text(out / "comparison.json", json.dumps({n: s for n, _, s in rows}, indent=1))
     print("\nTest split, best dev macro-F1 checkpoint of each run (%):\n" + table)
     print("\n[5/5] explain one fundus test image with the OCT-CoDA student")
     _explain_one(out, out / "octcoda" / "best.safetensors")

@@ -11,7 +11,8 @@ Precision (``train.precision``):
 
 Checkpoints: ``<out_dir>/checkpoints/<tag>/`` holds DeepSpeed's files and our
 ``trainer_state.json``; ``<out_dir>/checkpoints/latest`` names the newest *complete* one. Every
-file is written to a temporary name and renamed, ``latest`` is replaced only after every rank has
+state file is written through :mod:`multieye_dist.atomic` (DeepSpeed's plain copies of its
+``zero_to_fp32.py`` recovery scripts aside), ``latest`` is replaced only after every rank has
 finished writing, and loading uses ``torch.load(weights_only=True)`` with exactly the DeepSpeed
 classes its optimizer state holds allow-listed (no arbitrary unpickling).
 """
@@ -20,14 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from multieye_dist.atomic import write_text
+from multieye_dist.atomic import open_atomic, write_text
 from multieye_dist.config import DeepSpeedConfig, OptimConfig, merge_dicts
 from multieye_dist.distributed import DistEnv, backend_for, barrier, export
 from multieye_dist.model import param_groups
@@ -139,15 +139,12 @@ def _safe_checkpoint_engine(current):
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
         def save(self, state_dict, path: str) -> None:
-            tmp = f"{path}.tmp.{os.getpid()}"
-            try:
-                torch.save(state_dict, tmp)
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            # DeepSpeed writes every model, optimizer and ZeRO state file through this method:
+            # torch.save streams into the atomic writer's file, so no rank leaves half a file.
+            with open_atomic(path, "wb") as fh:
+                torch.save(
+                    state_dict, fh, _use_new_zipfile_serialization=self.zipfile_serialization
+                )
 
         def load(self, path: str, map_location=None):
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from multieye_dist.atomic import temp_files
 from multieye_dist.checkpoint import export_inference, load_inference
 from multieye_dist.cli import main
 from multieye_dist.data.classes import CLASS_NAMES
@@ -38,7 +39,7 @@ def test_checkpoint_round_trip(checkpoint):
     with torch.no_grad():
         for a, b in zip(model(x), loaded(x), strict=True):
             torch.testing.assert_close(a, b)
-    assert not list(path.parent.glob(".tmp-*"))
+    assert not temp_files(path.parent)
 
 
 def test_corrupt_or_missing_checkpoint(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from multieye_dist.atomic import is_temp_name
 from multieye_dist.cli import main
 from multieye_dist.data.layout import SPLITS, LayoutError, image_path, label_file, read_layout
 from multieye_dist.data.preprocess import Preprocess
@@ -49,7 +50,7 @@ def _assert_nothing_half_written(out: Path) -> None:
         return
     names = [p.name for p in out.rglob("*")]
     assert not [n for n in names if n.endswith(".manifest.json")], names
-    assert not [n for n in names if n.startswith(".tmp-")], names
+    assert not [n for n in names if is_temp_name(n)], names
     for tar in out.glob("*.tar"):
         record = json.loads((out / PROGRESS_DIR / f"{tar.name}.json").read_text())
         assert record["sha256"] == sha256_file(tar)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from multieye_dist.atomic import open_atomic, write_text
 from multieye_dist.data.classes import NUM_CLASSES
 from multieye_dist.data.layout import LABEL_FILE, LAYOUT, MODALITIES, SPLITS, image_dir
 from multieye_dist.data.workers import process_pool
@@ -113,7 +114,11 @@ def _draw(job: tuple[str, str, int, int, int, int, str]) -> None:
     modality, split, index, label, seed, size, path = job
     rng = np.random.default_rng([seed, MODALITIES.index(modality), SPLITS.index(split), index])
     img = fundus_image(rng, label, size) if modality == "fundus" else oct_image(rng, label, size)
-    img.save(path, format="PNG", compress_level=6)
+    # Whole or absent even if the user interrupts the run (the rename does that). No fsync: only a
+    # power loss needs it, the set is regenerable, and one per image adds ~15% to drawing it on a
+    # local disk (more on network file systems).
+    with open_atomic(path, "wb", fsync=False) as fh:
+        img.save(fh, format="PNG", compress_level=6)
 
 
 def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]]:
@@ -142,7 +147,7 @@ def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]
             )
             split_dir = out / LAYOUT[modality][0] / split
             split_dir.mkdir(parents=True, exist_ok=True)
-            (split_dir / LABEL_FILE).write_text("".join(lines[i] + "\n" for i in order))
+            write_text(split_dir / LABEL_FILE, "".join(lines[i] + "\n" for i in order))
     if options.workers > 1:
         with process_pool(options.workers) as pool:
             list(pool.map(_draw, jobs, chunksize=32))
