@@ -11,6 +11,13 @@ array is submitted with each task's overrides; runs log offline (`wandb sync` la
 --mode online: the sweep is created on the W&B server and each array task runs one agent step
 (any method, bayes included); a task's ranks share the run the agent hands to rank 0.
 Nothing is submitted unless every run resolves; the array is one sbatch (all or nothing).
+
+The W&B sweep agent lives here, not in the library: choosing a run's parameters is the sweep
+controller's business, not tracking's, and this launcher is the one place besides
+multieye_dist.tracking allowed to import wandb. AgentTask is defined in this script, which runs
+as __main__, so submitit's cloudpickle ships the class by value; what it uses by import
+(multieye_dist.cluster.TrainTask, multieye_dist.tracking, multieye_dist.sweeps) is installed on
+the nodes, and it uses nothing from launch/common.py.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -27,13 +37,127 @@ from common import add_slurm_options, slurm_options  # noqa: E402
 from multieye_dist import sweeps  # noqa: E402
 from multieye_dist.atomic import write_text  # noqa: E402
 from multieye_dist.cluster import (  # noqa: E402
-    AgentTask,
     SubmissionError,
     TrainTask,
     make_executor,
     submit_array,
 )
 from multieye_dist.config import load_config  # noqa: E402
+from multieye_dist.tracking import TrackingConfig, write_run_id  # noqa: E402
+
+HANDOFF_WAIT_S = 900  # how long a task's other ranks wait for rank 0's agent step
+
+
+# ----------------------------------------------------------------------------- online sweeps
+
+
+def create_sweep(spec: Mapping[str, Any], tracking: TrackingConfig) -> str:
+    """Register a sweep (a validated W&B sweep dict) on the W&B server; returns its id.
+    Needs the network and WANDB_API_KEY in the environment."""
+    import wandb
+
+    return str(wandb.sweep(dict(spec), project=tracking.project, entity=tracking.entity))
+
+
+def next_sweep_run(sweep_id: str, tracking: TrackingConfig) -> tuple[str, dict[str, Any]]:
+    """One agent step: the run id and parameters the sweep controller chose next. The run is
+    then continued by the training's Tracker with that id (``resume="allow"`` online), which
+    logs the training itself."""
+    import wandb
+
+    from multieye_dist.tracking import wandb_settings
+
+    got: dict[str, Any] = {}
+
+    def take() -> None:
+        run = wandb.init(settings=wandb_settings(wandb))
+        got.update(run_id=run.id, params=dict(run.config))
+        run.finish()
+
+    wandb.agent(sweep_id, function=take, count=1, project=tracking.project, entity=tracking.entity)
+    if "run_id" not in got:
+        raise RuntimeError(f"sweep {sweep_id}: the agent got no run (sweep finished?)")
+    return got["run_id"], got["params"]
+
+
+def hand_off(
+    sweep_dir: str | Path,
+    job_id: str,
+    rank: int,
+    next_run: Callable[[], tuple[str, dict[str, Any]]],
+    *,
+    timeout_s: float = HANDOFF_WAIT_S,
+    poll_s: float = 2.0,
+) -> dict[str, Any]:
+    """The run an array task trains: ``{"name", "params", "out_dir"}``.
+
+    Rank 0 of a task that has none yet calls ``next_run`` (the agent step) once, persists the
+    run id in the run's directory (atomically, where the Tracker reads it) and then writes
+    ``<sweep_dir>/agents/<job_id>.json`` (atomically, so a rank never reads half of it); the
+    other ranks wait for that file. A requeued task finds its file and continues the same run.
+    """
+    handoff = Path(sweep_dir) / "agents" / f"{job_id}.json"
+    if rank == 0 and not handoff.is_file():
+        run_id, params = next_run()
+        out_dir = Path(sweep_dir) / "runs" / run_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_id(out_dir, run_id)
+        record = {"name": run_id, "params": params, "out_dir": str(out_dir)}
+        write_text(handoff, json.dumps(record))
+    deadline = time.monotonic() + timeout_s
+    while not handoff.is_file():  # other ranks: wait for rank 0's agent step
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no sweep run handed over in {handoff} after {timeout_s:g} s")
+        time.sleep(poll_s)
+    return json.loads(handoff.read_text(encoding="utf-8"))
+
+
+class AgentTask:
+    """An online sweep's array task: rank 0 asks the W&B sweep controller for the next run's
+    parameters (:func:`hand_off`), and all ranks train that run as :class:`TrainTask`, so
+    preemption and requeue work the same (a requeued task continues the same run)."""
+
+    def __init__(
+        self,
+        sweep_id: str,
+        config: str,
+        overrides: list[str],
+        sweep_dir: str,
+        max_requeues: int = 3,
+    ):
+        self.sweep_id, self.config, self.overrides = sweep_id, config, list(overrides)
+        self.sweep_dir, self.max_requeues = sweep_dir, max_requeues
+
+    def __call__(self) -> dict[str, Any]:
+        import submitit
+
+        job_env = submitit.JobEnvironment()
+        record = hand_off(self.sweep_dir, str(job_env.job_id), job_env.global_rank, self._next)
+        return TrainTask(self.config, self.train_overrides(record), self.max_requeues)()
+
+    def _next(self) -> tuple[str, dict[str, Any]]:
+        return next_sweep_run(self.sweep_id, load_config(self.config, self.overrides).tracking)
+
+    def train_overrides(self, record: Mapping[str, Any]) -> list[str]:
+        """The base overrides, the run's parameters, its directory, and W&B online (the run
+        the controller made is continued, under the id persisted in ``out_dir``)."""
+        return [
+            *self.overrides,
+            *sweeps.overrides_for(record["params"]),
+            f"train.out_dir={record['out_dir']}",
+            "tracking.backend=wandb",
+            "tracking.wandb.mode=online",
+        ]
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(
+            AgentTask(self.sweep_id, self.config, self.overrides, self.sweep_dir, self.max_requeues)
+        )
+
+
+# ----------------------------------------------------------------------------- the launcher
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,18 +222,16 @@ def submit(args: argparse.Namespace) -> int:
                     *args.overrides,
                     *sweeps.overrides_for(r["params"]),
                     f"train.out_dir={r['out_dir']}",
-                    f"wandb.run_name={r['name']}",
-                    f"wandb.tags={json.dumps([args.sweep.stem])}",
+                    f"tracking.run_name={r['name']}",
+                    f"tracking.tags={json.dumps([args.sweep.stem])}",
                 ],
                 args.max_requeues,
             )
             for r in runs
         ]
     else:
-        from multieye_dist.tracking import create_sweep
-
         base = load_config(args.config, args.overrides)
-        manifest["sweep_id"] = create_sweep(spec, base.wandb)
+        manifest["sweep_id"] = create_sweep(spec, base.tracking)
         tasks = [
             AgentTask(manifest["sweep_id"], cfg, args.overrides, str(out), args.max_requeues)
             for _ in range(args.count)

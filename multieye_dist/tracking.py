@@ -1,28 +1,47 @@
-"""Experiment tracking: a local JSON-lines log that always works, plus W&B when configured.
+"""Experiment tracking behind one small interface: a :class:`Tracker` on rank 0 fans each call
+out to its backends. The local backend (``metrics.jsonl`` + ``summary.json``) is always on; the
+``tracking.backend`` setting adds one more (today ``wandb``: Weights & Biases).
 
-This is the only module that imports ``wandb``, and it does so lazily (when a run starts), so
-importing it costs nothing and ``mode: disabled`` never loads wandb at all.
+Why an interface: the trainer, the config and the launchers only know :class:`Tracker` and the
+``tracking`` config section (:class:`TrackingConfig`, defined here and assembled into the run
+config by :mod:`multieye_dist.config`); which service receives the numbers is this module's
+business. This is the only library module that imports ``wandb``, and it does so lazily (when a
+W&B run starts), so importing it costs nothing, and ``tracking.backend=local`` or
+``tracking.wandb.mode=disabled`` never loads wandb at all. (The W&B *sweep agent* is not
+tracking: it lives in ``launch/sweep.py``.)
 
 What a :class:`Tracker` on rank 0 writes under ``run_dir`` (other ranks write nothing):
 
-* ``wandb_run_id.txt``: the run id, made once per run directory and written atomically; a later
-  Tracker on the same directory (a resumed job) reuses it, so W&B sees one run. An explicit
-  ``run_id=`` (say, from a checkpoint) wins and rewrites the file.
+* ``run_id.txt`` (:data:`RUN_ID_FILE`): the run id, made once per run directory and written
+  atomically; a later Tracker on the same directory (a resumed job) reuses it, so W&B sees one
+  run. An explicit ``run_id=`` (say, from a checkpoint) wins and rewrites the file. A directory
+  from before the rename, with only ``wandb_run_id.txt``, keeps its id.
 * ``metrics.jsonl``: one line ``{"step": ..., "time": ..., **scalars}`` per :meth:`Tracker.log`
-  call, flushed per line, in every W&B mode (``disabled`` included). This is what tests, the sweep
-  summary and users without W&B read back, with :func:`read_metrics`. A resumed job appends, so
-  steps replayed after the last checkpoint appear twice; the later line is the one that counts.
-* ``summary.json``: the merged :meth:`Tracker.summary` values, written atomically.
-* ``wandb/``: W&B's own files (``dir=run_dir``); in offline mode
-  ``wandb/offline-run-<time>-<id>/run-<id>.wandb``, uploaded later with ``wandb sync``.
+  call, flushed per line, whatever the backend. This is what tests, the sweep summary and users
+  without W&B read back, with :func:`read_metrics`. A resumed job appends, so steps replayed
+  after the last checkpoint appear twice; the later line is the one that counts.
+* ``summary.json``: the merged :meth:`Tracker.summary` values, written atomically. A part of the
+  run that ends with an error (``finish(exit_code=N)``, N != 0) also records ``"exit_code": N``
+  there; a later part that ends normally sets it back to 0.
+* ``wandb/`` (W&B backend): W&B's own files (``dir=run_dir``); in offline mode
+  ``wandb/offline-run-<time>-<id>/run-<id>.wandb``, uploaded later with ``wandb sync``. A run
+  that ends with an error is marked failed there (its exit record holds the exit code).
+
+A new backend is a class with the four methods of :class:`Backend` (values arrive checked), a
+choice in ``TrackingConfig.backend``, its settings as a nested section like :class:`WandbConfig`
+if it has any, and one branch in :func:`_configured_backend`.
 
 Secrets: the W&B API key is read by wandb itself from ``WANDB_API_KEY`` in online mode; this
 module never reads, logs or writes it. The config logged to W&B is the caller's dict only (never
 the environment), and keys that look like secrets are refused.
 
-W&B limitation (wandb 0.31): offline runs cannot really be resumed. A resumed offline job writes a
-second ``offline-run-*`` directory with the same id, and ``wandb sync`` of both may keep only one
-part of the history; ``metrics.jsonl`` has all of it.
+Failures: :func:`multieye_dist.train.run` finishes the Tracker with exit code 1 when the run
+raises (then re-raises), so a crashed run is marked failed in every backend, not left running.
+
+W&B limitations (wandb 0.31): offline runs cannot really be resumed. A resumed offline job writes
+a second ``offline-run-*`` directory with the same id, and ``wandb sync`` of both may keep only
+one part of the history; ``metrics.jsonl`` has all of it. And wandb-core may still be writing an
+offline run's file for a moment after ``finish`` returns (a reader waits for its exit record).
 """
 
 from __future__ import annotations
@@ -34,41 +53,94 @@ import re
 import secrets
 import string
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Literal, Protocol
 
 from multieye_dist.atomic import write_text
-
-if TYPE_CHECKING:
-    from multieye_dist.config import WandbConfig
+from multieye_dist.sections import SECRET_PARTS, Section
 
 __all__ = [
     "METRICS_FILE",
+    "OLD_RUN_ID_KEY",
     "RUN_ID_FILE",
     "SUMMARY_FILE",
+    "Backend",
+    "LocalBackend",
     "Tracker",
     "TrackerError",
+    "TrackingConfig",
+    "WandbBackend",
+    "WandbConfig",
     "read_metrics",
+    "read_run_id",
+    "wandb_settings",
+    "write_run_id",
 ]
 
 logger = logging.getLogger(__name__)
 
-RUN_ID_FILE = "wandb_run_id.txt"
+RUN_ID_FILE = "run_id.txt"
+_OLD_RUN_ID_FILE = "wandb_run_id.txt"  # run directories from before the tracker interface
+# The key under which older checkpoints' trainer state kept the run id (now ``run_id``).
+OLD_RUN_ID_KEY = "wandb_run_id"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
-# W&B run ids end up in URLs and directory names; keep them to a safe alphabet.
+# Run ids end up in W&B URLs and directory names; keep them to a safe alphabet.
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
-# Same spirit as multieye_dist.config: a key that names a secret never reaches W&B.
-_SECRET_PARTS = ("api_key", "apikey", "token", "password", "secret")
 _RESERVED_KEYS = ("step", "time")  # the metrics.jsonl line's own fields
+_EXIT_CODE_KEY = "exit_code"  # summary.json, for a part that ended with an error
 
 
 class TrackerError(RuntimeError):
     """The run directory cannot be used; the message names the path."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class WandbConfig(Section):
+    """W&B's own settings (``tracking.wandb.*``), read when ``tracking.backend`` is ``wandb``.
+    The API key is never configuration: W&B reads ``WANDB_API_KEY`` from the environment."""
+
+    _key: ClassVar[str] = "tracking.wandb"
+    # offline: no account, files under run_dir/wandb, `wandb sync` later; disabled: local only.
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+@dataclass(frozen=True)
+class TrackingConfig(Section):
+    """The ``tracking`` section: where rank 0's metrics go besides ``metrics.jsonl``.
+
+    ``project``, ``entity``, ``tags`` and ``run_name`` mean what they mean in any experiment
+    tracker (W&B: project, entity, tags, display name); each backend's own settings are a nested
+    section named after it (``tracking.wandb.mode``).
+    """
+
+    _key: ClassVar[str] = "tracking"
+    # Where the old ``wandb:`` section's keys went; the loader names them in its error.
+    _moved: ClassVar[dict[str, str]] = {
+        "wandb": "tracking",
+        "wandb.mode": "tracking.wandb.mode",
+        "wandb.project": "tracking.project",
+        "wandb.entity": "tracking.entity",
+        "wandb.tags": "tracking.tags",
+        "wandb.run_name": "tracking.run_name",
+    }
+    backend: Literal["local", "wandb"] = "wandb"  # local: metrics.jsonl and summary.json only
+    project: str = "multieye-dist"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    run_name: str | None = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def _validate(self) -> None:
+        self._check(bool(self.project), "project", "a non-empty name")
 
 
 # ----------------------------------------------------------------------------- files
@@ -85,21 +157,35 @@ def _check_run_id(run_id: str, where: str) -> str:
     return run_id
 
 
+def read_run_id(run_dir: str | os.PathLike[str]) -> str | None:
+    """The run id persisted in ``run_dir`` (``run_id.txt``, or the older ``wandb_run_id.txt``),
+    or None."""
+    for name in (RUN_ID_FILE, _OLD_RUN_ID_FILE):
+        path = Path(run_dir) / name
+        if path.exists():
+            return _check_run_id(path.read_text(encoding="utf-8").strip(), str(path))
+    return None
+
+
+def write_run_id(run_dir: str | os.PathLike[str], run_id: str) -> Path:
+    """Persist ``run_id`` as ``run_dir/run_id.txt``, atomically: a Tracker started on
+    ``run_dir`` later continues that run (the sweep hand-off does this)."""
+    _check_run_id(run_id, "run_id")
+    return write_text(Path(run_dir) / RUN_ID_FILE, run_id + "\n")
+
+
 def _resolve_run_id(run_dir: Path, explicit: str | None) -> str:
     """The persisted id, or ``explicit`` (which wins and is persisted), or a new one."""
-    path = run_dir / RUN_ID_FILE
-    persisted = None
-    if path.exists():
-        persisted = _check_run_id(path.read_text(encoding="utf-8").strip(), str(path))
+    persisted = read_run_id(run_dir)
     if explicit is not None:
         _check_run_id(explicit, "run_id")
         if persisted is not None and persisted != explicit:
             logger.warning(
-                "run_id %r replaces the id %r persisted in %s", explicit, persisted, path
+                "run_id %r replaces the id %r persisted in %s", explicit, persisted, run_dir
             )
     run_id = explicit or persisted or _new_run_id()
-    if run_id != persisted:
-        write_text(path, run_id + "\n")
+    if run_id != persisted or not (run_dir / RUN_ID_FILE).exists():
+        write_run_id(run_dir, run_id)
     return run_id
 
 
@@ -225,7 +311,7 @@ def _check_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
         if isinstance(node, Mapping):
             for key, value in node.items():
                 dotted = f"{prefix}{key}"
-                if any(part in str(key).lower().replace("-", "_") for part in _SECRET_PARTS):
+                if any(part in str(key).lower().replace("-", "_") for part in SECRET_PARTS):
                     raise ValueError(
                         f"config key {dotted!r} looks like a secret; secrets come from the "
                         "environment and are never logged"
@@ -254,15 +340,99 @@ def _json_value(key: str, value: Any) -> Any:
     return value
 
 
-# ----------------------------------------------------------------------------- wandb
+# ----------------------------------------------------------------------------- backends
 
 
-def _wandb_settings(wandb: Any) -> Any:
-    """Settings for fast, quiet, secret-free runs. Console capture is off (stdout goes to the
-    job's own log; capturing it interferes with multi-process output); code, git, requirements
-    and system metadata (which includes the command line) are not collected. System metrics
-    (GPU utilisation and memory) stay on: they cost nothing at startup (measured) and are what
-    one looks at when a distributed run is slow."""
+class Backend(Protocol):
+    """One destination of rank 0's log. Only :class:`Tracker` calls it, on rank 0, with values
+    it has already checked: ``step`` a non-negative int, metrics plain ints and floats under
+    non-empty names, summary values JSON-serialisable. ``finish`` is called once; ``exit_code``
+    is None or 0 for a normal end, non-zero for a run that ended with an error."""
+
+    name: str  # for the log line, e.g. "local", "wandb offline"
+
+    def log(self, metrics: Mapping[str, int | float], step: int) -> None: ...
+
+    def log_eval(
+        self,
+        result: Mapping[str, Any],
+        scalars: Mapping[str, int | float],
+        prefix: str,
+        step: int,
+    ) -> None:
+        """``result`` is a :func:`multieye_dist.metrics.evaluate` result, ``scalars`` its flat
+        scalars (``to_log_dict``), to log like :meth:`log`; a backend that can show tables or
+        charts makes them from ``result``."""
+
+    def summary(self, values: Mapping[str, Any]) -> None: ...
+
+    def finish(self, exit_code: int | None) -> None: ...
+
+
+class LocalBackend:
+    """``metrics.jsonl`` and ``summary.json`` in ``run_dir`` (module docstring): always on,
+    needs nothing installed, and is what :func:`read_metrics` and the sweep summary read."""
+
+    name = "local"
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        metrics = run_dir / METRICS_FILE
+        _repair_torn_tail(metrics)
+        self._metrics_fh = metrics.open("a", encoding="utf-8")
+
+    def log(self, metrics: Mapping[str, int | float], step: int) -> None:
+        record = {"step": step, "time": time.time(), **metrics}
+        self._metrics_fh.write(json.dumps(record, allow_nan=True) + "\n")
+        self._metrics_fh.flush()  # per line: a crash loses at most the line being written
+
+    def log_eval(
+        self,
+        result: Mapping[str, Any],
+        scalars: Mapping[str, int | float],
+        prefix: str,
+        step: int,
+    ) -> None:
+        self.log(scalars, step)
+
+    def _read_summary(self) -> dict[str, Any]:
+        path = self.run_dir / SUMMARY_FILE
+        if not path.exists():
+            return {}
+        try:
+            merged = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            # Only a hand edit can break an atomically written file; the summary is
+            # re-derivable, a crash at the end of training is not worth it.
+            logger.warning("%s: unreadable, starting a new summary", path)
+            return {}
+        return merged if isinstance(merged, dict) else {}
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        merged = {**self._read_summary(), **values}
+        write_text(self.run_dir / SUMMARY_FILE, json.dumps(merged, indent=2, allow_nan=True) + "\n")
+
+    def close(self) -> None:
+        self._metrics_fh.close()
+
+    def finish(self, exit_code: int | None) -> None:
+        self.close()
+        if exit_code:
+            self.summary({_EXIT_CODE_KEY: exit_code})
+        elif _EXIT_CODE_KEY in self._read_summary():  # an earlier part failed, this one did not
+            self.summary({_EXIT_CODE_KEY: 0})
+
+
+# ----------------------------------------------------------------------------- W&B backend
+
+
+def wandb_settings(wandb: Any) -> Any:
+    """Settings for fast, quiet, secret-free W&B runs (the tracker's and the sweep agent's).
+    Console capture is off (stdout goes to the job's own log; capturing it interferes with
+    multi-process output); code, git, requirements and system metadata (which includes the
+    command line) are not collected. System metrics (GPU utilisation and memory) stay on: they
+    cost nothing at startup (measured) and are what one looks at when a distributed run is slow.
+    """
     return wandb.Settings(
         console="off",
         save_code=False,
@@ -311,6 +481,89 @@ def _eval_media(wandb: Any, result: Mapping[str, Any], prefix: str) -> dict[str,
     }
 
 
+class WandbBackend:
+    """A W&B run in ``run_dir/wandb`` with the tracker's run id, in ``tracking.wandb.mode``
+    (offline or online). Logs the same scalars as the local backend, plus per-class and
+    confusion-matrix tables for evaluations; the run config is ``config``."""
+
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_dir: Path,
+        *,
+        run_id: str,
+        config: dict[str, Any],
+        job_type: str | None,
+    ) -> None:
+        import wandb  # lazily: see the module docstring
+
+        self.mode = cfg.wandb.mode
+        self.name = f"wandb {self.mode}"
+        self.run_id = run_id
+        started = time.perf_counter()
+        self._run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.run_name,
+            tags=list(cfg.tags) or None,
+            job_type=job_type,
+            config=config,
+            dir=str(run_dir),
+            id=run_id,
+            # Offline runs cannot be resumed by wandb (see the module docstring); there the
+            # persisted id alone ties the parts together.
+            resume="allow" if self.mode == "online" else None,
+            mode=self.mode,
+            # Independent runs, never the wandb.run global: a second Tracker in the process
+            # must not finish this one behind its back.
+            reinit="create_new",
+            settings=wandb_settings(wandb),
+        )
+        logger.info(
+            "wandb %s run %s started in %.2fs (%s)",
+            self.mode,
+            run_id,
+            time.perf_counter() - started,
+            # run.url warns in offline mode; there the files are the place to look.
+            self._run.url if self.mode == "online" else run_dir / "wandb",
+        )
+
+    def log(self, metrics: Mapping[str, int | float], step: int) -> None:
+        self._run.log(dict(metrics), step=step)
+
+    def log_eval(
+        self,
+        result: Mapping[str, Any],
+        scalars: Mapping[str, int | float],
+        prefix: str,
+        step: int,
+    ) -> None:
+        import wandb
+
+        self._run.log({**scalars, **_eval_media(wandb, result, prefix)}, step=step)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        self._run.summary.update(dict(values))
+
+    def finish(self, exit_code: int | None) -> None:
+        started = time.perf_counter()
+        self._run.finish(exit_code=exit_code)  # non-zero: W&B marks the run failed
+        logger.info("wandb run %s finished in %.2fs", self.run_id, time.perf_counter() - started)
+
+
+def _configured_backend(
+    cfg: TrackingConfig,
+    run_dir: Path,
+    run_id: str,
+    config: dict[str, Any],
+    job_type: str | None,
+) -> Backend | None:
+    """The backend ``cfg.backend`` names besides the local one, started; None for local only."""
+    if cfg.backend == "wandb" and cfg.wandb.mode != "disabled":
+        return WandbBackend(cfg, run_dir, run_id=run_id, config=config, job_type=job_type)
+    return None
+
+
 # ----------------------------------------------------------------------------- tracker
 
 
@@ -318,113 +571,83 @@ class Tracker:
     """Rank 0's experiment log; on every other rank each method is a no-op that touches no file
     and never imports or starts wandb (timm may still import wandb on its own, see the tests).
 
-    ``cfg`` is the ``wandb`` config section (project, mode, entity, tags, run_name); ``config``
-    is the resolved run config (``config.to_dict(cfg)``) that W&B records with the run;
-    ``run_id`` forces the id (it wins over the one persisted in ``run_dir``).
+    ``cfg`` is the ``tracking`` config section; ``config`` is the resolved run config
+    (``config.to_dict(cfg)``) that a backend records with the run; ``run_id`` forces the id (it
+    wins over the one persisted in ``run_dir``); ``backends`` are further started backends to
+    fan out to, after the local one and the configured one.
 
     ``run_id`` is the run's id on rank 0; on other ranks it is the explicit ``run_id`` or None.
-    Use as a context manager, or call :meth:`finish`.
+    Use as a context manager (an exception finishes with exit code 1), or call :meth:`finish`.
     """
 
     def __init__(
         self,
-        cfg: WandbConfig,
+        cfg: TrackingConfig,
         run_dir: str | os.PathLike[str],
         *,
         rank: int,
         config: Mapping[str, Any] | None = None,
         job_type: str | None = None,
         run_id: str | None = None,
+        backends: Sequence[Backend] = (),
     ) -> None:
         self.cfg = cfg
         self.rank = rank
         self.run_dir = Path(run_dir)
         self.run_id: str | None = run_id
-        self._run: Any = None  # the wandb Run, when W&B is on
-        self._metrics_fh: Any = None
+        self.backends: list[Backend] = []
         self._finished = False
         if rank != 0:
             return
         if not str(run_dir):
             raise TrackerError("run_dir is empty")
         config = _check_config(config)  # before any file is written
-        self._prepare_run_dir(run_id)
-        if cfg.mode != "disabled":
-            try:
-                self._start_wandb(config, job_type)
-            except BaseException:
-                self._metrics_fh.close()  # the caller never gets an object to finish()
-                raise
-        logger.info("tracking run %s in %s (wandb mode %s)", self.run_id, self.run_dir, cfg.mode)
+        local = self._prepare_run_dir(run_id)
+        self.backends.append(local)
+        try:
+            remote = _configured_backend(cfg, self.run_dir, self.run_id, config, job_type)
+        except BaseException:
+            local.close()  # the caller never gets an object to finish()
+            raise
+        if remote is not None:
+            self.backends.append(remote)
+        self.backends.extend(backends)
+        logger.info(
+            "tracking run %s in %s (%s)",
+            self.run_id,
+            self.run_dir,
+            ", ".join(b.name for b in self.backends),
+        )
 
     @property
     def active(self) -> bool:
         """True on rank 0 until :meth:`finish`."""
         return self.rank == 0 and not self._finished
 
-    def _prepare_run_dir(self, run_id: str | None) -> None:
+    def _prepare_run_dir(self, run_id: str | None) -> LocalBackend:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.run_id = _resolve_run_id(self.run_dir, run_id)
-            metrics = self.run_dir / METRICS_FILE
-            _repair_torn_tail(metrics)
-            self._metrics_fh = metrics.open("a", encoding="utf-8")
+            return LocalBackend(self.run_dir)
         except OSError as exc:
             raise TrackerError(
                 f"run_dir {self.run_dir}: cannot create or write it ({exc.strerror or exc})"
             ) from exc
 
-    def _start_wandb(self, config: dict[str, Any], job_type: str | None) -> None:
-        import wandb  # lazily: see the module docstring
-
-        started = time.perf_counter()
-        self._run = wandb.init(
-            project=self.cfg.project,
-            entity=self.cfg.entity,
-            name=self.cfg.run_name,
-            tags=list(self.cfg.tags) or None,
-            job_type=job_type,
-            config=config,
-            dir=str(self.run_dir),
-            id=self.run_id,
-            # Offline runs cannot be resumed by wandb (see the module docstring); there the
-            # persisted id alone ties the parts together.
-            resume="allow" if self.cfg.mode == "online" else None,
-            mode=self.cfg.mode,
-            # Independent runs, never the wandb.run global: a second Tracker in the process
-            # must not finish this one behind its back.
-            reinit="create_new",
-            settings=_wandb_settings(wandb),
-        )
-        logger.info(
-            "wandb %s run %s started in %.2fs (%s)",
-            self.cfg.mode,
-            self.run_id,
-            time.perf_counter() - started,
-            # run.url warns in offline mode; there the files are the place to look.
-            self._run.url if self.cfg.mode == "online" else self.run_dir / "wandb",
-        )
-
     def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError(f"Tracker for {self.run_dir} is finished")
 
-    def _write_line(self, step: int, metrics: Mapping[str, int | float]) -> None:
-        record = {"step": step, "time": time.time(), **metrics}
-        self._metrics_fh.write(json.dumps(record, allow_nan=True) + "\n")
-        self._metrics_fh.flush()  # per line: a crash loses at most the line being written
-
     def log(self, metrics: Mapping[str, Any], *, step: int) -> None:
         """Log scalars at ``step`` (the global optimiser step): one metrics.jsonl line, and the
-        same values in W&B's history."""
+        same values in the other backend's history."""
         if self.rank != 0:
             return
         self._check_open()
         _check_step(step)
         values = _check_metrics(metrics)
-        self._write_line(step, values)
-        if self._run is not None:
-            self._run.log(values, step=step)
+        for backend in self.backends:
+            backend.log(values, step)
 
     def log_eval(self, result: Mapping[str, Any], *, prefix: str = "dev/", step: int) -> None:
         """Log a :func:`multieye_dist.metrics.evaluate` result: its scalars (macro and per
@@ -436,50 +659,37 @@ class Tracker:
         _check_step(step)
         from multieye_dist.metrics import to_log_dict
 
-        scalars = to_log_dict(dict(result), prefix=prefix)
-        self._write_line(step, _check_metrics(scalars))
-        if self._run is not None:
-            import wandb
-
-            self._run.log({**scalars, **_eval_media(wandb, result, prefix)}, step=step)
+        scalars = _check_metrics(to_log_dict(dict(result), prefix=prefix))
+        for backend in self.backends:
+            backend.log_eval(result, scalars, prefix, step)
 
     def summary(self, values: Mapping[str, Any]) -> None:
-        """Set run summary values (merged with earlier ones, also across resumes): W&B's run
-        summary and ``run_dir/summary.json``."""
+        """Set run summary values (merged with earlier ones, also across resumes):
+        ``run_dir/summary.json`` and the other backend's run summary."""
         if self.rank != 0:
             return
         self._check_open()
         values = {str(k): _json_value(str(k), v) for k, v in values.items()}
-        path = self.run_dir / SUMMARY_FILE
-        merged: dict[str, Any] = {}
-        if path.exists():
-            try:
-                merged = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError:
-                # Only a hand edit can break an atomically written file; the summary is
-                # re-derivable, a crash at the end of training is not worth it.
-                logger.warning("%s: unreadable, starting a new summary", path)
-            if not isinstance(merged, dict):
-                merged = {}
-        merged.update(values)
-        write_text(path, json.dumps(merged, indent=2, allow_nan=True) + "\n")
-        if self._run is not None:
-            self._run.summary.update(values)
+        for backend in self.backends:
+            backend.summary(values)
 
     def finish(self, exit_code: int | None = None) -> None:
-        """Close the metrics log and the W&B run (idempotent). ``exit_code`` != 0 marks the
-        W&B run failed."""
+        """Finish every backend (idempotent): close the metrics log, end the W&B run.
+        ``exit_code`` != 0 marks the run failed (W&B's run state, ``summary.json``'s
+        ``exit_code``). A backend that fails to finish does not stop the others; the first
+        error is raised after all have been tried."""
         if self.rank != 0 or self._finished:
             return
         self._finished = True
-        if self._metrics_fh is not None:
-            self._metrics_fh.close()
-        if self._run is not None:
-            started = time.perf_counter()
-            self._run.finish(exit_code=exit_code)
-            logger.info(
-                "wandb run %s finished in %.2fs", self.run_id, time.perf_counter() - started
-            )
+        error: Exception | None = None
+        for backend in self.backends:
+            try:
+                backend.finish(exit_code)
+            except Exception as exc:
+                logger.warning("tracking backend %s failed to finish: %s", backend.name, exc)
+                error = error or exc
+        if error is not None:
+            raise error
 
     def __enter__(self) -> Tracker:
         return self
@@ -491,33 +701,3 @@ class Tracker:
         tb: TracebackType | None,
     ) -> None:
         self.finish(exit_code=1 if exc_type is not None else None)
-
-
-# ----------------------------------------------------------------------------- online sweeps
-
-
-def create_sweep(spec: Mapping[str, Any], cfg: WandbConfig) -> str:
-    """Register a sweep (a validated W&B sweep dict) on the W&B server; returns its id.
-    Needs the network and WANDB_API_KEY in the environment."""
-    import wandb
-
-    return str(wandb.sweep(dict(spec), project=cfg.project, entity=cfg.entity))
-
-
-def next_sweep_run(sweep_id: str, cfg: WandbConfig) -> tuple[str, dict[str, Any]]:
-    """One agent step: the run id and parameters the sweep controller chose next. The run is
-    then continued by a :class:`Tracker` with that id (``resume="allow"``), which logs the
-    training itself."""
-    import wandb
-
-    got: dict[str, Any] = {}
-
-    def take() -> None:
-        run = wandb.init(settings=_wandb_settings(wandb))
-        got.update(run_id=run.id, params=dict(run.config))
-        run.finish()
-
-    wandb.agent(sweep_id, function=take, count=1, project=cfg.project, entity=cfg.entity)
-    if "run_id" not in got:
-        raise TrackerError(f"sweep {sweep_id}: the agent got no run (sweep finished?)")
-    return got["run_id"], got["params"]

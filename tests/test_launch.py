@@ -1,20 +1,27 @@
 """launch/submit.py and launch/sweep.py on the real single-node Slurm cluster: a 2-task DeepSpeed
 job, a job preempted by Slurm's warning signal that requeues and resumes, an offline sweep array,
-and bad input refused before anything is queued."""
+and bad input refused before anything is queued. Without Slurm or the network: the online sweep's
+hand-off (a fake agent step injected) and its AgentTask shipped by value, as submitit does."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_slurm_cluster import _sacct_state, _until
-from test_train import _losses
+import yaml
+from helpers import sacct_state, train_losses, until
 
-from multieye_dist.tracking import read_metrics
+from multieye_dist.config import load_config
+from multieye_dist.tracking import RUN_ID_FILE, Tracker, read_metrics, read_run_id
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16  # 2 epochs x 128 samples / 2 ranks / batch 8
@@ -94,15 +101,15 @@ def test_preempted_job_saves_requeues_and_resumes_without_losing_a_step(
     proc = _submit_two_tasks(slurm_cluster, shards, out, wandb_home)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
-    _until(
+    until(
         "3 training steps",
         lambda: (out / "metrics.jsonl").is_file() and len(_steps(out)) >= 3,
         timeout=180,
     )
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    _until(
+    until(
         "the requeued job to finish",
-        lambda: _sacct_state(job_id) == "COMPLETED" and (out / "summary.json").is_file(),
+        lambda: sacct_state(job_id) == "COMPLETED" and (out / "summary.json").is_file(),
         timeout=300,
     )
 
@@ -110,10 +117,10 @@ def test_preempted_job_saves_requeues_and_resumes_without_losing_a_step(
     assert "Restarts=1" in show.stdout
     steps = _steps(out)
     assert steps == list(range(1, STEPS + 1))  # none lost, none repeated
-    expected = _losses(two_task_job)
-    for step, loss in _losses(out).items():
+    expected = train_losses(two_task_job)
+    for step, loss in train_losses(out).items():
         assert loss == pytest.approx(expected[step], rel=1e-5), step
-    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    run_id = (out / RUN_ID_FILE).read_text().strip()
     assert len(list(out.glob(f"wandb/offline-run-*-{run_id}*"))) == 2
     err = "".join(p.read_text() for p in (out / "slurm").glob(f"{job_id}_0_log.err"))
     assert "stop requested" in err and "resumed from" in err
@@ -159,6 +166,9 @@ def test_offline_sweep_array_runs_every_run_and_summarizes(
     assert values == sorted(values, reverse=True)  # best first
     params = {tuple(r["params"].values()) for r in manifest["runs"]}
     assert params == {(0.001, 0.3), (0.001, 0.6), (0.003, 0.3), (0.003, 0.6)}
+    for r in manifest["runs"]:  # each run is named and tagged for the tracker
+        tracking = yaml.safe_load((Path(r["out_dir"]) / "config.yaml").read_text())["tracking"]
+        assert (tracking["run_name"], tracking["tags"]) == (r["name"], ["tiny"])
 
 
 def _queue() -> str:
@@ -206,3 +216,88 @@ def test_bad_input_is_refused_before_anything_is_queued(
 def test_missing_config_file_is_named(slurm_cluster, tmp_path):
     proc = _launch("submit.py", "--config", str(tmp_path / "nope.yaml"), env={})
     assert proc.returncode == 2 and "nope.yaml: no such file" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- online sweeps
+
+
+@pytest.fixture(scope="module")
+def sweep_launcher():
+    """launch/sweep.py as a module (it is a script: launched, it runs as __main__)."""
+    spec = importlib.util.spec_from_file_location("sweep_launcher", ROOT / "launch" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_online_sweep_hand_off_without_the_network(sweep_launcher, tmp_path):
+    """The agent step (here a fake: no W&B server) runs once per task, on rank 0; the run id is
+    persisted where the Tracker reads it, the other ranks and a requeued task read the same
+    hand-off, and the task's overrides resolve to an online W&B run in the run's directory."""
+    calls, params = [], {"loss.alpha": 0.3, "optim.lr": 0.001}
+
+    def next_run():
+        calls.append(1)
+        return "agentrun1", params
+
+    with pytest.raises(RuntimeError, match="no sweep run handed over"):
+        sweep_launcher.hand_off(tmp_path, "7_0", 1, next_run, timeout_s=0.2, poll_s=0.05)
+    record = sweep_launcher.hand_off(tmp_path, "7_0", 0, next_run)
+    out_dir = tmp_path / "runs" / "agentrun1"
+    assert record == {"name": "agentrun1", "params": params, "out_dir": str(out_dir)}
+    assert read_run_id(out_dir) == "agentrun1"
+    assert sweep_launcher.hand_off(tmp_path, "7_0", 1, next_run, poll_s=0.01) == record
+    assert sweep_launcher.hand_off(tmp_path, "7_0", 0, next_run) == record  # requeued task
+    assert calls == [1]
+    assert sorted(p.name for p in (tmp_path / "agents").iterdir()) == ["7_0.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [RUN_ID_FILE]  # no temp files left
+
+    task = sweep_launcher.AgentTask(
+        "sweep1", str(ROOT / "configs" / "demo.yaml"), ["train.epochs=1"], str(tmp_path)
+    )
+    cfg = load_config(task.config, task.train_overrides(record))
+    assert (cfg.tracking.backend, cfg.tracking.wandb.mode) == ("wandb", "online")
+    assert (cfg.loss.alpha, cfg.optim.lr, cfg.train.epochs) == (0.3, 0.001, 1)
+    assert cfg.train.out_dir == str(out_dir)
+    local = dataclasses.replace(cfg.tracking, backend="local")
+    tracker = Tracker(local, cfg.train.out_dir, rank=0)  # the training continues that run
+    tracker.finish()
+    assert tracker.run_id == "agentrun1"
+
+
+def test_agent_task_is_shipped_by_value(sweep_launcher, tmp_path):
+    """Launched, launch/sweep.py is __main__, so cloudpickle (submitit) pickles AgentTask by
+    value: a fresh interpreter that cannot import the launcher still loads it, requeues it and
+    builds its overrides from what is installed (multieye_dist)."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sweep_launcher)  # what __main__ gets by default
+    try:
+        blob = cloudpickle.dumps(
+            sweep_launcher.AgentTask("sweep1", "c.yaml", ["train.epochs=1"], str(tmp_path), 2)
+        )
+    finally:
+        cloudpickle.unregister_pickle_by_value(sweep_launcher)
+    code = (
+        "import pickle, sys\n"
+        "task = pickle.loads(sys.stdin.buffer.read())\n"
+        "again = task.checkpoint().function\n"
+        "assert type(again).__name__ == 'AgentTask' and again.max_requeues == 2\n"
+        "print(again.train_overrides({'params': {'loss.alpha': 0.3}, 'out_dir': '/o'}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], input=blob, capture_output=True, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert proc.stdout.decode().strip() == str(
+        [
+            "train.epochs=1",
+            "loss.alpha=0.3",
+            "train.out_dir=/o",
+            "tracking.backend=wandb",
+            "tracking.wandb.mode=online",
+        ]
+    )

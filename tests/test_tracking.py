@@ -1,9 +1,12 @@
-"""Tracker: real wandb in offline mode (no mocks), the local metrics log, ids across resumes.
+"""Tracker: real wandb in offline mode (no mocks), the local backend (metrics log, summary),
+ids across resumes, the backend interface, and failed runs.
 
-The offline ``run-<id>.wandb`` files are read back with a small reader below: wandb 0.31 has no
+The offline ``run-<id>.wandb`` files are read back with helpers.wandb_records: wandb 0.31 has no
 Python reader any more (the LevelDB-log ``DataStore`` moved into the Go core), but the format is
 simple (a 7-byte ``:W&B`` header, then LevelDB log blocks of CRC32-checked chunks) and every
-record is a ``wandb.proto.wandb_internal_pb2.Record``.
+record is a ``wandb.proto.wandb_internal_pb2.Record``. wandb-core may still be writing the file
+when ``run.finish()`` returns (measured: sometimes empty right after, complete within a second),
+so the reader waits for the run's exit record.
 """
 
 from __future__ import annotations
@@ -11,17 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import struct
 import subprocess
 import sys
-import zlib
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from helpers import offline_runs, wandb_contents, wandb_exit_code
 
-from multieye_dist.config import Config, WandbConfig, to_dict
+from multieye_dist.config import Config, to_dict
 from multieye_dist.metrics import evaluate
 from multieye_dist.tracking import (
     METRICS_FILE,
@@ -29,13 +29,24 @@ from multieye_dist.tracking import (
     SUMMARY_FILE,
     Tracker,
     TrackerError,
+    TrackingConfig,
+    WandbConfig,
     read_metrics,
+    read_run_id,
+    write_run_id,
 )
 
 FAKE_KEY = "fake-wandb-key-0123456789abcdef0123456789abcdef"
 
-OFFLINE = WandbConfig(mode="offline", project="multieye-test", tags=["ci"], run_name="t")
-DISABLED = WandbConfig(mode="disabled")
+OFFLINE = TrackingConfig(
+    backend="wandb",
+    project="multieye-test",
+    tags=["ci"],
+    run_name="t",
+    wandb=WandbConfig(mode="offline"),
+)
+DISABLED = TrackingConfig(wandb=WandbConfig(mode="disabled"))
+LOCAL = TrackingConfig(backend="local")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,63 +64,6 @@ def _wandb_env(tmp_path_factory):
         yield
 
 
-# ----------------------------------------------------------------------------- .wandb reader
-
-_BLOCK = 32 * 1024  # LevelDB log block size
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def wandb_records(path: Path) -> list[Any]:
-    """Every protobuf ``Record`` of an offline ``run-<id>.wandb`` file, CRCs checked."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:7])
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), f"{path}: not a W&B transaction log"
-    records, pos, chunks = [], 7, b""
-    while pos + 7 <= len(data):
-        if _BLOCK - pos % _BLOCK < 7:  # block trailer too small for a chunk header: padding
-            pos += _BLOCK - pos % _BLOCK
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        payload = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 0 and length == 0:
-            continue  # zero padding
-        assert zlib.crc32(bytes([kind]) + payload) == crc, f"{path}: bad CRC at {pos}"
-        chunks += payload
-        if kind in (_FULL, _LAST):
-            record = pb.Record()
-            record.ParseFromString(chunks)
-            records.append(record)
-            chunks = b""
-    return records
-
-
-def _keys(items) -> set[str]:
-    return {"/".join(item.nested_key) if item.nested_key else item.key for item in items}
-
-
-def wandb_contents(path: Path) -> dict[str, Any]:
-    """The run record, history keys and summary keys of an offline run file."""
-    runs, history, summary = [], set(), set()
-    for record in wandb_records(path):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            runs.append(record.run)
-        elif kind == "history":
-            history |= _keys(record.history.item)
-        elif kind == "summary":
-            summary |= _keys(record.summary.update)
-    assert len(runs) == 1, f"{path}: {len(runs)} run records"
-    return {"run": runs[0], "history": history, "summary": summary}
-
-
-def offline_runs(run_dir: Path, run_id: str) -> list[Path]:
-    # A second part started within the same second gets a "-1" suffix on its directory.
-    return sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}*/run-{run_id}.wandb"))
-
-
 def _eval_result() -> dict:
     """Class "c" is absent: its AUC/AP are None, which the W&B table must carry too."""
     labels = np.array([0, 0, 1, 1, 1])
@@ -123,27 +77,34 @@ def _eval_result() -> dict:
 
 
 def test_import_and_inactive_paths_never_load_wandb(tmp_path):
-    """A fresh interpreter: importing the module, a rank-1 offline Tracker and a rank-0
-    disabled Tracker all leave wandb unimported. The config section is a plain namespace here
-    because importing multieye_dist.config imports timm, and timm imports wandb itself."""
+    """A fresh interpreter: importing the module, a rank-1 W&B Tracker, a rank-0 Tracker with
+    W&B disabled and one with the local backend all leave wandb unimported. The config section
+    comes from multieye_dist.tracking itself, not multieye_dist.config, because importing the
+    config imports timm, and timm imports wandb itself."""
     code = f"""
 import sys
-from types import SimpleNamespace
-from multieye_dist.tracking import Tracker, read_metrics
+from multieye_dist.tracking import Tracker, TrackingConfig, WandbConfig, read_metrics
 assert "wandb" not in sys.modules, "import"
-cfg = SimpleNamespace(project="p", mode="offline", entity=None, tags=[], run_name=None)
-t = Tracker(cfg, {str(tmp_path / "r1")!r}, rank=1)
+t = Tracker(TrackingConfig(), {str(tmp_path / "r1")!r}, rank=1)
 t.log({{"a": 1.0}}, step=0); t.summary({{"b": 1}}); t.finish()
 assert "wandb" not in sys.modules, "rank 1"
-cfg.mode = "disabled"
-t = Tracker(cfg, {str(tmp_path / "r0")!r}, rank=0)
-t.log({{"a": 1.0}}, step=0); t.summary({{"b": 1}}); t.finish()
-assert read_metrics({str(tmp_path / "r0")!r})[0]["a"] == 1.0
-assert "wandb" not in sys.modules, "disabled"
+for name, cfg in [
+    ("disabled", TrackingConfig(wandb=WandbConfig(mode="disabled"))),
+    ("local", TrackingConfig(backend="local", wandb=WandbConfig(mode="online"))),
+]:
+    t = Tracker(cfg, {str(tmp_path)!r} + "/" + name, rank=0)
+    assert [b.name for b in t.backends] == ["local"], name
+    t.log({{"a": 1.0}}, step=0); t.summary({{"b": 1}}); t.finish(exit_code=1)
+    assert read_metrics({str(tmp_path)!r} + "/" + name)[0]["a"] == 1.0
+    assert "wandb" not in sys.modules, name
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert not (tmp_path / "r1").exists() and not (tmp_path / "r0" / "wandb").exists()
+    assert not (tmp_path / "r1").exists()
+    for name in ("disabled", "local"):
+        run_dir = tmp_path / name
+        assert {p.name for p in run_dir.iterdir()} == {RUN_ID_FILE, METRICS_FILE, SUMMARY_FILE}
+        assert json.loads((run_dir / SUMMARY_FILE).read_text()) == {"b": 1, "exit_code": 1}
 
 
 def test_offline_run_writes_history_tables_summary(tmp_path):
@@ -163,7 +124,9 @@ def test_offline_run_writes_history_tables_summary(tmp_path):
     assert (run.run_id, run.project, run.job_type) == (run_id, "multieye-test", "distill")
     assert run.display_name == "t" and list(run.tags) == ["ci"]
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
-    assert config["optim"]["lr"] == cfg.optim.lr and config["wandb"]["mode"] == "offline"
+    assert config["optim"]["lr"] == cfg.optim.lr
+    assert config["tracking"]["wandb"]["mode"] == "offline"
+    assert wandb_exit_code(files[0]) == 0
 
     assert {"train/loss", "train/lr", "dev/f1", "dev/auc", "dev/f1/a", "dev/kappa"} <= got[
         "history"
@@ -332,3 +295,90 @@ def test_bad_values_are_caller_errors(tmp_path):
     with pytest.raises(RuntimeError, match="finished"):
         tracker.log({"a": 1.0}, step=2)
     assert read_metrics(tmp_path / "run") == []
+
+
+def test_a_run_that_raises_is_marked_failed(tmp_path):
+    """An exception inside the Tracker (as in train.run) finishes every backend with exit code
+    1: W&B's exit record holds it, summary.json says so, and metrics.jsonl is whole. A later
+    part that ends normally (a resumed job) sets the local exit code back to 0."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(FloatingPointError), Tracker(OFFLINE, run_dir, rank=0) as tracker:
+        tracker.log({"train/loss": 1.0}, step=1)
+        raise FloatingPointError("loss is nan")
+    assert not tracker.active
+    (path,) = offline_runs(run_dir, tracker.run_id)
+    assert wandb_exit_code(path) == 1
+    assert json.loads((run_dir / SUMMARY_FILE).read_text()) == {"exit_code": 1}
+    assert [r["step"] for r in read_metrics(run_dir)] == [1]
+
+    with Tracker(DISABLED, run_dir, rank=0) as again:
+        again.log({"train/loss": 0.5}, step=2)
+        again.summary({"step": 2})
+    assert json.loads((run_dir / SUMMARY_FILE).read_text()) == {"exit_code": 0, "step": 2}
+
+
+class Recorder:
+    """A backend that records its calls (the Backend protocol, nothing more)."""
+
+    name = "recorder"
+
+    def __init__(self, fail_finish: bool = False) -> None:
+        self.calls: list[tuple] = []
+        self.fail_finish = fail_finish
+
+    def log(self, metrics, step):
+        self.calls.append(("log", dict(metrics), step))
+
+    def log_eval(self, result, scalars, prefix, step):
+        self.calls.append(("log_eval", result["class_names"], dict(scalars), prefix, step))
+
+    def summary(self, values):
+        self.calls.append(("summary", dict(values)))
+
+    def finish(self, exit_code):
+        self.calls.append(("finish", exit_code))
+        if self.fail_finish:
+            raise OSError("backend gone")
+
+
+def test_tracker_fans_out_checked_values_to_every_backend(tmp_path):
+    first, second = Recorder(fail_finish=True), Recorder()
+    tracker = Tracker(LOCAL, tmp_path / "run", rank=0, backends=[first, second])
+    assert [b.name for b in tracker.backends] == ["local", "recorder", "recorder"]
+    tracker.log({"a": np.float32(0.5), "b": True}, step=3)
+    tracker.log_eval(_eval_result(), prefix="test/", step=4)
+    tracker.summary({"f1": np.float64(0.25)})
+    with pytest.raises(OSError, match="backend gone"):  # the first error, after all finished
+        tracker.finish(exit_code=1)
+    for rec in (first, second):
+        log, log_eval, summary, finish = rec.calls
+        assert log == ("log", {"a": 0.5, "b": 1}, 3) and type(log[1]["a"]) is float
+        assert log_eval[:2] == ("log_eval", ["a", "b", "c"]) and log_eval[3:] == ("test/", 4)
+        assert log_eval[2]["test/f1"] == pytest.approx(_eval_result()["f1"])
+        assert summary == ("summary", {"f1": 0.25}) and finish == ("finish", 1)
+    records = read_metrics(tmp_path / "run")  # the local backend got the same values
+    assert records[0]["a"] == 0.5 and records[1]["test/f1"] == log_eval[2]["test/f1"]
+    assert json.loads((tmp_path / "run" / SUMMARY_FILE).read_text()) == {"f1": 0.25, "exit_code": 1}
+
+    other = Recorder()
+    Tracker(LOCAL, tmp_path / "r1", rank=1, backends=[other]).log({"a": 1.0}, step=0)
+    assert other.calls == [] and not (tmp_path / "r1").exists()
+
+
+def test_run_id_file_is_written_atomically_and_the_old_name_is_read(tmp_path):
+    run_dir = tmp_path / "run"
+    assert read_run_id(run_dir) is None
+    write_run_id(run_dir, "abc123")  # what the sweep hand-off does before training starts
+    assert (run_dir / RUN_ID_FILE).read_text() == "abc123\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == [RUN_ID_FILE]  # no temp file left
+    assert Tracker(LOCAL, run_dir, rank=0).run_id == "abc123"
+    with pytest.raises(ValueError, match="run id must match"):
+        write_run_id(run_dir, "../x")
+
+    old = tmp_path / "old"  # a run directory from before the rename
+    old.mkdir()
+    (old / "wandb_run_id.txt").write_text("legacy9\n")
+    tracker = Tracker(LOCAL, old, rank=0)
+    tracker.finish()
+    assert tracker.run_id == "legacy9" and read_run_id(old) == "legacy9"
+    assert (old / RUN_ID_FILE).read_text() == "legacy9\n"
