@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from multieye_dist.config import DataConfig
 from multieye_dist.data.layout import read_layout
 from multieye_dist.data.preprocess import Preprocess
 from multieye_dist.data.shards import ConvertOptions, convert
@@ -96,8 +97,11 @@ def main() -> None:
         )
         fs = ShardSet.from_manifest(work / "shards", "fundus", "train")
         os_ = ShardSet.from_manifest(work / "shards", "oct", "train")
-        cfg = StreamConfig(
-            samples_per_epoch=args.samples, batch_size=args.batch, image_size=args.image_size
+        cfg = StreamConfig.from_data(
+            DataConfig(),
+            samples_per_epoch=args.samples,
+            batch_size=args.batch,
+            image_size=args.image_size,
         )
         tf = train_transform(args.image_size)
         rel = ReleaseStyle(root, tf)

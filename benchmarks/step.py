@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from multieye_dist.checkpoint import export_inference
 from multieye_dist.concepts import load_bank
 from multieye_dist.config import load_config
+from multieye_dist.data.stream import Batch, StreamStats
 from multieye_dist.losses import _gate_rule, contrastive_loss, gate_distances
 from multieye_dist.model import ConceptModel, ModelConfig
 
@@ -63,16 +64,19 @@ def make_teacher(path: Path, backbone: str, image_size: int) -> Path:
     return path
 
 
-def synthetic_batch(b: int, s: int, device: torch.device) -> dict:
+def synthetic_batch(b: int, s: int, device: torch.device) -> Batch:
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 9, (b,), generator=g)
-    return {
-        "fundus": torch.randn(b, 3, s, s, generator=g).to(device),
-        "fundus_label": y.to(device),
-        "oct": torch.randn(b, 3, s, s, generator=g).to(device),
-        "oct_label": y.to(device),
-        "stats": {"worker": 0, "bad": 0, "unmatched_oct": 0},
-    }
+    return Batch(
+        image=torch.randn(b, 3, s, s, generator=g),
+        label=y,
+        keys=[f"f{i}" for i in range(b)],
+        meta=[{} for _ in range(b)],
+        stats=StreamStats(),
+        partner_image=torch.randn(b, 3, s, s, generator=g),
+        partner_label=y.clone(),
+        partner_keys=[f"o{i}" for i in range(b)],
+    ).to(device)
 
 
 def _sync(device: torch.device) -> None:
@@ -137,12 +141,12 @@ def release_step_fn(backbone: str, device: torch.device, image_size: int):
     dtype = torch.float16 if cuda else torch.bfloat16  # CPU autocast: bf16
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
 
-    def step(batch: dict) -> None:
+    def step(batch: Batch) -> None:
         with torch.autocast(device.type, dtype=dtype):
-            zf, sf = student(batch["fundus"])
+            zf, sf = student(batch.image)
             with torch.no_grad():
-                zo, so = teacher(batch["oct"])
-        yf, yo = batch["fundus_label"], batch["oct_label"]
+                zo, so = teacher(batch.partner_image)
+        yf, yo = batch.label, batch.partner_label
         zf, sf, zo, so = zf.float(), sf.float(), zo.float(), so.float()
         loss = F.cross_entropy(zf, yf)
         if bool(_gate_rule(*gate_distances(zf, zo, yf))):
@@ -171,7 +175,7 @@ def our_job(args, shards: Path, teacher: Path, out: Path, overrides: list[str]):
         f"data.samples_per_epoch={args.batch_size * (args.steps + args.warmup + 2)}",
         f"data.num_workers={args.workers}", "data.pool_size=8", f"teacher.checkpoint={teacher}",
         f"train.out_dir={out}", "train.resume=never", "train.progress=false",
-        "wandb.mode=disabled", "optim.warmup_epochs=0", "train.epochs=1", *args.common,
+        "tracking.backend=local", "optim.warmup_epochs=0", "train.epochs=1", *args.common,
         *overrides,
     ])  # fmt: skip
     job, _ = setup(cfg)
@@ -225,6 +229,24 @@ def main() -> None:
         args.warmup,
     )
     rows.append(("release-style baseline", base_s, base_peak))
+    # Rows are printed as they are measured: a run cut short by a time limit keeps its table.
+    print(
+        f"\ndistillation step: {args.backbone} student + teacher, {args.image_size} px, "
+        f"batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, "
+        f"device {args.device} ({torch.cuda.get_device_name(args.device) if not cpu else 'cpu'}"
+        f"), torch {torch.__version__}"
+    )
+    print(f"{'step':<36}{'pairs/s':>10}{'ms/step':>10}{'vs baseline':>13}{'peak MiB':>10}")
+
+    def show(name: str, sec: float, peak: float | None) -> None:
+        pk = f"{peak:.0f}" if peak is not None else "-"
+        print(
+            f"{name:<36}{args.batch_size / sec:>10.1f}{1000 * sec:>10.1f}"
+            f"{base_s / sec:>12.2f}x{pk:>10}",
+            flush=True,
+        )
+
+    show(*rows[0])
     from multieye_dist.train import train_step
 
     wanted = args.only or list(VARIANTS)
@@ -234,6 +256,7 @@ def main() -> None:
         job = our_job(args, shards, teacher, tmp / "runs" / str(len(rows)), over)
         sec, peak = timed(lambda b, job=job: train_step(job, b), batches, args.device, args.warmup)
         rows.append((name, sec, peak))
+        show(*rows[-1])
         if name == "ours (all on)":
             from multieye_dist.data.prefetch import DevicePrefetcher
 
@@ -242,25 +265,12 @@ def main() -> None:
                 lambda b, job=job: train_step(job, b), loader, args.device, args.warmup, args.steps
             )
             rows.append((f"ours, real loader ({args.workers} workers)", sec_l, None))
+            show(*rows[-1])
             if args.profile:
                 print(profile_step(lambda b, job=job: train_step(job, b), batch, args.device))
         del job  # one engine at a time on the device
         if not cpu:
             torch.cuda.empty_cache()
-
-    print(
-        f"\ndistillation step: {args.backbone} student + teacher, {args.image_size} px, "
-        f"batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, "
-        f"device {args.device} ({torch.cuda.get_device_name(args.device) if not cpu else 'cpu'}"
-        f"), torch {torch.__version__}"
-    )
-    print(f"{'step':<36}{'pairs/s':>10}{'ms/step':>10}{'vs baseline':>13}{'peak MiB':>10}")
-    for name, sec, peak in rows:
-        pk = f"{peak:.0f}" if peak is not None else "-"
-        print(
-            f"{name:<36}{args.batch_size / sec:>10.1f}{1000 * sec:>10.1f}"
-            f"{base_s / sec:>12.2f}x{pk:>10}"
-        )
 
 
 if __name__ == "__main__":

@@ -150,15 +150,29 @@ def rendezvous(job_env) -> dict[str, str]:
 
 
 class _Flag:
+    """Set by the SIGUSR2 handler, polled by the training loop (``stop_requested``)."""
+
     def __init__(self) -> None:
-        self.value = False
+        self.signum: int | None = None
+        self._reported = False
 
     def set(self, signum: int, frame: Any) -> None:
-        logger.warning("caught %s: saving at the next step, then requeueing", signum)
-        self.value = True
+        # The signal handler: it only records the signal. Python runs it in the main thread
+        # between two bytecodes of whatever that thread was doing, possibly inside logging's
+        # own emit with the handler lock held and a stream half written: logging from here
+        # could re-enter that stream or wait on a lock this thread's interrupted code holds.
+        self.signum = signum
 
     def __call__(self) -> bool:
-        return self.value
+        # Outside the handler: the log line is emitted here, once, when the loop first sees it.
+        if self.signum is not None and not self._reported:
+            self._reported = True
+            try:
+                name = signal.Signals(self.signum).name
+            except ValueError:
+                name = str(self.signum)
+            logger.warning("caught %s: saving at the next step, then requeueing", name)
+        return self.signum is not None
 
 
 class TrainTask:
@@ -226,64 +240,3 @@ def _quiet_logging(rank: int) -> None:
     logging.getLogger().setLevel(level)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-
-class AgentTask:
-    """An online sweep's array task: rank 0 asks the W&B sweep controller for the next run's
-    parameters, hands them to the other ranks through a file in the sweep directory, and all
-    ranks train that run (as :class:`TrainTask`, so preemption and requeue work the same; a
-    requeued task finds its hand-off file and continues the same run)."""
-
-    def __init__(
-        self,
-        sweep_id: str,
-        config: str,
-        overrides: list[str],
-        sweep_dir: str,
-        max_requeues: int = 3,
-    ):
-        self.sweep_id, self.config, self.overrides = sweep_id, config, list(overrides)
-        self.sweep_dir, self.max_requeues = sweep_dir, max_requeues
-
-    def __call__(self) -> dict[str, Any]:
-        import json
-        import time
-
-        import submitit
-
-        job_env = submitit.JobEnvironment()
-        handoff = Path(self.sweep_dir) / "agents" / f"{job_env.job_id}.json"
-        if job_env.global_rank == 0 and not handoff.is_file():
-            from multieye_dist.config import load_config
-            from multieye_dist.tracking import next_sweep_run
-
-            wandb_cfg = load_config(self.config, self.overrides).wandb
-            run_id, params = next_sweep_run(self.sweep_id, wandb_cfg)
-            out_dir = Path(self.sweep_dir) / "runs" / run_id
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "wandb_run_id.txt").write_text(run_id + "\n", encoding="utf-8")
-            record = {"name": run_id, "params": params, "out_dir": str(out_dir)}
-            from multieye_dist.atomic import write_text
-
-            write_text(handoff, json.dumps(record))
-        deadline = time.monotonic() + 900
-        while not handoff.is_file():  # other ranks: wait for rank 0's agent step
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no sweep run handed over in {handoff} after 15 min")
-            time.sleep(2)
-        record = json.loads(handoff.read_text(encoding="utf-8"))
-        from multieye_dist.sweeps import overrides_for
-
-        overrides = [
-            *self.overrides,
-            *overrides_for(record["params"]),
-            f"train.out_dir={record['out_dir']}",
-            "wandb.mode=online",
-        ]
-        return TrainTask(self.config, overrides, self.max_requeues)()
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(
-            AgentTask(self.sweep_id, self.config, self.overrides, self.sweep_dir, self.max_requeues)
-        )

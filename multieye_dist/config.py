@@ -3,21 +3,32 @@
 The defaults live in ONE place, the dataclasses below; YAML files under ``configs/`` only state
 what differs. Every section is a *frozen* dataclass (like :class:`multieye_dist.model.ModelConfig`,
 which is reused as the ``model`` section): a resolved config cannot drift during a run, and code
-that needs a variant makes one with :func:`dataclasses.replace`. Functions elsewhere take one
-section (``cfg.loss``, ``cfg.optim``), never the whole :class:`Config`.
+that needs a variant makes one with :func:`dataclasses.replace`. Library functions take the
+section they read (``cfg.loss``, ``cfg.optim``); only what spans sections takes the whole
+:class:`Config`: the trainer, the objectives (stage, loss, teacher and perf together) and the
+launchers.
 
 Loading (:func:`load_config`):
 
 * A YAML file is a mapping of sections to mappings of fields. ``base: other.yaml`` (relative to
   the file) names one file it is a diff over; that file may have a ``base:`` of its own.
 * An override is ``section.field=value``; the value is parsed with ``yaml.safe_load`` (``3e-4``,
-  ``true``, ``[1, 2]``, ``null``). Dotted keys reach into dict fields (``deepspeed.extra.a.b=1``).
+  ``true``, ``[1, 2]``, ``null``). Dotted keys reach into dict fields (``deepspeed.extra.a.b=1``)
+  and into nested sections (a field whose type is a section, :mod:`multieye_dist.sections`:
+  ``tracking.<backend>.<field>=...``), which YAML writes as nested mappings.
 * Every value is checked against its field's type (an int is fine for a float; YAML 1.1 reads
   ``3e-4`` as a string, which is accepted for a float field); choices and ranges are checked in
   ``__post_init__``. Errors are :class:`ConfigError` and name the dotted key, and for unknown
-  keys the file and line (or the override) and the closest valid key.
-* Secrets (W&B API keys, tokens, passwords) are never configuration: keys that look like one are
-  rejected; set them in the environment (``WANDB_API_KEY``).
+  keys the file and line (or the override) and the closest valid key, or the new name of a key
+  that moved (a section's ``_moved``).
+* Secrets (API keys, tokens, passwords) are never configuration: keys that look like one are
+  rejected; set them in the environment (the tracking backend reads its API key from there).
+
+The ``tracking`` section is defined in :mod:`multieye_dist.tracking`, next to the backends it
+configures, and the ``model`` section in :mod:`multieye_dist.model`; this module only assembles
+them. The section machinery (:class:`~multieye_dist.sections.Section`, type coercion,
+:class:`ConfigError`) is :mod:`multieye_dist.sections`, so that those modules need not import this
+one.
 
 :func:`save_resolved` writes the resolved config to ``run_dir/config.yaml`` (atomically); loading
 that file back gives an equal :class:`Config`. Only ``yaml.safe_load``/``safe_dump``, no pickle.
@@ -26,9 +37,9 @@ that file back gives an equal :class:`Config`. Only ``yaml.safe_load``/``safe_du
 from __future__ import annotations
 
 import difflib
-import types
+import functools
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -36,6 +47,10 @@ import yaml
 
 from multieye_dist.atomic import write_text
 from multieye_dist.model import ModelConfig
+from multieye_dist.sections import SECRET_PARTS, ConfigError, is_section
+from multieye_dist.sections import Section as _Section
+from multieye_dist.sections import coerce as _coerce
+from multieye_dist.tracking import TrackingConfig
 
 __all__ = [
     "Config",
@@ -49,122 +64,14 @@ __all__ = [
     "PerfConfig",
     "TeacherConfig",
     "TrainConfig",
-    "WandbConfig",
+    "TrackingConfig",
     "load_config",
     "parse_override",
     "save_resolved",
     "to_dict",
 ]
 
-_SECRET_PARTS = ("api_key", "apikey", "token", "password", "secret")
-
-
-class ConfigError(ValueError):
-    """A configuration is invalid; the message names the dotted key (and where it came from)."""
-
-
-# ----------------------------------------------------------------------------- type checking
-
-
-def _choices(tp: Any) -> tuple[Any, ...] | None:
-    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
-
-
-def _type_name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (list -> tuple, int ->
-    float, "3e-4" -> float). Literal choices pass through: ``__post_init__`` reports them."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    def bad() -> ConfigError:
-        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-
-    if tp is Any or origin is Literal:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], key)
-        raise bad()
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    if origin in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise bad()
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
-            items = [
-                _coerce(v, a, f"{key}[{i}]")
-                for i, (v, a) in enumerate(zip(value, args, strict=True))
-            ]
-        else:
-            items = [
-                _coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)
-            ]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise bad()
-        return dict(value)
-    raise TypeError(f"{key}: unsupported annotation {tp!r}")  # a bug in this module
-
-
 # ----------------------------------------------------------------------------- sections
-
-
-@dataclass(frozen=True)
-class _Section:
-    """Base of the sections owned here: coerces field types, checks Literal choices, then
-    :meth:`_validate` checks ranges. ``_key`` is the section's name in :class:`Config`."""
-
-    _key: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            key, value = f"{self._key}.{f.name}", getattr(self, f.name)
-            value = _coerce(value, hints[f.name], key)
-            object.__setattr__(self, f.name, value)
-            choices = _choices(hints[f.name])
-            if choices is not None and not any(
-                value == c and type(value) is type(c) for c in choices
-            ):
-                raise ConfigError(
-                    f"{key}={value!r}: choose one of {', '.join(str(c) for c in choices)}"
-                )
-        self._validate()
-
-    def _validate(self) -> None:
-        pass
-
-    def _check(self, ok: bool, name: str, rule: str) -> None:
-        if not ok:
-            raise ConfigError(f"{self._key}.{name}={getattr(self, name)!r}: must be {rule}")
 
 
 @dataclass(frozen=True)
@@ -209,11 +116,17 @@ class TeacherConfig(_Section):
 
 @dataclass(frozen=True)
 class LossConfig(_Section):
-    """As in the release: ``alpha`` scales the contrastive term, ``beta`` the prototype term."""
+    """As in the release: ``alpha`` scales the contrastive term, ``beta`` the prototype term.
+
+    ``name`` and ``variant`` choose an objective of :mod:`multieye_dist.objectives` (its registry
+    is the list of choices, checked with ``train.stage`` in :class:`Config`): ``octcoda``
+    (variants ``paper``, ``official``: METHOD.md "Where the released code differs") or
+    ``fundus-only`` (cross-entropy on fundus, no teacher). The teacher stage has one objective
+    and does not read them."""
 
     _key: ClassVar[str] = "loss"
-    name: Literal["octcoda", "fundus-only"] = "octcoda"  # fundus-only = CE on fundus, no teacher
-    variant: Literal["paper", "official"] = "paper"  # METHOD.md "Where the released code differs"
+    name: str = "octcoda"
+    variant: str = "paper"
     alpha: float = 0.6
     beta: float = 0.05
     temperature: float = 10.0
@@ -298,21 +211,6 @@ class DeepSpeedConfig(_Section):
 
 
 @dataclass(frozen=True)
-class WandbConfig(_Section):
-    """The API key is never configuration: W&B reads ``WANDB_API_KEY`` from the environment."""
-
-    _key: ClassVar[str] = "wandb"
-    project: str = "multieye-dist"
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    entity: str | None = None
-    tags: list[str] = field(default_factory=list)
-    run_name: str | None = None
-
-    def _validate(self) -> None:
-        self._check(bool(self.project), "project", "a non-empty name")
-
-
-@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -322,7 +220,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
 
     def __post_init__(self) -> None:
@@ -334,6 +232,12 @@ class Config:
                 f"optim.warmup_epochs={self.optim.warmup_epochs}: must be <= "
                 f"train.epochs={self.train.epochs}"
             )
+        from multieye_dist import objectives  # lazily: it imports the model and the losses
+
+        try:
+            objectives.check(self.train.stage, self.loss)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 _SECTIONS: dict[str, type] = {
@@ -345,12 +249,30 @@ _SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "deepspeed": DeepSpeedConfig,
-    "wandb": WandbConfig,
+    "tracking": TrackingConfig,
     "perf": PerfConfig,
 }
-_HINTS = {name: typing.get_type_hints(cls) for name, cls in _SECTIONS.items()}
-_FIELDS = {name: [f.name for f in fields(cls)] for name, cls in _SECTIONS.items()}
-_ALL_KEYS = [f"{s}.{f}" for s, names in _FIELDS.items() for f in names]
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The field types of a section class (annotations resolved)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _dotted_keys(hints: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key below ``hints``: nested sections by name and by each of their fields."""
+    keys = []
+    for name, tp in hints.items():
+        keys.append(prefix + name)
+        if is_section(tp):
+            keys += _dotted_keys(_hints(tp), f"{prefix}{name}.")
+    return keys
+
+
+_ALL_KEYS = [k for k in _dotted_keys(_SECTIONS) if "." in k]
+_MOVED = {old: new for cls in _SECTIONS.values() for old, new in getattr(cls, "_moved", {}).items()}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -361,6 +283,8 @@ def _is_dict_field(tp: Any) -> bool:
 
 
 def _suggest(dotted: str) -> str:
+    if dotted in _MOVED:
+        return f"; it is now {_MOVED[dotted]}"
     leaf = dotted.rsplit(".", 1)[-1]
     same_leaf = [k for k in _ALL_KEYS if k.rsplit(".", 1)[-1] == leaf]
     close = same_leaf or difflib.get_close_matches(dotted, _ALL_KEYS + list(_SECTIONS), n=1)
@@ -369,10 +293,10 @@ def _suggest(dotted: str) -> str:
 
 def _check_secret(dotted: str, where: str) -> None:
     leaf = dotted.rsplit(".", 1)[-1].lower().replace("-", "_")
-    if any(part in leaf for part in _SECRET_PARTS):
+    if any(part in leaf for part in SECRET_PARTS):
         raise ConfigError(
             f"{dotted} ({where}): secrets are not configuration; set them in the environment "
-            "(e.g. WANDB_API_KEY), never in a YAML file or override"
+            "(where the tracking backend reads its API key), never in a YAML file or override"
         )
 
 
@@ -389,17 +313,44 @@ def _check_tree(tree: dict, where: Any) -> None:
     for sec, body in tree.items():
         if sec not in _SECTIONS:
             kind = "section" if isinstance(body, dict) else "key"
-            raise ConfigError(f"unknown {kind} {sec!r} ({where((sec,))}){_suggest(str(sec))}")
-        if not isinstance(body, dict):
-            raise ConfigError(f"{sec} ({where((sec,))}): expected a mapping of its fields")
-        for key, value in body.items():
-            dotted = f"{sec}.{key}"
-            if key not in _FIELDS[sec]:
-                raise ConfigError(f"unknown key {dotted!r} ({where((sec, key))}){_suggest(dotted)}")
-            if isinstance(value, dict) and not _is_dict_field(_HINTS[sec][key]):
-                raise ConfigError(
-                    f"{dotted} ({where((sec, key))}): expected a value, not a mapping"
-                )
+            hint = _suggest(str(sec))
+            keys = body if isinstance(body, dict) else {}
+            moved = [f"{sec}.{k} -> {_MOVED[f'{sec}.{k}']}" for k in keys if f"{sec}.{k}" in _MOVED]
+            if moved:  # an old section: where each of its keys went
+                hint += f" ({', '.join(moved)})"
+            raise ConfigError(f"unknown {kind} {sec!r} ({where((sec,))}){hint}")
+        _check_body(_SECTIONS[sec], body, (sec,), where)
+
+
+def _check_body(cls: type, body: Any, path: tuple[str, ...], where: Any) -> None:
+    """One section's mapping: known fields only; a mapping only for a dict field or a nested
+    section, whose own mapping is checked the same way."""
+    dotted = ".".join(path)
+    if not isinstance(body, dict):
+        raise ConfigError(f"{dotted} ({where(path)}): expected a mapping of its fields")
+    hints = _hints(cls)
+    for key, value in body.items():
+        sub = (*path, key)
+        dotted = ".".join(sub)
+        if key not in hints:
+            raise ConfigError(f"unknown key {dotted!r} ({where(sub)}){_suggest(dotted)}")
+        if is_section(hints[key]):
+            _check_body(hints[key], value, sub, where)
+        elif isinstance(value, dict) and not _is_dict_field(hints[key]):
+            raise ConfigError(f"{dotted} ({where(sub)}): expected a value, not a mapping")
+
+
+def _field_paths(hints: dict[str, Any], tree: dict, path: tuple[str, ...] = ()) -> list[tuple]:
+    """The key paths of ``tree`` (already checked) that end at a field: into nested sections,
+    not into dict fields (``deepspeed.extra.a.b`` is the field ``deepspeed.extra``)."""
+    out = []
+    for key, value in tree.items():
+        tp = hints.get(key)
+        if is_section(tp) and isinstance(value, dict):
+            out += _field_paths(_hints(tp), value, (*path, key))
+        else:
+            out.append((*path, key))
+    return out
 
 
 def merge_dicts(base: dict, over: dict) -> dict:
@@ -449,8 +400,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str,
             raise ConfigError(f"base ({where(('base',))}): expected a file name, got {base!r}")
         base_tree, sources = _read_yaml(path.parent / base, (*seen, path))
     _check_tree(tree, where)
-    for sec, body in tree.items():
-        sources.update({f"{sec}.{k}": where((sec, k)) for k in body})
+    sources.update({".".join(p): where(p) for p in _field_paths(_SECTIONS, tree)})
     return merge_dicts(base_tree, tree), sources
 
 
@@ -478,24 +428,30 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             layer = {k: layer}
         _check_tree(layer, lambda _p, text=text: f"override {text!r}")
         tree = merge_dicts(tree, layer)
-        sources.update({f"{keys[0]}.{k}": f"override {text!r}" for k in layer[keys[0]]})
-
-    sections = {}
-    for sec, cls in _SECTIONS.items():
-        body = tree.get(sec, {})
-        kwargs = {}
-        for k, v in body.items():
-            try:
-                kwargs[k] = _coerce(v, _HINTS[sec][k], f"{sec}.{k}")
-            except ConfigError as e:
-                raise ConfigError(f"{e} ({sources.get(f'{sec}.{k}', 'defaults')})") from None
-        try:
-            sections[sec] = cls(**kwargs)
-        except ConfigError:
-            raise
-        except (ValueError, TypeError) as e:  # ModelConfig's own checks
-            raise ConfigError(f"{sec}: {e}") from None
+        sources.update({".".join(p): f"override {text!r}" for p in _field_paths(_SECTIONS, layer)})
+    sections = {sec: _build(cls, tree.get(sec, {}), sec, sources) for sec, cls in _SECTIONS.items()}
     return Config(**sections)
+
+
+def _build(cls: type, body: dict, dotted: str, sources: dict[str, str]) -> Any:
+    """The section ``cls`` from its checked mapping; a type error names where the value came
+    from (``sources``: dotted field -> file:line or override)."""
+    hints, kwargs = _hints(cls), {}
+    for k, v in body.items():
+        key = f"{dotted}.{k}"
+        if is_section(hints[k]):
+            kwargs[k] = _build(hints[k], v, key, sources)
+            continue
+        try:
+            kwargs[k] = _coerce(v, hints[k], key)
+        except ConfigError as e:
+            raise ConfigError(f"{e} ({sources.get(key, 'defaults')})") from None
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # ModelConfig's own checks
+        raise ConfigError(f"{dotted}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- saving
@@ -509,13 +465,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _section_dict(section: Any) -> dict[str, Any]:
+    return {
+        f.name: _section_dict(v) if is_dataclass(v) else _plain(v)
+        for f in fields(section)
+        for v in (getattr(section, f.name),)
+    }
+
+
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Plain nested dict (tuples as lists): JSON- and ``yaml.safe_dump``-serialisable."""
-    out = {}
-    for f in fields(cfg):
-        section = getattr(cfg, f.name)
-        out[f.name] = {g.name: _plain(getattr(section, g.name)) for g in fields(section)}
-    return out
+    """Plain nested dict (tuples as lists, nested sections as mappings): JSON- and
+    ``yaml.safe_dump``-serialisable, and what :func:`load_config` reads back."""
+    return _section_dict(cfg)
 
 
 def save_resolved(cfg: Config, run_dir: str | Path) -> Path:

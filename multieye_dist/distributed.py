@@ -120,26 +120,21 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_true(flag: bool, device: torch.device) -> bool:
-    """True only if `flag` is true on every rank (one tiny all-reduce)."""
-    if not (initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
+def step_flags(loss: torch.Tensor, stop: bool) -> tuple[bool, bool]:
+    """(`loss` is finite on every rank, `stop` is true on some rank): the training step's two
+    decisions in one all-reduce on the loss's device and one host sync.
 
-
-def all_finite(t: torch.Tensor) -> bool:
-    """True if `t` is finite on every rank: one all-reduce on the device, one host sync."""
-    flag = torch.isfinite(t).all().to(torch.float32).reshape(1)
+    Both travel as "all ranks agree" minima: [finite, not stop]. The stop flag is made on the
+    device with a fill (``new_full``), not copied from the host, so that nothing before the
+    final read waits for the GPU.
+    """
+    flags = torch.stack(
+        [torch.isfinite(loss).all().to(torch.float32), loss.new_full((), 0.0 if stop else 1.0)]
+    ).to(torch.float32)
     if initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
-
-
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is true on some rank."""
-    return not all_true(not flag, device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    finite, go_on = flags.tolist()
+    return finite > 0, go_on == 0
 
 
 def broadcast_object(obj, src: int = 0):

@@ -45,14 +45,14 @@ def predict(
     per_worker: dict[int, int] = {}
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, mininterval=2, leave=False):
-            per_worker[batch["stats"]["worker"]] = batch["stats"]["bad"]
-            if not batch["key"]:
+            per_worker[batch.stats.worker] = batch.stats.bad
+            if not len(batch):
                 continue
-            x = batch["image"].to(device, dtype=param_dtype, non_blocking=True)
+            x = batch.image.to(device, dtype=param_dtype, non_blocking=True)
             with _autocast(device, autocast_dtype):
                 logits, _ = model(x)
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            for k, y, p in zip(batch["key"], batch["label"].tolist(), probs, strict=True):
+            for k, y, p in zip(batch.keys, batch.label.tolist(), probs, strict=True):
                 records.append({"key": k, "label": int(y), "probs": p.tolist()})
     finally:
         model.train(was_training)

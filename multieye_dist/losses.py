@@ -23,6 +23,11 @@ Non-finite distillation (NaN from the official no-positive rule, or overflow fro
 dropped from ``total`` in both variants, as the release drops NaN; ``LossOutput.prototype`` and
 ``.contrastive`` still report the raw values so the trainer can log or count such steps.
 
+No host sync: the gate and the finite check stay on the device as boolean tensors and select the
+term with ``torch.where`` (a Python ``if`` on them would wait for the GPU every step). Label
+values are range-checked here only for direct callers (``check_labels``); the training
+objectives pass False because the shard reader checked every label where the sample was read.
+
 Precision: inputs may be bf16/fp16/fp32/fp64; everything is computed with autocast disabled in
 float32 (float64 when any input is float64). float32 matmuls still follow the global TF32 setting
 (``torch.backends.cuda.matmul.allow_tf32``); the prototypes use ``index_add`` (exact adds).
@@ -32,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,14 +56,15 @@ class LossOutput:
 
     ``prototype`` and ``contrastive`` are UNweighted and computed even when the gate is closed
     (so they can be logged every step); ``gated`` says whether distillation entered ``total``'s
-    formula (it is still dropped if its value is not finite).
+    formula (it is still dropped if its value is not finite). ``gated`` is a boolean tensor on
+    the loss's device, so that reading it is the caller's choice of when to sync.
     """
 
     total: torch.Tensor  # scalar
     cls: torch.Tensor  # scalar, cross-entropy of the student
     prototype: torch.Tensor  # scalar, unweighted MSE of prototypes (0 when no shared class)
     contrastive: torch.Tensor  # scalar, unweighted (L_1 + L_2) / 2
-    gated: bool  # did the gate open
+    gated: torch.Tensor  # scalar bool: did the gate open
 
 
 # ----------------------------------------------------------------------------- validation
@@ -122,9 +127,10 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _validate_octcoda(
-    zf: Any, sf: Any, yf: Any, zo: Any, so: Any, yo: Any, temperature: float
+    zf: Any, sf: Any, yf: Any, zo: Any, so: Any, yo: Any, temperature: float, check_labels: bool
 ) -> int:
-    """Check the six inputs; return the number of classes."""
+    """Check the six inputs (label values too when ``check_labels``: one host sync); return the
+    number of classes."""
     _check_logits("student_logits", zf)
     _check_logits("teacher_logits", zo)
     _check_sims("student_sims", sf)
@@ -153,7 +159,8 @@ def _validate_octcoda(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     num_classes = int(zf.shape[1])
-    _check_label_range(num_classes, student_labels=yf, teacher_labels=yo)
+    if check_labels:
+        _check_label_range(num_classes, student_labels=yf, teacher_labels=yo)
     return num_classes
 
 
@@ -215,6 +222,33 @@ def gate(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: tor
     return bool(_gate_rule(*gate_distances(student_logits, teacher_logits, labels)))
 
 
+def add_distillation(
+    cls: torch.Tensor,
+    distill: torch.Tensor,
+    gate_open: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """``cls + distill`` where the gate is open and ``distill`` is finite, else ``cls`` in value,
+    decided on the device (no host sync).
+
+    The distillation graph is always part of ``total``, so every rank runs the same backward and
+    DDP/ZeRO never meet a parameter (W_4) that got no gradient on one rank only. Its gradient is
+    zero when the term is not used. ``inputs`` are the tensors the term was computed from (views
+    made for it alone): when the term is not finite, its backward may produce NaN (0 * inf) even
+    under a zero upstream gradient, so a hook replaces their gradient with zeros in that case.
+    """
+    finite = distill.isfinite()
+
+    def guard(g: torch.Tensor | None) -> torch.Tensor | None:
+        return None if g is None else torch.where(finite, g, torch.zeros_like(g))
+
+    for x in inputs:
+        if x.requires_grad:
+            x.register_hook(guard)
+    used = torch.where(gate_open & finite, distill, torch.zeros_like(distill))
+    return cls + used.to(cls.dtype)
+
+
 # ----------------------------------------------------------------------------- prototypes
 
 
@@ -230,7 +264,8 @@ def class_prototypes(
     labels = labels.long()
     # index_add rather than a one-hot matmul: exact float adds even when TF32 matmuls are on.
     sums = flat.new_zeros((num_classes, flat.shape[1])).index_add(0, labels, flat)
-    counts = torch.bincount(labels, minlength=num_classes).to(flat.dtype)
+    # Not bincount: on CUDA it reads the largest label back to the host to size its output.
+    counts = flat.new_zeros(num_classes).index_add(0, labels, flat.new_ones(b))
     means = sums / counts.clamp(min=1).unsqueeze(1)
     return means.view(num_classes, *sims.shape[1:]), counts
 
@@ -408,6 +443,7 @@ def octcoda_loss(
     temperature: float = 10.0,
     variant: str = "paper",
     contrastive_scope: str = "local",
+    check_labels: bool = True,
 ) -> LossOutput:
     """OCT-CoDA student loss: ``cls + gate * (beta * prototype + alpha * contrastive)``.
 
@@ -416,11 +452,12 @@ def octcoda_loss(
     (row i of the teacher is the OCT partner of fundus sample i). Teacher inputs are treated as
     constants. ``variant`` is ``"paper"`` or ``"official"`` (module docstring).
 
-    The distillation term is always computed, and with the gate closed it enters as
-    ``0 * term``: ``total`` equals ``cls`` in value, but every rank runs the same graph and the
+    The distillation term is always computed, and with the gate closed it enters with a zero
+    gradient: ``total`` equals ``cls`` in value, but every rank runs the same graph and the
     same collectives (global scope), so DDP/ZeRO never see parameters (W_4) that got no
     gradient on one rank only. A non-finite term is dropped (``total = cls``), as the release
-    drops NaN; the raw values stay in the output.
+    drops NaN; the raw values stay in the output (:func:`add_distillation`). ``check_labels``
+    checks label values against the number of classes (one host sync).
     """
     _check_choice("variant", variant, VARIANTS)
     _check_choice("contrastive_scope", contrastive_scope, SCOPES)
@@ -432,10 +469,12 @@ def octcoda_loss(
         teacher_sims,
         teacher_labels,
         temperature,
+        check_labels,
     )
     dtype = _compute_dtype(student_logits, student_sims, teacher_logits, teacher_sims)
     with _no_autocast(student_logits.device):
-        zf, sf = student_logits.to(dtype), student_sims.to(dtype)
+        zf = student_logits.to(dtype)
+        sf = student_sims.to(dtype).view_as(student_sims)  # the terms' own node (add_distillation)
         zo, so = teacher_logits.to(dtype).detach(), teacher_sims.to(dtype).detach()
         yf, yo = student_labels.long(), teacher_labels.long()
         cls = F.cross_entropy(zf, yf)
@@ -444,46 +483,25 @@ def octcoda_loss(
         con = contrastive_loss(
             sf, so, yf, yo, temperature=temperature, variant=variant, scope=contrastive_scope
         )
-        distill = beta * proto + alpha * con
-        # One host sync for both decisions.
-        gated, finite = (bool(v) for v in torch.stack([gate_open, distill.isfinite()]).tolist())
-        if not finite:
-            logger.debug("non-finite distillation term %s dropped", distill.item())
-            total = cls
-        else:
-            total = cls + (distill if gated else 0.0 * distill)
-    return LossOutput(total=total, cls=cls, prototype=proto, contrastive=con, gated=gated)
+        total = add_distillation(cls, beta * proto + alpha * con, gate_open, (sf,))
+    return LossOutput(total=total, cls=cls, prototype=proto, contrastive=con, gated=gate_open)
 
 
 def fundus_only_loss(
-    student_logits: torch.Tensor, student_labels: torch.Tensor, **ignored: Any
+    student_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    *,
+    check_labels: bool = True,
+    **ignored: Any,
 ) -> LossOutput:
     """Cross-entropy alone (the fundus baseline); teacher inputs and weights are ignored."""
     _check_logits("student_logits", student_logits)
     _check_labels("student_labels", student_labels, student_logits.shape[0], "student_logits")
-    _check_label_range(student_logits.shape[1], student_labels=student_labels)
+    if check_labels:
+        _check_label_range(student_logits.shape[1], student_labels=student_labels)
     dtype = _compute_dtype(student_logits)
     with _no_autocast(student_logits.device):
         cls = F.cross_entropy(student_logits.to(dtype), student_labels.long())
     zero = cls.new_zeros(())
-    return LossOutput(total=cls, cls=cls, prototype=zero, contrastive=zero.clone(), gated=False)
-
-
-LossFn = Callable[..., LossOutput]
-
-LOSSES: dict[str, LossFn] = {
-    "octcoda": octcoda_loss,
-    "fundus-only": fundus_only_loss,
-}
-
-
-def compute_loss(name: str, /, **kwargs: Any) -> LossOutput:
-    """Select a loss by its config name; pass the tensors and options as keywords.
-
-    Keywords let one call site serve both losses: ``fundus-only`` ignores the teacher inputs.
-    """
-    try:
-        fn = LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}") from None
-    return fn(**kwargs)
+    closed = torch.zeros((), dtype=torch.bool, device=cls.device)
+    return LossOutput(total=cls, cls=cls, prototype=zero, contrastive=zero.clone(), gated=closed)

@@ -293,11 +293,10 @@ class FrozenTeacher(nn.Module):
     * All parameters get ``requires_grad=False`` (this mutates the wrapped model) and the module
       stays in eval mode whatever ``.train(mode)`` is called with (BatchNorm statistics never
       move, dropout is off).
-    * ``train_level2`` (default ``False`` = faithful to the release): the release loads the
-      teacher with ``strict=False``, so its level-2 projection W_4 stays at its random
-      initialisation. ``train_level2=True`` leaves exactly ``model.level2`` trainable and lets
-      its output (``sims[:, 1]``) carry gradient; it is meant only for a teacher stage that fits
-      W_4. For distillation the teacher must always be fully frozen: use the default.
+    * Level 2 is frozen with the rest, as in the release, which loads the teacher with
+      ``strict=False`` so that its W_4 stays at its random initialisation unless the teacher
+      stage trained it (``teacher.train_level2``, which trains the ConceptModel itself, not
+      through this wrapper).
     * ``dtype``: optional autocast dtype (e.g. ``torch.bfloat16``) for the teacher's forward, on
       the input's device type; ``torch.float32`` disables autocast; ``None`` follows the ambient
       autocast state.
@@ -310,7 +309,6 @@ class FrozenTeacher(nn.Module):
         self,
         model: ConceptModel,
         *,
-        train_level2: bool = False,
         dtype: torch.dtype | None = None,
         inference_mode: bool = False,
     ):
@@ -320,16 +318,12 @@ class FrozenTeacher(nn.Module):
         if dtype is not None and dtype not in _TEACHER_DTYPES:
             raise ValueError(f"teacher dtype must be one of {_TEACHER_DTYPES} or None, got {dtype}")
         self.model = model
-        self.train_level2 = bool(train_level2)
         self.dtype = dtype
         # inference_mode skips autograd's bookkeeping entirely (faster than no_grad); its
         # outputs are cloned out of it so the loss may save them for backward.
-        self.inference_mode = bool(inference_mode) and not self.train_level2
+        self.inference_mode = bool(inference_mode)
         for p in model.parameters():
             p.requires_grad_(False)
-        if self.train_level2:
-            for p in model.level2.parameters():
-                p.requires_grad_(True)
         super().train(False)
 
     def train(self, mode: bool = True) -> FrozenTeacher:
@@ -348,18 +342,11 @@ class FrozenTeacher(nn.Module):
             with torch.inference_mode(), self._autocast(x):
                 logits, sims = self.model(x)
             return logits.clone(), sims.clone()
-        m = self.model
-        with self._autocast(x):
-            # no_grad, not inference_mode: tensors made under inference_mode are "inference
-            # tensors", which autograd refuses to save for backward, so any loss op that saves a
-            # teacher output (e.g. a product with student sims) would raise at forward time.
-            with torch.no_grad():
-                h = m.features(x)
-                s = m.level1_sims(h)
-                logits = m.classifier(s)
-            with torch.set_grad_enabled(self.train_level2 and torch.is_grad_enabled()):
-                s2 = m.level2_sims(h)
-        return logits.detach(), torch.stack([s.detach(), s2], dim=1)
+        # no_grad, not inference_mode: tensors made under inference_mode are "inference
+        # tensors", which autograd refuses to save for backward, so any loss op that saves a
+        # teacher output (e.g. a product with student sims) would raise at forward time.
+        with self._autocast(x), torch.no_grad():
+            return self.model(x)
 
     @torch.no_grad()
     def embeddings(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,7 @@ teacher is a :class:`FrozenTeacher` outside it. Rank 0 writes the run directory:
     <train.out_dir>/best.safetensors       inference export of the best dev macro-F1 model
     <train.out_dir>/last.safetensors       inference export of the final model
     <train.out_dir>/eval/*.json            dev/test results (release metrics)
-    <train.out_dir>/metrics.jsonl, summary.json, wandb/   (multieye_dist.tracking)
+    <train.out_dir>/metrics.jsonl, summary.json, run_id.txt, ...  (multieye_dist.tracking)
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from multieye_dist import distributed as D
@@ -32,14 +31,21 @@ from multieye_dist import engine as E
 from multieye_dist.atomic import write_text
 from multieye_dist.checkpoint import export_inference, load_inference
 from multieye_dist.concepts import load_bank
-from multieye_dist.config import Config, LossConfig, save_resolved, to_dict
+from multieye_dist.config import Config, save_resolved, to_dict
 from multieye_dist.data.prefetch import DevicePrefetcher
-from multieye_dist.data.stream import PairedTrainStream, ShardSet, StreamConfig, make_loader
+from multieye_dist.data.stream import (
+    Batch,
+    PairedTrainStream,
+    ShardSet,
+    StreamConfig,
+    StreamStats,
+    make_loader,
+)
 from multieye_dist.evaluation import evaluate_split
-from multieye_dist.losses import LossOutput, compute_loss
 from multieye_dist.metrics import format_table
-from multieye_dist.model import ConceptModel, FrozenTeacher, build_model
-from multieye_dist.tracking import Tracker
+from multieye_dist.model import FrozenTeacher, build_model
+from multieye_dist.objectives import Objective, Terms, build_objective, objective_class
+from multieye_dist.tracking import OLD_RUN_ID_KEY, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -61,29 +67,34 @@ class TrainState:
     best_epoch: int = -1
     nonfinite: int = 0  # skipped steps, whole run
     nonfinite_in_row: int = 0
-    wandb_run_id: str | None = None
+    run_id: str | None = None  # the tracker's run, continued on resume
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
         known = {f.name for f in fields(cls)}
+        if OLD_RUN_ID_KEY in d and "run_id" not in d:  # a checkpoint from before the rename
+            d = {**d, "run_id": d[OLD_RUN_ID_KEY]}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-TERMS = ("loss", "cls", "prototype", "contrastive", "gate_open")
 
 
 @dataclass
 class Meter:
     """Sums of the loss terms since the last log line, kept on the device: reading a loss to
-    the host every step would stall the GPU pipeline (one sync per log line instead)."""
+    the host every step would stall the GPU pipeline (one sync per log line instead). The
+    names are the objective's terms, in the order it returns them (the same every step)."""
 
+    names: tuple[str, ...] = ()
     sums: torch.Tensor | None = None
     steps: int = 0
     samples: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, terms: torch.Tensor, samples: int) -> None:
-        self.sums = terms.double() if self.sums is None else self.sums + terms.double()
+    def add(self, terms: Terms, samples: int) -> None:
+        vec = torch.stack([t.double() for t in terms.values()])
+        if self.sums is None:
+            self.names, self.sums = tuple(terms), vec
+        else:
+            self.sums = self.sums + vec
         self.steps += 1
         self.samples += samples
 
@@ -102,8 +113,7 @@ class Job:
     loader: Any
     tracker: Tracker
     sentences: list[str]
-    modality: str  # the evaluated modality: oct for the teacher, fundus for students
-    loss_impl: str  # "triton" (fused kernel, from embeddings) or "torch" (from similarities)
+    objective: Objective  # what the stage reads, trains and evaluates, and its loss
     usable_batches: int  # per epoch and rank: a multiple of grad_accum
 
     @property
@@ -117,12 +127,23 @@ class Job:
 def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train as configured; returns the final summary (on every rank; metrics on rank 0).
 
-    `stop_requested` (e.g. set by a preemption signal) is polled at every optimizer step; once
-    it is true on any rank, every rank saves a checkpoint at that same step and the run returns
+    `stop_requested` (e.g. set by a preemption signal) is polled at every step; once it is true
+    on any rank, every rank saves a checkpoint at the next optimizer step and the run returns
     ``{"stopped": True, "preempted": True, ...}``: resuming repeats and loses no step.
     """
     job, state = setup(cfg)
-    meter, start_step = Meter(), state.step
+    try:
+        return _train(cfg, job, state, stop_requested)
+    except BaseException:  # as torchtitan's main: the tracker's run ends failed, then the error
+        job.tracker.finish(exit_code=1)
+        raise
+
+
+def _train(
+    cfg: Config, job: Job, state: TrainState, stop_requested: Callable[[], bool] | None
+) -> dict[str, Any]:
+    """The epochs of :func:`run`, after :func:`setup`."""
+    meter, start_step, stopping = Meter(), state.step, False
     stop_at = (
         None if cfg.train.stop_after_steps is None else start_step + cfg.train.stop_after_steps
     )
@@ -131,18 +152,20 @@ def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dic
         for batch in _progress(job, epoch, state.batch):
             if state.batch >= job.usable_batches:
                 break  # the micro-batches left over by gradient accumulation
-            values = train_step(job, batch)
+            asked = stop_requested is not None and stop_requested()
+            terms, stop_flag = train_step(job, batch, stop=asked)
+            stopping = stopping or stop_flag  # every rank sees the same reduced flag
             state.batch += 1
-            _count_nonfinite(job, state, values)
-            if values is not None:
-                meter.add(values, job.cfg.data.batch_size)
+            _count_nonfinite(job, state, terms)
+            if terms is not None:
+                meter.add(terms, job.cfg.data.batch_size)
             if job.engine.global_steps == state.step:
                 continue  # still accumulating
             state.step = job.engine.global_steps
             if state.step % cfg.train.log_every_steps == 0:
-                log_train(job, state, meter, batch["stats"])
+                log_train(job, state, meter, batch.stats)
                 meter = Meter()
-            if stop_requested is not None and D.any_true(stop_requested(), job.device):
+            if stopping:
                 save(job, state)
                 return stop(job, state, "stop requested (preemption or time limit)", True)
             if stop_at is not None and state.step >= stop_at:
@@ -158,115 +181,22 @@ def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dic
     return finish(job, state)
 
 
-def train_step(job: Job, batch: dict) -> torch.Tensor | None:
-    """Forward, loss, backward and (at accumulation boundaries) the optimizer step. Returns the
-    loss terms (:data:`TERMS`, on the device), or None when the loss was not finite on some rank
-    (nothing is applied then)."""
-    engine, device = job.engine, job.device
+def train_step(job: Job, batch: Batch, stop: bool = False) -> tuple[Terms | None, bool]:
+    """Seed, objective, finite check, backward and (at accumulation boundaries) the optimizer
+    step. Returns the terms to log (``loss`` and the objective's, on the device), or None when
+    the loss was not finite on some rank (nothing is applied then), and whether some rank asked
+    to stop. The finite check and the stop flag travel in one all-reduce: the step's only host
+    sync (the gate and everything else stay on the device)."""
+    engine = job.engine
     torch.manual_seed(_step_seed(job, engine.global_steps))  # dropout etc.: a function of step
-    # Unpaired batches (teacher, fundus-only) carry image/label; paired ones fundus/oct.
-    key = "image" if "image" in batch else "fundus"
-    x, y = batch[key], batch["label" if key == "image" else "fundus_label"].to(device)
-    x = _device_input(job, x, dtype=_param_dtype(engine))
-    fused = job.loss_impl == "triton" and _needs_teacher(job.cfg)
-    logits, sims = engine(x, return_embeddings=True) if fused else engine(x)
-    out = _fused_loss(job, logits, sims, y, batch) if fused else _loss(job, logits, sims, y, batch)
-    if not D.all_finite(out.total):  # the step's one host sync (the gate has its own)
-        return None
-    engine.backward(out.total)
+    batch = batch.to(job.device, non_blocking=True)  # no-op when the prefetcher moved it
+    total, terms = job.objective(engine, job.teacher, batch)
+    finite, stop = D.step_flags(total, stop)
+    if not finite:
+        return None, stop
+    engine.backward(total)
     engine.step()
-    gate = torch.ones((), device=out.total.device) if out.gated else out.total.new_zeros(())
-    return torch.stack([out.total, out.cls, out.prototype, out.contrastive, gate]).detach()
-
-
-def _loss(job: Job, logits, sims, y, batch: dict) -> LossOutput:
-    cfg = job.cfg
-    if cfg.train.stage == "teacher":
-        return teacher_loss(logits, sims, y, job.engine.module, cfg.teacher.train_level2)
-    if cfg.loss.name == "fundus-only":
-        return compute_loss("fundus-only", student_logits=logits, student_labels=y)
-    zo, so = job.teacher(_device_input(job, batch["oct"]))
-    return distill_loss(cfg.loss, logits, sims, y, zo, so, batch["oct_label"].to(job.device))
-
-
-def _fused_loss(job: Job, logits, emb, y, batch: dict) -> LossOutput:
-    """The same loss from embeddings, with the fused Triton kernel (loss.impl)."""
-    from multieye_dist.kernels import octcoda_loss_fused
-
-    zo, eo = job.teacher.embeddings(_device_input(job, batch["oct"]))
-    c = job.cfg.loss
-    return octcoda_loss_fused(
-        logits,
-        emb,
-        y,
-        zo,
-        eo,
-        batch["oct_label"].to(job.device),
-        job.engine.module.concepts,
-        alpha=c.alpha,
-        beta=c.beta,
-        temperature=c.temperature,
-        impl="triton",
-    )
-
-
-def resolve_loss_impl(loss: LossConfig, device: torch.device) -> str:
-    """``loss.impl`` to "triton" or "torch". The kernel computes the paper variant with the
-    local contrastive scope; anything else runs in PyTorch (auto) or is an error (triton)."""
-    from multieye_dist.kernels import resolve_impl
-
-    impl = resolve_impl(loss.impl, device)
-    if impl == "triton" and (loss.variant != "paper" or loss.contrastive_scope != "local"):
-        if loss.impl == "triton":
-            raise ValueError(
-                f"loss.impl=triton computes loss.variant=paper with loss.contrastive_scope=local "
-                f"(got {loss.variant}, {loss.contrastive_scope}); use loss.impl=torch or auto"
-            )
-        return "torch"
-    return impl
-
-
-def distill_loss(loss: LossConfig, zf, sf, yf, zo, so, yo) -> LossOutput:
-    return compute_loss(
-        "octcoda",
-        student_logits=zf,
-        student_sims=sf,
-        student_labels=yf,
-        teacher_logits=zo,
-        teacher_sims=so,
-        teacher_labels=yo,
-        alpha=loss.alpha,
-        beta=loss.beta,
-        temperature=loss.temperature,
-        variant=loss.variant,
-        contrastive_scope=loss.contrastive_scope,
-    )
-
-
-def teacher_loss(
-    logits: torch.Tensor,
-    sims: torch.Tensor,
-    labels: torch.Tensor,
-    model: ConceptModel,
-    train_level2: bool,
-) -> LossOutput:
-    """Cross-entropy of the OCT teacher. With ``train_level2`` the level-2 similarities s' are
-    also read through the classifier (its weights detached, so only W_4 learns from this term):
-    the classifier never reads s', so without it W_4 would get no gradient at all."""
-    cls = F.cross_entropy(logits.float(), labels)
-    zero = cls.new_zeros(())
-    total = cls
-    if train_level2:
-        w, b = model.classifier.weight.detach(), model.classifier.bias.detach()
-        level2 = F.cross_entropy(F.linear(sims[:, 1].float(), w.float(), b.float()), labels)
-        total = cls + level2
-    return LossOutput(total=total, cls=cls, prototype=zero, contrastive=zero, gated=False)
-
-
-def _device_input(job: Job, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Images on the device, NHWC when perf.channels_last (student and teacher alike)."""
-    fmt = torch.channels_last if job.cfg.perf.channels_last else torch.contiguous_format
-    return x.to(job.device, dtype=dtype, memory_format=fmt, non_blocking=True)
+    return {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}, stop
 
 
 def _step_seed(job: Job, step: int) -> int:
@@ -277,8 +207,8 @@ def _param_dtype(engine) -> torch.dtype:
     return next(engine.module.parameters()).dtype
 
 
-def _count_nonfinite(job: Job, state: TrainState, values: torch.Tensor | None) -> None:
-    if values is not None:
+def _count_nonfinite(job: Job, state: TrainState, terms: Terms | None) -> None:
+    if terms is not None:
         state.nonfinite_in_row = 0
         return
     state.nonfinite += 1
@@ -319,7 +249,7 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     run_dir = Path(cfg.train.out_dir)
     # What can be checked without the other ranks fails here, before any collective.
     checkpoint = E.find_checkpoint(cfg.train.resume, run_dir / "checkpoints")
-    if _needs_teacher(cfg) and cfg.teacher.checkpoint is None:
+    if objective_class(cfg.train.stage, cfg.loss).needs_teacher and cfg.teacher.checkpoint is None:
         raise ValueError(
             "teacher.checkpoint is not set: distillation needs the teacher run's inference "
             "export (e.g. teacher.checkpoint=runs/teacher/best.safetensors), or use "
@@ -327,19 +257,20 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
         )
     env = D.from_env()
     device = D.device_for(env)
+    objective = build_objective(cfg, device)
     E.init_distributed(env, device)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if env.is_main:
         save_resolved(cfg, run_dir)
     bank, sentences, _ = load_bank(resolve_path(cfg.concepts.bank))
     stage = cfg.train.stage
-    stream, modality = build_stream(cfg, env)
+    stream = build_stream(cfg, env, objective)
     # Student weights stay in the default layout: DeepSpeed broadcasts them as byte views and
     # ZeRO keeps them as views of one flat buffer. perf.channels_last makes the inputs NHWC,
     # which is what makes convolutions pick NHWC kernels.
     model = build_model(cfg.model, bank).to(device)
-    _freeze_unreached(model, cfg)
-    teacher = build_teacher(cfg, bank, device) if _needs_teacher(cfg) else None
+    objective.freeze_unreached(model)
+    teacher = build_teacher(cfg, bank, device) if objective.needs_teacher else None
     steps_per_epoch = len(stream) // cfg.optim.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(
@@ -360,14 +291,14 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
         engine.compile()  # DeepSpeed's wrapper around torch.compile of the student
     state = resume(engine, checkpoint)
     tracker = Tracker(
-        cfg.wandb,
+        cfg.tracking,
         run_dir,
         config=to_dict(cfg),
         rank=env.rank,
         job_type=stage,
-        run_id=state.wandb_run_id,
+        run_id=state.run_id,
     )
-    state.wandb_run_id = tracker.run_id
+    state.run_id = tracker.run_id
     loader = make_loader(stream, cfg.data.num_workers)
     job = Job(
         cfg,
@@ -380,13 +311,12 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
         loader,
         tracker,
         sentences,
-        modality,
-        loss_impl=resolve_loss_impl(cfg.loss, device) if _needs_teacher(cfg) else "torch",
+        objective,
         usable_batches=steps_per_epoch * cfg.optim.grad_accum,
     )
     logger.info(
         "%s: %d rank(s) on %s, %d steps/epoch x %d epochs, precision %s, ZeRO %d, from step %d",
-        stage,
+        objective.describe(),
         env.world,
         device,
         steps_per_epoch,
@@ -408,40 +338,16 @@ def resolve_path(path: str) -> Path:
     return alt if alt.exists() else p
 
 
-def build_stream(cfg: Config, env: D.DistEnv) -> tuple[PairedTrainStream, str]:
-    """The teacher reads OCT alone; OCT-CoDA reads fundus with OCT partners; the fundus-only
-    baseline reads fundus alone (decoding partners it would not use costs half the loader)."""
-    d = cfg.data
-    shard_dir = resolve_path(d.shards)
-    scfg = StreamConfig(
-        samples_per_epoch=d.samples_per_epoch,
-        batch_size=d.batch_size,
-        image_size=d.image_size,
-        seed=d.seed,
-        resampled=d.resampled,
-        pool_size=d.pool_size,
-        max_bad_fraction=d.max_bad_fraction,
-        augment=d.augment,
-    )
-    if cfg.train.stage == "teacher":
-        primary, partner, modality = ShardSet.from_manifest(shard_dir, "oct", "train"), None, "oct"
-    else:
-        primary, modality = ShardSet.from_manifest(shard_dir, "fundus", "train"), "fundus"
-        partner = ShardSet.from_manifest(shard_dir, "oct", "train") if _needs_teacher(cfg) else None
-    return PairedTrainStream(primary, partner, scfg, rank=env.rank, world=env.world), modality
-
-
-def _needs_teacher(cfg: Config) -> bool:
-    return cfg.train.stage == "distill" and cfg.loss.name == "octcoda"
-
-
-def _freeze_unreached(model: ConceptModel, cfg: Config) -> None:
-    """W_4 (level 2) gets a gradient only from the distillation loss or the teacher's level-2
-    term; parameters no loss reaches stay out of the optimizer (ZeRO would otherwise reduce
-    gradients that never exist)."""
-    reached = _needs_teacher(cfg) or (cfg.train.stage == "teacher" and cfg.teacher.train_level2)
-    for p in model.level2.parameters():
-        p.requires_grad_(reached)
+def build_stream(cfg: Config, env: D.DistEnv, objective: Objective) -> PairedTrainStream:
+    """The objective's primary modality, with partners when it reads them (the fundus-only
+    baseline reads fundus alone: decoding partners it would not use costs half the loader)."""
+    shard_dir = resolve_path(cfg.data.shards)
+    primary = ShardSet.from_manifest(shard_dir, objective.modality, "train")
+    partner = None
+    if objective.partner is not None:
+        partner = ShardSet.from_manifest(shard_dir, objective.partner, "train")
+    scfg = StreamConfig.from_data(cfg.data)
+    return PairedTrainStream(primary, partner, scfg, rank=env.rank, world=env.world)
 
 
 def build_teacher(cfg: Config, bank: torch.Tensor, device: torch.device) -> FrozenTeacher:
@@ -482,9 +388,10 @@ def resume(engine, path: Path | None) -> TrainState:
 # ----------------------------------------------------------------------------- logging
 
 
-def log_train(job: Job, state: TrainState, meter: Meter, stats: dict) -> None:
-    """Mean loss terms over the interval and over ranks (one small all-reduce), rank 0 logs."""
-    sums = meter.sums if meter.sums is not None else torch.zeros(len(TERMS), device=job.device)
+def log_train(job: Job, state: TrainState, meter: Meter, stats: StreamStats) -> None:
+    """Mean loss terms over the interval and over ranks (one small all-reduce), rank 0 logs.
+    An interval whose steps were all skipped (non-finite on every rank alike) has no terms."""
+    sums = meter.sums if meter.sums is not None else torch.zeros(0, device=job.device)
     vec = torch.cat(
         [sums.double(), torch.tensor([float(meter.steps)], device=sums.device, dtype=torch.float64)]
     )
@@ -495,15 +402,15 @@ def log_train(job: Job, state: TrainState, meter: Meter, stats: dict) -> None:
     host = vec.tolist()
     n = max(host[-1], 1.0)
     elapsed = time.perf_counter() - meter.t0
-    values = {f"train/{k}": host[i] / n for i, k in enumerate(TERMS)}
+    values = {f"train/{k}": host[i] / n for i, k in enumerate(meter.names)}
     values.update(
         {
             "train/lr": E.current_lr(job.engine),
             "train/epoch": state.epoch + state.batch / job.usable_batches,
             "train/samples_per_s": meter.samples * job.env.world / max(elapsed, 1e-9),
             "train/nonfinite_skipped": state.nonfinite,
-            "data/bad": stats.get("bad", 0),
-            "data/unmatched_oct": stats.get("unmatched_oct", 0),
+            "data/bad": stats.bad,
+            "data/unmatched_oct": stats.unmatched_oct,
         }
     )
     job.tracker.log(values, step=state.step)
@@ -536,7 +443,7 @@ def _evaluate(job: Job, model: torch.nn.Module, split: str) -> dict | None:
     return evaluate_split(
         model,
         resolve_path(d.shards),
-        job.modality,
+        job.objective.modality,
         split,
         image_size=d.image_size,
         batch_size=d.batch_size,
@@ -575,7 +482,7 @@ def export(job: Job, state: TrainState, name: str) -> Path:
             "epoch": state.epoch,
             "step": state.step,
             "dev_f1": state.best_f1 if name == "best" else None,
-            "modality": job.modality,
+            "modality": job.objective.modality,
         }
         export_inference(
             path,

@@ -11,6 +11,7 @@ from multieye_dist import __version__
 from multieye_dist.cli import main, parse_size
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, wandb_home):
     """The main command, shrunk (tiny model, a few steps), as a user runs it: a subprocess."""
     out = tmp_path / "demo"

@@ -47,7 +47,7 @@ def test_defaults_match_the_release_recipe():
         0.05,
     )
     assert cfg.loss.temperature == 10.0 and cfg.teacher.train_level2 is False
-    assert cfg.deepspeed.zero_stage == 1 and cfg.wandb.mode == "offline"
+    assert cfg.deepspeed.zero_stage == 1 and cfg.tracking.wandb.mode == "offline"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # type: ignore[misc]
 
@@ -65,7 +65,8 @@ def test_demo_is_tiny():
     assert (cfg.model.backbone, cfg.data.image_size, cfg.train.epochs) == ("resnet18", 64, 4)
     assert cfg.train.precision == "fp32" and cfg.optim.warmup_epochs == 0
     assert cfg.data.samples_per_epoch * cfg.train.epochs <= 4096 and not cfg.data.augment
-    assert cfg.wandb.mode == "offline" and cfg.data.num_workers == 0
+    assert cfg.tracking.backend == "wandb" and cfg.tracking.wandb.mode == "offline"
+    assert cfg.data.num_workers == 0
 
 
 def test_yaml_diff_over_a_base_file(tmp_path):
@@ -96,9 +97,10 @@ def test_overrides_of_each_type(tmp_path):
             "data.resampled=true",  # bool
             "loss.variant=official",  # choice
             "teacher.checkpoint=runs/t/teacher.safetensors",  # optional str
-            "wandb.entity=null",  # None
+            "tracking.entity=null",  # None
             "optim.betas=[0.8, 0.99]",  # tuple
-            "wandb.tags=[a, b]",  # list
+            "tracking.tags=[a, b]",  # list
+            "tracking.wandb.mode=online",  # a nested section's field
             "deepspeed.extra.bf16.enabled=true",  # into a dict field
             "deepspeed.extra.gradient_clipping=1.0",
         ],
@@ -107,16 +109,18 @@ def test_overrides_of_each_type(tmp_path):
     assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
     assert cfg.data.batch_size == 32 and cfg.data.resampled is True
     assert cfg.loss.variant == "official"
-    assert cfg.teacher.checkpoint == "runs/t/teacher.safetensors" and cfg.wandb.entity is None
-    assert cfg.optim.betas == (0.8, 0.99) and cfg.wandb.tags == ["a", "b"]
+    assert cfg.teacher.checkpoint == "runs/t/teacher.safetensors" and cfg.tracking.entity is None
+    assert cfg.optim.betas == (0.8, 0.99) and cfg.tracking.tags == ["a", "b"]
+    assert cfg.tracking.wandb.mode == "online" and cfg.tracking.project == "multieye-dist"
     assert cfg.deepspeed.extra == {"bf16": {"enabled": True}, "gradient_clipping": 1.0}
 
 
 def test_parse_override():
     assert parse_override("optim.lr=3e-4") == (["optim", "lr"], "3e-4")
     assert parse_override("data.batch_size=32") == (["data", "batch_size"], 32)
-    assert parse_override("wandb.tags=[1, 2]") == (["wandb", "tags"], [1, 2])
-    assert parse_override("wandb.run_name=") == (["wandb", "run_name"], None)
+    assert parse_override("tracking.tags=[1, 2]") == (["tracking", "tags"], [1, 2])
+    assert parse_override("tracking.run_name=") == (["tracking", "run_name"], None)
+    assert parse_override("tracking.wandb.mode=online") == (["tracking", "wandb", "mode"], "online")
     for bad in ("optim.lr", "=3", "optim..lr=1"):
         with pytest.raises(ConfigError, match="expected section.field=value"):
             parse_override(bad)
@@ -151,10 +155,19 @@ def test_unknown_section(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("loss.variant=foo", "loss.variant='foo': choose one of paper, official"),
+        (
+            "loss.variant=foo",
+            "loss.variant='foo' for loss.name=octcoda: choose one of paper, official",
+        ),
+        ("loss.name=kd", "loss.name='kd': choose one of fundus-only, octcoda, teacher-ce"),
         ("train.precision=fp16", "train.precision='fp16': choose one of autocast-bf16, bf16, fp32"),
         ("deepspeed.zero_stage=3", "deepspeed.zero_stage=3: choose one of 0, 1, 2"),
-        ("wandb.mode=cloud", "wandb.mode='cloud': choose one of offline, online, disabled"),
+        (
+            "tracking.wandb.mode=cloud",
+            "tracking.wandb.mode='cloud': choose one of offline, online, disabled",
+        ),
+        ("tracking.backend=tb", "tracking.backend='tb': choose one of local, wandb"),
+        ('tracking.project=""', "tracking.project='': must be a non-empty name"),
         ("optim.lr=0", "optim.lr=0.0: must be > 0"),
         ("loss.temperature=-1", "loss.temperature=-1.0: must be > 0"),
         ("data.max_bad_fraction=2", "data.max_bad_fraction=2.0: must be in [0, 1]"),
@@ -180,7 +193,7 @@ def test_bad_choice_in_direct_construction():
         ("data.batch_size=true", "data.batch_size: expected int, got True"),
         ("data.resampled=1", "data.resampled: expected bool, got 1"),
         ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
-        ("wandb.tags=a", "wandb.tags: expected list[str], got 'a'"),
+        ("tracking.tags=a", "tracking.tags: expected list[str], got 'a'"),
         ("deepspeed.extra=3", "deepspeed.extra: expected dict[str, Any], got 3"),
         ("optim.lr.x=1", "optim.lr (override 'optim.lr.x=1'): expected a value, not a mapping"),
     ],
@@ -189,6 +202,60 @@ def test_bad_type(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert message in str(err.value)
+
+
+def test_nested_section_in_yaml_and_overrides(tmp_path):
+    """A field whose type is a section (tracking.wandb) is a nested mapping in YAML, reached by
+    a longer dotted override, type-checked, and errors name the file and line."""
+    path = write(tmp_path / "c.yaml", "tracking:\n  project: p\n  wandb:\n    mode: online\n")
+    cfg = load_config(path)
+    assert (cfg.tracking.project, cfg.tracking.wandb.mode) == ("p", "online")
+    assert load_config(path, ["tracking.wandb.mode=disabled"]).tracking.wandb.mode == "disabled"
+    assert load_config(path, ["tracking.backend=local"]).tracking.wandb.mode == "online"
+
+    bad = write(tmp_path / "bad.yaml", "tracking:\n  wandb:\n    mode: online\n    mdoe: x\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    msg = str(err.value)
+    assert "'tracking.wandb.mdoe'" in msg and f"{bad}:4" in msg
+    assert "did you mean tracking.wandb.mode?" in msg
+    with pytest.raises(ConfigError, match=r"tracking\.mode.*did you mean tracking\.wandb\.mode"):
+        load_config(overrides=["tracking.mode=online"])
+    scalar = write(tmp_path / "scalar.yaml", "tracking:\n  wandb: online\n")
+    with pytest.raises(ConfigError, match=rf"tracking\.wandb \({scalar}:2\): expected a mapping"):
+        load_config(scalar)
+    with pytest.raises(ConfigError, match=r"tracking\.wandb\.mode \(override .*not a mapping"):
+        load_config(overrides=["tracking.wandb.mode.x=1"])
+
+
+def test_nested_section_type_error_names_its_source(tmp_path):
+    path = write(tmp_path / "c.yaml", "tracking:\n  wandb:\n    mode: [online]\n")
+    with pytest.raises(ConfigError, match=r"tracking\.wandb\.mode='?\['online'\]"):
+        load_config(path)
+    path = write(tmp_path / "d.yaml", "tracking:\n  tags: notalist\n")
+    with pytest.raises(ConfigError, match=rf"tracking\.tags: expected list\[str\].*{path}:2"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        (
+            "yaml",
+            "unknown section 'wandb' (FILE:2); it is now tracking "
+            "(wandb.mode -> tracking.wandb.mode, wandb.tags -> tracking.tags)",
+        ),
+        ("override", "unknown section 'wandb' (override 'wandb.mode=disabled'); it is now"),
+    ],
+)
+def test_old_section_names_where_its_keys_went(tmp_path, where, message):
+    path = write(tmp_path / "old.yaml", "# old\nwandb:\n  mode: disabled\n  tags: [a]\n")
+    with pytest.raises(ConfigError) as err:
+        if where == "yaml":
+            load_config(path)
+        else:
+            load_config(overrides=["wandb.mode=disabled"])
+    assert message.replace("FILE", str(path)) in str(err.value)
 
 
 def test_bad_type_in_yaml_names_the_file(tmp_path):
@@ -200,7 +267,12 @@ def test_bad_type_in_yaml_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "where", ["wandb:\n  api_key: abc\n", "deepspeed:\n  extra:\n    hub_token: abc\n"]
+    "where",
+    [
+        "tracking:\n  api_key: abc\n",
+        "tracking:\n  wandb:\n    api_key: abc\n",
+        "deepspeed:\n  extra:\n    hub_token: abc\n",
+    ],
 )
 def test_secret_like_key_in_yaml_is_rejected(tmp_path, where):
     with pytest.raises(ConfigError, match="set them in the environment"):
@@ -208,14 +280,20 @@ def test_secret_like_key_in_yaml_is_rejected(tmp_path, where):
 
 
 def test_secret_like_key_in_override_is_rejected():
-    with pytest.raises(ConfigError, match=r"wandb\.password.*environment"):
-        load_config(overrides=["wandb.password=hunter2"])
+    with pytest.raises(ConfigError, match=r"tracking\.password.*environment"):
+        load_config(overrides=["tracking.password=hunter2"])
 
 
 def test_save_resolved_round_trip_and_atomic(tmp_path):
     cfg = load_config(
         CONFIGS / "demo.yaml",
-        ["optim.lr=3e-4", "optim.min_lr=1e-7", "wandb.tags=[x]", "deepspeed.extra.a.b=1"],
+        [
+            "optim.lr=3e-4",
+            "optim.min_lr=1e-7",
+            "tracking.tags=[x]",
+            "tracking.wandb.mode=disabled",
+            "deepspeed.extra.a.b=1",
+        ],
     )
     run_dir = tmp_path / "run" / "0"
     path = save_resolved(cfg, run_dir)
@@ -233,3 +311,4 @@ def test_to_dict_is_json_serialisable():
     assert json.loads(json.dumps(d)) == d
     assert set(d) == {f.name for f in dataclasses.fields(Config)}
     assert d["optim"]["betas"] == [0.9, 0.999]
+    assert d["tracking"]["wandb"] == {"mode": "offline"}  # a nested section, as a mapping

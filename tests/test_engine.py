@@ -1,25 +1,20 @@
 """The pieces of training that can be checked without a launch: schedule, environment,
-BatchNorm averaging over ranks, the teacher's loss, checkpoint discovery and safe loading."""
+BatchNorm averaging over ranks, checkpoint discovery and safe loading."""
 
 from __future__ import annotations
 
 import math
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_ranks
+from helpers import run_ranks
 
 from multieye_dist import distributed as D
 from multieye_dist import engine as E
-from multieye_dist.concepts import load_bank
 from multieye_dist.config import DeepSpeedConfig, OptimConfig
-from multieye_dist.model import ConceptModel, ModelConfig
 from multieye_dist.schedule import lr_at
-from multieye_dist.train import TrainState, teacher_loss
-
-BANK = Path(__file__).resolve().parents[1] / "configs" / "concepts" / "minilm-l6.safetensors"
+from multieye_dist.train import TrainState
 
 
 def test_schedule_warms_up_linearly_then_follows_the_cosine():
@@ -60,34 +55,21 @@ def _bn_ranks(rank: int, world: int) -> None:
     assert D.average_batchnorm_stats(torch.nn.Sequential(torch.nn.Linear(3, 3), bn)) == 2
     assert torch.allclose(bn.running_mean, torch.full((3,), 0.5))
     assert torch.allclose(bn.running_var, torch.full((3,), 2.5))
-    assert D.all_true(rank == 0, torch.device("cpu")) is False
-    assert D.all_true(True, torch.device("cpu")) is True
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_are_averaged_over_ranks():
     run_ranks(_bn_ranks, 2)
 
 
-@pytest.mark.parametrize("train_level2", [False, True])
-def test_teacher_loss_reaches_level2_only_when_asked(train_level2):
-    torch.manual_seed(0)
-    model = ConceptModel(ModelConfig(backbone="test_resnet"), load_bank(BANK)[0])
-    logits, sims = model(torch.randn(4, 3, 32, 32))
-    y = torch.tensor([0, 1, 2, 3])
-    out = teacher_loss(logits, sims, y, model, train_level2)
-    assert out.cls.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item())
-    (out.total - out.cls).sum().backward(retain_graph=True)  # the level-2 term alone
-    level2 = model.level2.weight.grad
-    assert (level2 is not None and bool(level2.abs().sum() > 0)) == train_level2
-    classifier = model.classifier.weight.grad
-    assert classifier is None or not classifier.any()  # it must not move the classifier
-
-
 def test_trainer_state_round_trips_and_ignores_unknown_keys():
-    s = TrainState(epoch=3, batch=5, step=77, best_f1=0.5, wandb_run_id="abc")
+    s = TrainState(epoch=3, batch=5, step=77, best_f1=0.5, run_id="abc")
     from dataclasses import asdict
 
     assert TrainState.from_dict({**asdict(s), "future_key": 1}) == s
+    # A checkpoint from before the rename kept the tracker's run id under its old key.
+    old = {k: v for k, v in asdict(s).items() if k != "run_id"}
+    assert TrainState.from_dict({**old, "wandb_run_id": "abc"}) == s
 
 
 def test_find_checkpoint_names_what_is_wrong(tmp_path):
@@ -117,7 +99,7 @@ def test_checkpoint_loads_refuse_arbitrary_pickles(tmp_path):
     good = tmp_path / "good.pt"
     safe.save({"w": torch.ones(2), "step": 3}, str(good))
     assert safe.load(str(good))["step"] == 3
-    assert not list(tmp_path.glob("*.tmp.*"))  # saved through a temporary name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.pt"]  # no temporary file left
     bad = tmp_path / "bad.pt"
     torch.save({"w": torch.ones(2), "x": _Payload()}, bad)
     with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):

@@ -13,8 +13,10 @@ import torch
 from multieye_dist.concepts import load_bank
 from multieye_dist.config import load_config
 from multieye_dist.data.prefetch import DevicePrefetcher
+from multieye_dist.data.stream import Batch, StreamStats
 from multieye_dist.losses import octcoda_loss
 from multieye_dist.model import ConceptModel, FrozenTeacher, ModelConfig
+from multieye_dist.objectives import build_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 BANK = ROOT / "configs" / "concepts" / "minilm-l6.safetensors"
@@ -52,35 +54,62 @@ def test_teacher_in_inference_mode_gives_the_same_usable_outputs():
     out = octcoda_loss(zf, sf, y, *fast, y)
     out.total.backward()
     assert student.proj.weight.grad is not None
-    # train_level2 needs autograd through W_4: inference mode is then refused silently off
-    assert not FrozenTeacher(model, train_level2=True, inference_mode=True).inference_mode
+
+
+def _batch(i: int, n: int = 6, size: int = 32) -> Batch:
+    g = torch.Generator().manual_seed(i)
+    label = torch.arange(n) % 3
+    return Batch(
+        image=torch.randn(n, 3, size, size, generator=g),
+        label=label,
+        keys=[f"{i}-{j}" for j in range(n)],
+        meta=[{} for _ in range(n)],
+        stats=StreamStats(),
+        partner_image=torch.randn(n, 3, size, size, generator=g),
+        partner_label=label.clone(),
+        partner_keys=[f"o{i}-{j}" for j in range(n)],
+    )
 
 
 def test_channels_last_changes_layout_not_results():
+    """Through the project's own input path: the objective lays out student and teacher
+    inputs (NHWC under perf.channels_last) and the loss is the same either way."""
     model, _ = _models()
-    model.eval()
-    x = torch.randn(4, 3, 32, 32)
-    ref = model(x)[0]
-    fast = model.to(memory_format=torch.channels_last)
-    out = fast(x.to(memory_format=torch.channels_last))[0]
-    assert torch.allclose(ref, out, atol=1e-5)
+    teacher = FrozenTeacher(_models()[0], dtype=torch.float32)
+    batch, cpu = _batch(0), torch.device("cpu")
+    results, layouts = [], []
+    for on in (False, True):
+        cfg = load_config(None, [f"perf.channels_last={str(on).lower()}", "loss.impl=torch"])
+        objective = build_objective(cfg, cpu)
+        x = objective.inputs(batch.image)
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        results.append(objective(model, teacher, batch))
+    assert layouts == [False, True]
+    (ref, ref_terms), (fast, fast_terms) = results
+    assert torch.allclose(ref, fast, atol=1e-5)
+    for k in ref_terms:
+        assert torch.allclose(ref_terms[k], fast_terms[k], atol=1e-5), k
 
 
 def test_prefetcher_passes_batches_through_on_cpu():
-    batches = [{"x": torch.full((2,), float(i)), "k": [str(i)]} for i in range(5)]
+    batches = [_batch(i) for i in range(5)]
     pre = DevicePrefetcher(batches, torch.device("cpu"))
     assert not pre.enabled and len(pre) == 5
-    assert [b["k"] for b in pre] == [[str(i)] for i in range(5)]
+    assert [b.keys for b in pre] == [b.keys for b in batches]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prefetcher_moves_every_batch_in_order_on_gpu():
-    batches = [{"x": torch.full((1000,), float(i)).pin_memory(), "k": i} for i in range(7)]
+    batches = [_batch(i).pin_memory() for i in range(7)]
     got = list(DevicePrefetcher(batches, torch.device("cuda")))
-    assert [b["k"] for b in got] == list(range(7))
-    assert all(b["x"].is_cuda and float(b["x"][0]) == i for i, b in enumerate(got))
+    assert [b.keys for b in got] == [b.keys for b in batches]
+    for want, b in zip(batches, got, strict=True):
+        assert b.image.is_cuda and b.partner_label.is_cuda
+        assert torch.equal(b.image.cpu(), want.image) and torch.equal(b.label.cpu(), want.label)
 
 
+@pytest.mark.slow
 def test_step_benchmark_smoke_run_on_cpu(wandb_home):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "step.py"), "--device", "cpu", "--smoke"],

@@ -13,8 +13,11 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import submitit
+from helpers import sacct_state, until
 
 from multieye_dist.cluster import SlurmOptions, make_executor
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 # The jobs unpickle these functions in a fresh interpreter that cannot import this test module
 # (pytest put tests/ on sys.path, the job does not): ship them by value.
@@ -37,22 +40,6 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
-def _until(what: str, predicate, timeout: float = 30):
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
-def _sacct_state(job_id: str) -> str:
-    res = _run("sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id)
-    return res.stdout.strip().splitlines()[0] if res.stdout.strip() else ""
-
-
 def _ended(state: str) -> str:
     """`state` if it is a final one, else "" (sacct may not know the job for a moment)."""
     return "" if state in ("", "PENDING", "RUNNING", "COMPLETING", "REQUEUED") else state
@@ -73,16 +60,16 @@ def test_sbatch_job_completes_with_its_output(slurm_cluster, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip()
-    assert _until("the job to end", lambda: _ended(_sacct_state(job_id))) == "COMPLETED"
+    assert until("the job to end", lambda: _ended(sacct_state(job_id))) == "COMPLETED"
     out = (tmp_path / f"out-{job_id}.txt").read_text()
     assert out == f"hello from job {job_id} on partition debug\n"
 
 
-def test_submitit_job_returns_its_result_and_sacct_state(slurm_cluster, tmp_path):
+def test_submitit_job_returns_its_result_andsacct_state(slurm_cluster, tmp_path):
     job = _executor(tmp_path, slurm_cluster).submit(_square, 7)
     assert job.result() == 49
     # submitit's own state query (sacct through slurmdbd) sees the job finish.
-    state = _until(
+    state = until(
         "submitit to see COMPLETED",
         lambda: (s := job.watcher.get_state(job.job_id, mode="force")) == "COMPLETED" and s,
         timeout=15,
@@ -106,9 +93,9 @@ def test_submitit_array_of_four(slurm_cluster, tmp_path):
 def test_cancelled_job_is_seen_as_done(slurm_cluster, tmp_path):
     """A job killed from outside writes no result: only the sacct state ends the wait."""
     job = _executor(tmp_path, slurm_cluster).submit(_sleep, 120)
-    _until("the job to run", lambda: _sacct_state(job.job_id) == "RUNNING")
+    until("the job to run", lambda: sacct_state(job.job_id) == "RUNNING")
     assert _run("scancel", job.job_id).returncode == 0
-    _until("submitit to see the job done", lambda: job.done(force_check=True), timeout=20)
+    until("submitit to see the job done", lambda: job.done(force_check=True), timeout=20)
     assert job.state.startswith("CANCELLED")
 
 
@@ -146,11 +133,11 @@ def test_requeued_job_runs_again(slurm_cluster, tmp_path):
             text = out.read_text() if out.exists() else ""
             return [line for line in text.splitlines() if line.startswith("start")]
 
-        _until("the first start", lambda: starts() == ["start 0"])
+        until("the first start", lambda: starts() == ["start 0"])
         res = _run("scontrol", "requeue", job_id)
         assert res.returncode == 0, res.stderr
         # A requeued job waits cred_expire (10 s on this cluster) before it may start again.
-        _until("the second start", lambda: len(starts()) == 2, timeout=40)
+        until("the second start", lambda: len(starts()) == 2, timeout=40)
         assert starts() == ["start 0", "start 1"]
         show = _run("scontrol", "show", "job", job_id).stdout
         assert "Restarts=1" in show

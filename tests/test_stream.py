@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_ranks
+from helpers import run_ranks
 
+from multieye_dist.config import DataConfig
 from multieye_dist.data.layout import label_file
 from multieye_dist.data.preprocess import Preprocess
 from multieye_dist.data.shards import ConvertOptions, convert
@@ -29,8 +30,8 @@ from multieye_dist.data.synth import SynthOptions, generate
 from multieye_dist.data.tario import iter_samples, write_samples
 
 SIZE = 32
-CFG = StreamConfig(
-    samples_per_epoch=256, batch_size=16, image_size=SIZE, pool_size=8, augment=False
+CFG = StreamConfig.from_data(
+    DataConfig(), samples_per_epoch=256, batch_size=16, image_size=SIZE, pool_size=8, augment=False
 )
 
 
@@ -73,10 +74,10 @@ def test_equal_batches_per_rank_and_label_matched_partners(shard_dir):
         batches = _train_batches(shard_dir, CFG, rank, world=2, workers=2)
         counts.append(len(batches))
         for b in batches:
-            assert b["fundus"].shape == (16, 3, SIZE, SIZE) and b["oct"].shape == b["fundus"].shape
-            assert torch.equal(b["fundus_label"], b["oct_label"])  # 100% label match
-            assert all(k.startswith("oct-train-") for k in b["oct_key"])
-        assert sum(b["stats"]["unmatched_oct"] for b in batches) == 0
+            assert b.image.shape == (16, 3, SIZE, SIZE) and b.partner_image.shape == b.image.shape
+            assert torch.equal(b.label, b.partner_label)  # 100% label match
+            assert all(k.startswith("oct-train-") for k in b.partner_keys)
+        assert sum(b.stats.unmatched_oct for b in batches) == 0
     assert counts == [256 // 2 // 16] * 2
 
 
@@ -88,7 +89,7 @@ def test_class_balance_with_a_rare_class(imbalanced_dir):
     cfg = replace(CFG, samples_per_epoch=2700, batch_size=30)
     labels = Counter()
     for b in _train_batches(imbalanced_dir, cfg, rank=0, world=1, workers=2):
-        labels.update(b["fundus_label"].tolist())
+        labels.update(b.label.tolist())
     assert sum(labels.values()) == 2700
     for c in range(9):
         assert 225 <= labels[c] <= 375, labels
@@ -107,21 +108,21 @@ def test_evaluation_scores_every_sample_exactly_once(shard_dir, world, workers, 
         for rank in range(world):
             ds = EvalStream(shards, SIZE, batch, rank=rank, world=world)
             for b in make_loader(ds, workers):
-                assert len(b["key"]) <= batch and b["image"].shape[0] == len(b["key"])
-                keys += b["key"]
+                assert len(b.keys) <= batch and b.image.shape[0] == len(b.keys)
+                keys += b.keys
         assert Counter(keys) == Counter(_all_keys(shard_dir, modality, "dev"))
         assert len(keys) == len(set(keys))
 
 
 def _keys(batches: list[dict]) -> list[str]:
-    return [k for b in batches for k in b["fundus_key"] + b["oct_key"]]
+    return [k for b in batches for k in b.keys + b.partner_keys]
 
 
 def test_same_seed_rank_workers_epoch_give_the_same_order(shard_dir):
     a = _train_batches(shard_dir, CFG, 1, 2, 2, epoch=3)
     b = _train_batches(shard_dir, CFG, 1, 2, 2, epoch=3)
     assert _keys(a) == _keys(b)
-    assert torch.equal(torch.cat([x["fundus"] for x in a]), torch.cat([x["fundus"] for x in b]))
+    assert torch.equal(torch.cat([x.image for x in a]), torch.cat([x.image for x in b]))
     assert _keys(a) != _keys(_train_batches(shard_dir, CFG, 1, 2, 2, epoch=4))
     assert _keys(a) != _keys(_train_batches(shard_dir, CFG, 0, 2, 2, epoch=3))
 
@@ -138,7 +139,7 @@ def test_resume_at_epoch_boundary_reproduces_the_order(shard_dir):
     resumed = _train_batches(shard_dir, cfg, 0, 1, 2, epoch=1)
     assert _keys(uninterrupted) == _keys(resumed)
     for x, y in zip(uninterrupted, resumed, strict=True):
-        assert torch.equal(x["fundus"], y["fundus"]) and torch.equal(x["oct"], y["oct"])
+        assert torch.equal(x.image, y.image) and torch.equal(x.partner_image, y.partner_image)
 
 
 @pytest.mark.parametrize("workers,skip", [(0, 5), (2, 5), (3, 4)])
@@ -153,7 +154,7 @@ def test_resume_mid_epoch_yields_the_remaining_batches_in_order(shard_dir, worke
     assert len(rest) == len(full) - skip
     assert _keys(rest) == _keys(full[skip:])
     for x, y in zip(full[skip:], rest, strict=True):
-        assert torch.equal(x["fundus"], y["fundus"]) and torch.equal(x["oct"], y["oct"])
+        assert torch.equal(x.image, y.image) and torch.equal(x.partner_image, y.partner_image)
     with pytest.raises(ValueError, match="skip=99"):
         ds.set_epoch(2, skip=99)
 
@@ -164,10 +165,12 @@ def test_unpaired_stream_for_the_teacher_stage(shard_dir):
     batches = list(make_loader(ds, 2))
     assert len(batches) == len(ds) == CFG.samples_per_epoch // CFG.batch_size
     b = batches[0]
-    assert set(b) == {"image", "label", "key", "stats"}
-    assert b["image"].shape == (CFG.batch_size, 3, SIZE, SIZE)
-    assert all(k.startswith("oct-train-") for bb in batches for k in bb["key"])
-    assert b["stats"]["unmatched_oct"] == 0
+    assert not b.paired and b.partner_label is None and b.partner_keys is None
+    assert [m["modality"] for m in b.meta] == ["oct"] * CFG.batch_size  # the .json records
+    assert [m["label"] for m in b.meta] == b.label.tolist()
+    assert b.image.shape == (CFG.batch_size, 3, SIZE, SIZE)
+    assert all(k.startswith("oct-train-") for bb in batches for k in bb.keys)
+    assert b.stats.unmatched_oct == 0
 
 
 def test_augmentation_is_the_release_recipe(shard_dir):
@@ -177,7 +180,7 @@ def test_augmentation_is_the_release_recipe(shard_dir):
     assert names[0] == "RandomResizedCropAndInterpolation" and "RandAugment" in names
     assert names[-1] == "RandomErasing" and ds.transform.transforms[-1].probability == 0.25
     batch = next(iter(make_loader(ds, 0)))
-    assert batch["fundus"].dtype == torch.float32 and batch["fundus"].min() < 0  # normalised
+    assert batch.image.dtype == torch.float32 and batch.image.min() < 0  # normalised
 
 
 def _corrupt(shard_dir: Path, tmp_path: Path, n_bad: int) -> tuple[Path, list[str]]:
@@ -198,9 +201,24 @@ def test_corrupt_sample_is_skipped_counted_and_named(shard_dir, tmp_path):
     shards = ShardSet.from_manifest(d, "fundus", "dev")
     ds = EvalStream(shards, SIZE, 4, rank=0, world=1, max_bad_fraction=0.1)
     batches = list(make_loader(ds, 0))
-    keys = [k for b in batches for k in b["key"]]
+    keys = [k for b in batches for k in b.keys]
     assert len(keys) == len(_all_keys(d, "fundus", "dev")) - 1
-    assert batches[-1]["stats"]["bad"] == 1 and batches[-1]["stats"]["bad_examples"] == bad
+    assert batches[-1].stats.bad == 1 and batches[-1].stats.bad_examples == bad
+
+
+def test_a_label_out_of_range_is_an_error_naming_shard_and_sample(shard_dir, tmp_path):
+    """Labels are checked once, where a sample is read, not by the loss on every step."""
+    d = tmp_path / "shards"
+    shutil.copytree(shard_dir, d)
+    shard = d / json.loads((d / "fundus-dev.manifest.json").read_text())["shards"][0]["name"]
+    samples = list(iter_samples(shard))
+    samples[2]["cls"] = b"9"
+    with open(shard, "wb") as fh:
+        write_samples(fh, samples)
+    shards = ShardSet.from_manifest(d, "fundus", "dev")
+    key = samples[2]["__key__"]
+    with pytest.raises(DataError, match=rf"{shard.name}: sample {key}: label 9 outside 0..8"):
+        list(EvalStream(shards, SIZE, 4, rank=0, world=1))
 
 
 def test_too_many_corrupt_samples_stop_the_run(shard_dir, tmp_path):
@@ -229,11 +247,11 @@ def test_class_without_oct_gets_a_random_partner_and_is_counted(synth_root, tmp_
     lf.write_text("".join(ln + "\n" for ln in lf.read_text().splitlines() if not ln.endswith(" 3")))
     d = _convert(root, tmp_path / "shards")
     batches = _train_batches(d, CFG, 0, 1, 0)
-    f = torch.cat([b["fundus_label"] for b in batches])
-    o = torch.cat([b["oct_label"] for b in batches])
+    f = torch.cat([b.label for b in batches])
+    o = torch.cat([b.partner_label for b in batches])
     assert (f == 3).any() and not (o == 3).any()
     assert torch.equal(f[f != 3], o[f != 3])
-    assert batches[-1]["stats"]["unmatched_oct"] == int((f == 3).sum())
+    assert batches[-1].stats.unmatched_oct == int((f == 3).sum())
     assert "no OCT sample of class(es) [3]" in caplog.text
 
 
@@ -241,8 +259,8 @@ def test_resampled_mode_draws_from_all_shards(shard_dir):
     cfg = replace(CFG, resampled=True)
     batches = _train_batches(shard_dir, cfg, 0, 2, 1)
     assert len(batches) == 256 // 2 // 16
-    assert len({k for b in batches for k in b["fundus_key"]}) > 9
-    assert np.all([torch.equal(b["fundus_label"], b["oct_label"]) for b in batches])
+    assert len({k for b in batches for k in b.keys}) > 9
+    assert np.all([torch.equal(b.label, b.partner_label) for b in batches])
 
 
 def _gather_worker(rank: int, world: int, shard_dir: str, out: str) -> None:
@@ -253,7 +271,7 @@ def _gather_worker(rank: int, world: int, shard_dir: str, out: str) -> None:
     for b in make_loader(EvalStream(shards, SIZE, 3), 2):  # rank/world from the group
         records += [
             {"key": k, "label": int(y), "rank": rank}
-            for k, y in zip(b["key"], b["label"], strict=True)
+            for k, y in zip(b.keys, b.label, strict=True)
         ]
     gathered = gather_records(records)
     if rank == 0:
@@ -262,6 +280,7 @@ def _gather_worker(rank: int, world: int, shard_dir: str, out: str) -> None:
         assert gathered is None
 
 
+@pytest.mark.slow
 def test_predictions_gathered_on_rank0_in_stable_order(shard_dir, tmp_path):
     out = tmp_path / "gathered.json"
     run_ranks(_gather_worker, 2, str(shard_dir), str(out))
@@ -280,7 +299,7 @@ def test_rank_and_world_from_the_environment(shard_dir, monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         ds = EvalStream(shards, SIZE, 4)
         assert (ds.rank, ds.world) == (rank, 2)
-        keys += [k for b in make_loader(ds, 2) for k in b["key"]]
+        keys += [k for b in make_loader(ds, 2) for k in b.keys]
         train = PairedTrainStream(*_sets(shard_dir), CFG)
         assert len(train) == CFG.samples_per_epoch // 2 // CFG.batch_size
     assert sorted(keys) == sorted(_all_keys(shard_dir, "oct", "dev"))

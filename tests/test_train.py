@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
-from test_tracking import offline_runs, wandb_contents
+from helpers import free_port, offline_runs, train_losses, wandb_contents, wandb_exit_code
 
 from multieye_dist.checkpoint import load_inference
 from multieye_dist.cli import main
 from multieye_dist.concepts import load_bank
 from multieye_dist.model import ConceptModel, ModelConfig
-from multieye_dist.tracking import read_metrics
+from multieye_dist.tracking import RUN_ID_FILE, SUMMARY_FILE, read_metrics
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BANK = ROOT / "configs" / "concepts" / "minilm-l6.safetensors"
@@ -46,7 +47,8 @@ def _overrides(shards: Path, out: Path, teacher: Path, *extra: str) -> list[str]
         "optim.warmup_epochs=0",
         "teacher.dtype=fp32",
         f"teacher.checkpoint={teacher}",
-        "wandb.mode=offline",
+        "tracking.backend=wandb",
+        "tracking.wandb.mode=offline",
         *extra,
     ]
 
@@ -63,10 +65,6 @@ def launch(stage: str, overrides: list[str], env_extra: dict, nproc: int = 2, ti
     return proc
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
-
-
 @pytest.fixture(scope="module")
 def full_run(shards, teacher_ckpt, wandb_home, tmp_path_factory) -> Path:
     """An uninterrupted 2-rank OCT-CoDA run: 2 epochs x 8 steps."""
@@ -77,7 +75,7 @@ def full_run(shards, teacher_ckpt, wandb_home, tmp_path_factory) -> Path:
 
 
 def test_two_rank_distillation_finishes_with_finite_decreasing_loss(full_run):
-    losses = _losses(full_run)
+    losses = train_losses(full_run)
     assert sorted(losses) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     values = np.array([losses[s] for s in sorted(losses)])
     assert np.isfinite(values).all()
@@ -115,11 +113,11 @@ def test_resume_after_a_stop_reproduces_the_uninterrupted_run(
     )
     assert first.returncode == 0, first.stderr[-4000:]
     assert (out / "checkpoints" / "latest").read_text() == "step00000005"
-    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    run_id = (out / RUN_ID_FILE).read_text().strip()
     second = launch("distill", _overrides(shards, out, teacher_ckpt), wandb_home)
     assert second.returncode == 0, second.stderr[-4000:]
 
-    expected, got = _losses(full_run), _losses(out)
+    expected, got = train_losses(full_run), train_losses(out)
     assert sorted(got) == sorted(expected)  # no step lost or repeated
     for step in range(6, 2 * STEPS_PER_EPOCH + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
@@ -127,12 +125,12 @@ def test_resume_after_a_stop_reproduces_the_uninterrupted_run(
     lrs_b = {r["step"]: r["train/lr"] for r in read_metrics(out) if "train/lr" in r}
     assert lrs_a == pytest.approx(lrs_b, rel=1e-9)
     # One W&B run across the stop: the same id, two offline parts.
-    assert (out / "wandb_run_id.txt").read_text().strip() == run_id
+    assert (out / RUN_ID_FILE).read_text().strip() == run_id
     assert len(offline_runs(out, run_id)) == 2
 
 
 def test_wandb_offline_files_hold_the_logged_keys(full_run):
-    run_id = (full_run / "wandb_run_id.txt").read_text().strip()
+    run_id = (full_run / RUN_ID_FILE).read_text().strip()
     (path,) = offline_runs(full_run, run_id)
     contents = wandb_contents(path)
     for key in (
@@ -216,7 +214,7 @@ def test_teacher_stage_then_bf16_zero2_student(shards, wandb_home, tmp_path):
     )
     proc = launch("distill", over, wandb_home, nproc=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    losses = _losses(student_dir)
+    losses = train_losses(student_dir)
     assert len(losses) == 8 and np.isfinite(list(losses.values())).all()
     exported, _ = load_inference(student_dir / "last.safetensors")
     assert exported.proj.weight.dtype == torch.float32
@@ -224,10 +222,13 @@ def test_teacher_stage_then_bf16_zero2_student(shards, wandb_home, tmp_path):
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(shards, teacher_ckpt, wandb_home, tmp_path):
     """A learning rate of 1e30 blows the weights up after one step: every later loss is
-    non-finite, each skip is counted, and the third in a row stops the run with exit 1."""
+    non-finite, each skip is counted, and the third in a row stops the run with exit 1. The
+    error ends the tracker's run as failed: exit code 1 in W&B's offline run and in
+    summary.json, the metrics log whole."""
+    out = tmp_path / "run"
     over = _overrides(
         shards,
-        tmp_path / "run",
+        out,
         teacher_ckpt,
         "optim.lr=1e30",
         "optim.min_lr=1e30",
@@ -239,6 +240,11 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(shards, teacher_ckpt, wa
     assert "3 non-finite losses in a row" in proc.stderr
     assert "optim.max_nonfinite_in_row=3" in proc.stderr
     assert proc.stderr.count("non-finite loss at epoch") == 3
+    run_id = (out / RUN_ID_FILE).read_text().strip()
+    (path,) = offline_runs(out, run_id)
+    assert wandb_exit_code(path) == 1
+    assert json.loads((out / SUMMARY_FILE).read_text())["exit_code"] == 1
+    assert read_metrics(out)  # readable to its last line
 
 
 @pytest.mark.parametrize(
@@ -260,7 +266,7 @@ def test_config_errors_exit_2_with_a_clear_message(
     base = [
         f"data.shards={shards}",
         f"train.out_dir={tmp_path / 'run'}",
-        "wandb.mode=disabled",
+        "tracking.backend=local",
         "model.backbone=test_resnet",
         "data.samples_per_epoch=16",
         "data.batch_size=8",
@@ -285,7 +291,7 @@ def test_fused_triton_loss_trains_like_the_torch_loss(shards, teacher_ckpt, wand
         )
         proc = launch("distill", over, {**wandb_home, "TRITON_INTERPRET": "1"}, nproc=1)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        losses[impl] = _losses(tmp_path / impl)
+        losses[impl] = train_losses(tmp_path / impl)
     assert sorted(losses["triton"]) == sorted(losses["torch"]) == [1, 2, 3, 4]
     assert losses["triton"][1] == pytest.approx(losses["torch"][1], rel=1e-4)
     assert np.isfinite(list(losses["triton"].values())).all()

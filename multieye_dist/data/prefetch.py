@@ -8,31 +8,32 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from multieye_dist.data.stream import Batch
+
 
 class DevicePrefetcher:
-    def __init__(self, loader: Iterable[dict], device: torch.device, enabled: bool = True):
+    def __init__(self, loader: Iterable[Batch], device: torch.device, enabled: bool = True):
         self.loader, self.device = loader, device
         self.enabled = enabled and device.type == "cuda"
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
-    def _copy(self, batch: dict, stream) -> dict:
+    def _copy(self, batch: Batch, stream) -> Batch:
         with torch.cuda.stream(stream):
-            return {
-                k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()
-            }
+            return batch.to(self.device, non_blocking=True)
 
-    def _ready(self, batch: dict, stream) -> dict:
+    def _ready(self, batch: Batch, stream) -> Batch:
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(stream)
-        for v in batch.values():
-            if isinstance(v, torch.Tensor):
-                v.record_stream(current)  # memory made on the side stream, used on this one
-        return batch
 
-    def __iter__(self) -> Iterator[dict]:
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            t.record_stream(current)  # memory made on the side stream, used on this one
+            return t
+
+        return batch.map_tensors(keep)
+
+    def __iter__(self) -> Iterator[Batch]:
         if not self.enabled:
             yield from self.loader
             return

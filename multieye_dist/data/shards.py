@@ -4,8 +4,9 @@ Design (why it is safe to kill, rerun and parallelise):
 - The *plan* is computed from the label files alone: every shard's sample list is known before
   any image is read, so shards are independent tasks (process pool here, Slurm array tasks in
   `shards/convert_slurm.py`) and byte-identical whatever the worker count.
-- A shard is written under a temporary name, fsynced and renamed; then a small progress record
-  (its sha256 and the fingerprint of its inputs and options) is written the same way.
+- A shard is streamed to a temporary name, fsynced and renamed (`multieye_dist.atomic`, hashed
+  as it is written: a shard is never held in memory); then a small progress record (its sha256
+  and the fingerprint of its inputs and options) is written the same way.
 - A rerun keeps a shard whose record matches the plan's fingerprint and whose bytes still hash to
   the recorded sha256, and redoes the rest. The manifest is written last, from the records.
 """
@@ -14,16 +15,16 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-import io
 import json
 import logging
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from multieye_dist import __version__
+from multieye_dist.atomic import open_atomic, temp_files, write_text
+from multieye_dist.data import schema
 from multieye_dist.data.classes import CLASS_NAMES, NUM_CLASSES
 from multieye_dist.data.layout import (
     LABEL_FILE,
@@ -41,7 +42,6 @@ from multieye_dist.data.workers import process_pool, resolve_workers
 logger = logging.getLogger(__name__)
 
 PROGRESS_DIR = ".progress"
-TMP_PREFIX = ".tmp-"
 SHARD_RE = re.compile(r"^(fundus|oct)-(train|dev|test)-(\d{6})\.tar$")
 # Three tar members per sample (image, cls, json), each a 512-byte header plus padding.
 TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 3 * 256 + 200
@@ -116,19 +116,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename: readers see the old file or the new one."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _fingerprint(modality: str, split: str, index: int, start: int, samples, options) -> str:
     h = hashlib.sha256()
     head = {"v": __version__, "pp": options.preprocess.to_dict(), "m": modality, "s": split}
@@ -182,8 +169,22 @@ def _sample_key(task: ShardTask, position: int) -> str:
     return f"{task.modality}-{task.split}-{task.start + position:09d}"
 
 
-def _shard_bytes(task: ShardTask, pp: Preprocess, skip_bad: bool) -> tuple[bytes, dict]:
-    """Encode one shard in memory: returns the tar bytes and its record (without sha256)."""
+class _HashingWriter:
+    """A write-only file object that hashes and counts what passes through it to `fh`: the
+    shard's sha256 without holding the shard in memory or reading it back."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.sha256, self.bytes = fh, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.fh.write(data)
+
+
+def _write_shard(task: ShardTask, path: Path, pp: Preprocess, skip_bad: bool) -> dict:
+    """Encode one shard straight into `path` (atomically); returns its record. A bad sample
+    without skip_bad raises and leaves neither `path` nor a temporary file."""
     counts: Counter[int] = Counter()
     skipped: list[dict] = []
 
@@ -205,23 +206,20 @@ def _shard_bytes(task: ShardTask, pp: Preprocess, skip_bad: bool) -> tuple[bytes
                 "original_size": list(original),
             }
             counts[s.label] += 1
-            yield {
-                "__key__": _sample_key(task, pos),
-                pp.fmt: data,
-                "cls": str(s.label).encode(),
-                "json": json.dumps(meta, sort_keys=True).encode(),
-            }
+            yield schema.encode_sample(_sample_key(task, pos), pp.fmt, data, s.label, meta)
 
-    buf = io.BytesIO()
-    write_samples(buf, samples())
-    record = {
+    with open_atomic(path, "wb") as fh:
+        sink = _HashingWriter(fh)
+        write_samples(sink, samples())
+    return {
         "name": task.name,
         "fingerprint": task.fingerprint,
         "samples": sum(counts.values()),
         "class_counts": [counts.get(c, 0) for c in range(NUM_CLASSES)],
         "skipped": skipped,
+        "sha256": sink.sha256.hexdigest(),
+        "bytes": sink.bytes,
     }
-    return buf.getvalue(), record
 
 
 def _record_path(out: Path, name: str) -> Path:
@@ -251,10 +249,8 @@ def run_task(task: ShardTask, out: Path, pp: Preprocess, skip_bad: bool) -> dict
     record = load_done(out, task)
     if record is not None:
         return {**record, "kept": True}
-    data, record = _shard_bytes(task, pp, skip_bad)
-    write_atomic(out / task.name, data)
-    record = {**record, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    write_atomic(_record_path(out, task.name), json.dumps(record, sort_keys=True).encode())
+    record = _write_shard(task, out / task.name, pp, skip_bad)
+    write_text(_record_path(out, task.name), json.dumps(record, sort_keys=True))
     return {**record, "kept": False}
 
 
@@ -264,7 +260,7 @@ def prepare_out(out: Path, plan: Plan) -> None:
     out = Path(out)
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     for d in (out, out / PROGRESS_DIR):
-        for tmp in d.glob(f"{TMP_PREFIX}*"):
+        for tmp in temp_files(d):  # no writer runs yet: these are a killed run's
             tmp.unlink(missing_ok=True)
     for modality, split in plan.listed:
         (out / manifest_name(modality, split)).unlink(missing_ok=True)
@@ -330,9 +326,9 @@ def write_manifests(root: Path, out: Path, plan: Plan, options: ConvertOptions) 
     for (modality, split), records in groups.items():
         _remove_orphans(out, modality, split, {r["name"] for r in records})
         manifest = _manifest(root, modality, split, records, plan, options)
-        write_atomic(
+        write_text(
             out / manifest_name(modality, split),
-            (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(),
+            json.dumps(manifest, indent=1, sort_keys=True) + "\n",
         )
         manifests.append(manifest)
     return manifests

@@ -34,15 +34,20 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from multieye_dist.data import schema
 from multieye_dist.data.classes import NUM_CLASSES
+
+if TYPE_CHECKING:
+    from multieye_dist.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +137,16 @@ class RawSample:
     label: int
     data: bytes
     url: str
+    meta: bytes | None = None  # the encoded .json record, parsed only for samples emitted
+
+    def metadata(self) -> dict[str, Any]:
+        return schema.parse_meta(self.meta, f"{self.url}:{self.key}")
 
 
 def read_unit(unit: Unit, ext: str) -> Iterator[RawSample]:
     """Samples of one unit, in shard order, through webdataset's tar reader (which also takes
-    pipe: and remote URLs). A truncated or unreadable shard is an error naming it."""
+    pipe: and remote URLs). A truncated or unreadable shard, or a sample without its image or a
+    valid label, is an error naming the shard and the sample."""
     import webdataset as wds
 
     try:
@@ -147,14 +157,15 @@ def read_unit(unit: Unit, ext: str) -> Iterator[RawSample]:
         )
         for i, s in enumerate(stream):
             if i % unit.stride == unit.offset:
+                key, where = s.get(schema.KEY), f"{unit.url}: sample {s.get(schema.KEY)}"
+                missing = [m for m in schema.missing_members(s, ext) if m != schema.META]
+                if missing:
+                    raise DataError(f"{where} lacks {', '.join('.' + m for m in missing)}")
                 try:
-                    label = int(s["cls"])
-                    data = s[ext]
-                except (KeyError, ValueError) as exc:
-                    raise DataError(
-                        f"{unit.url}: sample {s.get('__key__')} lacks .{ext}/.cls"
-                    ) from exc
-                yield RawSample(s["__key__"], label, data, unit.url)
+                    label = schema.parse_label(s[schema.LABEL], where)
+                except schema.SampleError as exc:
+                    raise DataError(str(exc)) from None
+                yield RawSample(key, label, s[ext], unit.url, s.get(schema.META))
     except DataError:
         raise
     except Exception as exc:  # tarfile.ReadError, OSError, ...: name the shard
@@ -182,14 +193,60 @@ class StreamStats:
         logger.warning("undecodable sample %s in shard %s: %s", s.key, s.url, consequence)
         _check_bad(self, max_bad_fraction)
 
-    def as_dict(self) -> dict:
-        return {
-            "worker": self.worker,
-            "decoded": self.decoded,
-            "bad": self.bad,
-            "unmatched_oct": self.unmatched_oct,
-            "bad_examples": list(self.bad_examples),
-        }
+    def snapshot(self) -> StreamStats:
+        """A copy to send with a batch (the stream goes on counting into this one)."""
+        return replace(self, bad_examples=list(self.bad_examples))
+
+
+@dataclass
+class Batch:
+    """One batch of a training or evaluation stream: the single record type that the loaders,
+    the prefetcher, the objectives and evaluation pass around.
+
+    ``image``/``label`` are the primary modality (fundus for the students, OCT for the teacher
+    and for an OCT split's evaluation). A paired stream adds each sample's label-matched OCT
+    partner in ``partner_*``; otherwise they are None. ``meta`` is each primary sample's ``.json``
+    record from its shard (:mod:`multieye_dist.data.schema`). ``stats`` are the cumulative
+    counters of the worker that made the batch. An evaluation batch may be empty (it then only
+    carries the stats of a worker whose last samples were undecodable).
+    """
+
+    image: torch.Tensor  # [B, 3, S, S] float32, normalised
+    label: torch.Tensor  # [B] int64, in [0, NUM_CLASSES): checked where the sample was read
+    keys: list[str]
+    meta: list[dict[str, Any]]
+    stats: StreamStats
+    partner_image: torch.Tensor | None = None
+    partner_label: torch.Tensor | None = None
+    partner_keys: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def paired(self) -> bool:
+        return self.partner_image is not None
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """A copy with ``fn`` applied to every tensor (device copies, pinning)."""
+
+        def f(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+
+        return replace(
+            self,
+            image=fn(self.image),
+            label=fn(self.label),
+            partner_image=f(self.partner_image),
+            partner_label=f(self.partner_label),
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        # The DataLoader's pin-memory thread calls this on any batch object that has it.
+        return self.map_tensors(lambda t: t.pin_memory())
 
 
 def decode(data: bytes) -> Image.Image:
@@ -303,23 +360,34 @@ def fill(pools: ClassPools, stream, wanted: np.ndarray, limit: int) -> None:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    samples_per_epoch: int = 36_000  # over all ranks, as released
-    batch_size: int = 64  # per rank
-    image_size: int = 512
-    seed: int = 0
-    resampled: bool = False  # fundus shards drawn with replacement instead of split per epoch
+    """What the training stream reads of the ``data`` config section; the defaults and their
+    meaning live in :class:`multieye_dist.config.DataConfig` alone (:meth:`from_data`)."""
+
+    samples_per_epoch: int  # over all ranks
+    batch_size: int  # per rank
+    image_size: int
+    seed: int
+    resampled: bool  # fundus shards drawn with replacement instead of split per epoch
     # Per class, for fundus and for OCT: a worker holds up to 2 x 9 x pool_size encoded images.
-    pool_size: int = 32
-    max_bad_fraction: float = 0.01
-    augment: bool = True
+    pool_size: int
+    max_bad_fraction: float
+    augment: bool
+
+    @classmethod
+    def from_data(cls, data: DataConfig, **changes: Any) -> StreamConfig:
+        """The stream's view of ``data`` (a :class:`~multieye_dist.config.DataConfig`), with
+        ``changes`` applied on top (benchmarks and tests)."""
+        from dataclasses import fields
+
+        return cls(**{f.name: changes.get(f.name, getattr(data, f.name)) for f in fields(cls)})
 
 
 class PairedTrainStream(IterableDataset):
     """Class-balanced fundus batches, each sample with a label-matched OCT partner.
 
-    Yields dicts: fundus [b,3,S,S], fundus_label [b], oct [b,3,S,S], oct_label [b], fundus_key,
-    oct_key, stats. With ``oct=None`` (the teacher stage, where the primary stream is OCT itself)
-    no partner is drawn and batches are: image, label, key, stats.
+    Yields :class:`Batch` records: the fundus samples as ``image``/``label`` and their OCT
+    partners as ``partner_*``. With ``oct=None`` (the teacher stage, where the primary stream is
+    OCT itself, and the fundus-only student) no partner is drawn.
     `len()` is the number of batches every rank yields in an epoch.
     """
 
@@ -361,7 +429,7 @@ class PairedTrainStream(IterableDataset):
     def _worker_batches(self, total: int, worker: int, workers: int) -> int:
         return total // workers + (worker < total % workers)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         rank, world, loader_worker, workers = identity(self.rank, self.world)
         # The DataLoader takes batches round-robin from its workers starting at worker 0;
         # global batch i belongs to logical worker i % workers. Rotating by `skip` makes loader
@@ -455,7 +523,9 @@ class PairedTrainStream(IterableDataset):
             stats.decoded += 1
             return transform(img), s
 
-    def _batch(self, rng, weights, f_pools, f_stream, partner, stats, decode_it: bool) -> dict:
+    def _batch(
+        self, rng, weights, f_pools, f_stream, partner, stats, decode_it: bool
+    ) -> Batch | None:
         f_imgs, o_imgs, f_s, o_s = [], [], [], []
         o_uniform = np.ones(NUM_CLASSES)
         for _ in range(self.cfg.batch_size):
@@ -475,24 +545,16 @@ class PairedTrainStream(IterableDataset):
             o_imgs.append(y)
             o_s.append(os_)
         if not decode_it:
-            return {}
-        labels = torch.tensor([s.label for s in f_s])
+            return None
+        batch = _collate(f_imgs, f_s, stats)
         if partner is None:
-            return {
-                "image": torch.stack(f_imgs),
-                "label": labels,
-                "key": [s.key for s in f_s],
-                "stats": stats.as_dict(),
-            }
-        return {
-            "fundus": torch.stack(f_imgs),
-            "fundus_label": labels,
-            "oct": torch.stack(o_imgs),
-            "oct_label": torch.tensor([s.label for s in o_s]),
-            "fundus_key": [s.key for s in f_s],
-            "oct_key": [s.key for s in o_s],
-            "stats": stats.as_dict(),
-        }
+            return batch
+        return replace(
+            batch,
+            partner_image=torch.stack(o_imgs),
+            partner_label=_labels(o_s),
+            partner_keys=[s.key for s in o_s],
+        )
 
 
 # ---------------------------------------------------------------- evaluation stream
@@ -518,10 +580,10 @@ class EvalStream(IterableDataset):
         self.rank, self.world = rank_world(rank, world)
         self.max_bad_fraction = max_bad_fraction
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         rank, world, worker, workers = identity(self.rank, self.world)
         units = make_units(self.shards, world * workers)[rank * workers + worker :: world * workers]
-        stats, buf = StreamStats(worker=worker), []
+        stats, images, samples = StreamStats(worker=worker), [], []
         for unit in units:
             for s in read_unit(unit, self.shards.image_ext):
                 try:
@@ -530,22 +592,28 @@ class EvalStream(IterableDataset):
                     stats.record_bad(s, "not scored", self.max_bad_fraction)
                     continue
                 stats.decoded += 1
-                buf.append((self.transform(img), s))
-                if len(buf) == self.batch_size:
-                    yield self._collate(buf, stats)
-                    buf = []
+                images.append(self.transform(img))
+                samples.append(s)
+                if len(samples) == self.batch_size:
+                    yield _collate(images, samples, stats)
+                    images, samples = [], []
         _check_bad(stats, self.max_bad_fraction, final=True)
-        if buf or stats.bad:
-            yield self._collate(buf, stats)
+        if samples or stats.bad:
+            yield _collate(images, samples, stats)
 
-    @staticmethod
-    def _collate(buf: list, stats: StreamStats) -> dict:
-        return {
-            "image": torch.stack([x for x, _ in buf]) if buf else torch.empty(0),
-            "label": torch.tensor([s.label for _, s in buf], dtype=torch.long),
-            "key": [s.key for _, s in buf],
-            "stats": stats.as_dict(),
-        }
+
+def _labels(samples: list[RawSample]) -> torch.Tensor:
+    return torch.tensor([s.label for s in samples], dtype=torch.long)
+
+
+def _collate(images: list[torch.Tensor], samples: list[RawSample], stats: StreamStats) -> Batch:
+    return Batch(
+        image=torch.stack(images) if images else torch.empty(0),
+        label=_labels(samples),
+        keys=[s.key for s in samples],
+        meta=[s.metadata() for s in samples],
+        stats=stats.snapshot(),
+    )
 
 
 def gather_records(records: list[dict]) -> list[dict] | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from multieye_dist.data import schema
 from multieye_dist.data.classes import NUM_CLASSES
 from multieye_dist.data.shards import SHARD_RE, sha256_file
 from multieye_dist.data.tario import iter_samples
@@ -30,7 +31,7 @@ class ShardCheck:
 def _check_sample(sample: dict, ext: str, where: str) -> tuple[int | None, list[str]]:
     """Returns (label or None, problems) for one decoded-from-tar sample."""
     problems = []
-    missing = [k for k in (ext, "cls", "json") if k not in sample]
+    missing = schema.missing_members(sample, ext)
     if missing:
         return None, [f"{where}: missing member(s) {', '.join('.' + m for m in missing)}"]
     try:
@@ -39,17 +40,15 @@ def _check_sample(sample: dict, ext: str, where: str) -> tuple[int | None, list[
     except Exception as exc:  # any decoder failure is a finding, not a crash
         problems.append(f"{where}: image does not decode ({exc})")
     try:
-        label = int(sample["cls"].decode())
-    except (UnicodeDecodeError, ValueError):
-        return None, [*problems, f"{where}: cls {sample['cls'][:20]!r} is not an integer"]
-    if not 0 <= label < NUM_CLASSES:
-        return None, [*problems, f"{where}: label {label} outside 0..{NUM_CLASSES - 1}"]
+        label = schema.parse_label(sample[schema.LABEL], where)
+    except schema.SampleError as exc:
+        return None, [*problems, str(exc)]
     try:
-        meta = json.loads(sample["json"])
+        meta = schema.parse_meta(sample[schema.META], where)
         if meta.get("label") != label:
             problems.append(f"{where}: json label {meta.get('label')} != cls {label}")
-    except ValueError as exc:
-        problems.append(f"{where}: json record does not parse ({exc})")
+    except schema.SampleError as exc:
+        problems.append(str(exc))
     return label, problems
 
 
@@ -63,8 +62,8 @@ def check_shard(path: Path, entry: dict, ext: str) -> ShardCheck:
         check.problems.append(f"{path}: sha256 differs from the manifest")
     try:
         for sample in iter_samples(path):
-            where = f"{path.name}:{sample['__key__']}"
-            check.keys.append(sample["__key__"])
+            where = f"{path.name}:{sample[schema.KEY]}"
+            check.keys.append(sample[schema.KEY])
             label, problems = _check_sample(sample, ext, where)
             check.problems += problems
             if label is not None:

@@ -18,6 +18,7 @@ from multieye_dist.losses import (
     _compute_dtype,
     _gate_rule,
     _no_autocast,
+    add_distillation,
     gate_distances,
     octcoda_loss,
 )
@@ -69,6 +70,7 @@ def octcoda_loss_fused(
     beta: float = 0.05,
     temperature: float = 10.0,
     impl: str = "triton",
+    check_labels: bool = True,
 ) -> LossOutput:
     """``octcoda_loss(variant="paper", contrastive_scope="local")`` from embeddings.
 
@@ -76,8 +78,9 @@ def octcoda_loss_fused(
     ``concepts`` [K, D] the bank; sims = emb @ concepts^T. ``impl`` is a resolved
     implementation (:func:`resolve_impl`): ``"triton"`` computes the distillation terms with
     :func:`fused_distill`; ``"torch"`` forms the sims and calls
-    :func:`multieye_dist.losses.octcoda_loss`. The gate, the cross-entropy, the ``0 * distill``
-    when the gate is closed and the dropping of a non-finite term are the reference's.
+    :func:`multieye_dist.losses.octcoda_loss`. The gate, the cross-entropy, the zero-gradient
+    term when the gate is closed and the dropping of a non-finite term are the reference's
+    (:func:`multieye_dist.losses.add_distillation`); ``check_labels`` as there.
     """
     if impl == "torch":
         sims = [
@@ -86,7 +89,7 @@ def octcoda_loss_fused(
         return octcoda_loss(
             student_logits, sims[0], student_labels, teacher_logits, sims[1], teacher_labels,
             alpha=alpha, beta=beta, temperature=temperature, variant="paper",
-            contrastive_scope="local",
+            contrastive_scope="local", check_labels=check_labels,
         )  # fmt: skip
     if impl != "triton":
         raise ValueError(f"impl must be 'triton' or 'torch' (see resolve_impl), got {impl!r}")
@@ -100,23 +103,19 @@ def octcoda_loss_fused(
         )
     _check_labels("student_labels", student_labels, b, "student_logits")
     _check_labels("teacher_labels", teacher_labels, b, "teacher_logits")
-    _check_label_range(num_classes, student_labels=student_labels, teacher_labels=teacher_labels)
+    if check_labels:
+        _check_label_range(
+            num_classes, student_labels=student_labels, teacher_labels=teacher_labels
+        )
     dtype = _compute_dtype(student_logits, teacher_logits)
     with _no_autocast(student_logits.device):
         zf, zo = student_logits.to(dtype), teacher_logits.to(dtype).detach()
         yf, yo = student_labels.long(), teacher_labels.long()
         cls = F.cross_entropy(zf, yf)
         gate_open = _gate_rule(*gate_distances(zf, zo, yf))
+        emb, bank = student_emb.view_as(student_emb), concepts.view_as(concepts)
         proto, con = fused_distill(
-            student_emb, teacher_emb, concepts, yf, yo,
-            num_classes=num_classes, temperature=temperature,
-        )  # fmt: skip
-        distill = beta * proto + alpha * con
-        # One host sync for both decisions, as in the reference.
-        gated, finite = (bool(v) for v in torch.stack([gate_open, distill.isfinite()]).tolist())
-        if not finite:
-            logger.debug("non-finite distillation term %s dropped", distill.item())
-            total = cls
-        else:
-            total = cls + (distill.to(cls.dtype) if gated else 0.0 * distill.to(cls.dtype))
-    return LossOutput(total=total, cls=cls, prototype=proto, contrastive=con, gated=gated)
+            emb, teacher_emb, bank, yf, yo, num_classes=num_classes, temperature=temperature
+        )
+        total = add_distillation(cls, beta * proto + alpha * con, gate_open, (emb, bank))
+    return LossOutput(total=total, cls=cls, prototype=proto, contrastive=con, gated=gate_open)

@@ -1,0 +1,255 @@
+"""Training objectives: everything a stage's loss decides, in one object per (stage, loss).
+
+An :class:`Objective` says which modality its stage trains and evaluates, whether it reads a
+partner stream and needs the frozen teacher, which parameters it trains, which implementation
+computes it (PyTorch, or the fused Triton kernel), and computes the step's loss::
+
+    total, terms = objective(model, teacher, batch)   # terms: {"cls": ..., ...}, on the device
+
+The trainer (:mod:`multieye_dist.train`) knows none of this: it builds the objective from the
+config, reads its attributes to set up the streams and the teacher, and logs whatever terms the
+objective returns (as ``train/<name>``). A new loss is one class here, registered with
+:func:`register` under its stage and its ``loss.name``; nothing else changes. A stage with one
+objective (the teacher's) uses it whatever ``loss.name`` says; a stage with several picks by
+``loss.name``. :func:`check` validates names and variants for :mod:`multieye_dist.config`.
+
+Nothing here reads a tensor back to the host: the gate and the finite checks stay on the device
+(see :mod:`multieye_dist.losses`), and labels were range-checked where the shard reader parsed
+them (:mod:`multieye_dist.data.schema`), so the losses are called with ``check_labels=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multieye_dist.data.stream import Batch
+from multieye_dist.losses import LossOutput, fundus_only_loss, octcoda_loss
+
+if TYPE_CHECKING:
+    from multieye_dist.config import Config, LossConfig
+    from multieye_dist.model import ConceptModel, FrozenTeacher
+
+logger = logging.getLogger(__name__)
+
+Terms = dict[str, torch.Tensor]
+
+
+class Objective:
+    """The loss of one training stage; subclasses set the class attributes and ``__call__``."""
+
+    name: ClassVar[str]  # its loss.name
+    stage: ClassVar[str]  # its train.stage
+    modality: ClassVar[str] = "fundus"  # what the stage reads as primary and evaluates
+    partner: ClassVar[str | None] = None  # the modality of each sample's partner, if any
+    needs_teacher: ClassVar[bool] = False
+    # The loss.variant values this objective computes differently; () = it has none, and
+    # loss.variant does not change it.
+    variants: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.impl = "torch"  # or "triton": the fused kernel (OctCoda)
+        fmt = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
+        self.memory_format = fmt
+
+    @property
+    def trains_level2(self) -> bool:
+        """Whether a term reaches W_4 (the level-2 projection)."""
+        return False
+
+    def freeze_unreached(self, model: ConceptModel) -> None:
+        """Parameters no term reaches leave the optimizer: ZeRO would otherwise reduce
+        gradients that never exist."""
+        for p in model.level2.parameters():
+            p.requires_grad_(self.trains_level2)
+
+    def inputs(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Images in the layout the step runs in (NHWC when perf.channels_last) and ``dtype``."""
+        return x.to(self.device, dtype=dtype, memory_format=self.memory_format, non_blocking=True)
+
+    def __call__(
+        self, model: nn.Module, teacher: FrozenTeacher | None, batch: Batch
+    ) -> tuple[torch.Tensor, Terms]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.stage}/{self.name} ({self.impl})"
+
+
+OBJECTIVES: dict[str, dict[str, type[Objective]]] = {}  # stage -> loss.name -> class
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make ``cls`` selectable by its ``stage`` and ``name``."""
+    OBJECTIVES.setdefault(cls.stage, {})[cls.name] = cls
+    return cls
+
+
+def _known_variants() -> list[str]:
+    classes = [c for by_name in OBJECTIVES.values() for c in by_name.values()]
+    return sorted({v for c in classes for v in c.variants})
+
+
+def objective_class(stage: str, loss: LossConfig) -> type[Objective]:
+    """The objective for ``train.stage`` and the ``loss`` section; ValueError naming the option
+    and its choices when there is none."""
+    if stage not in OBJECTIVES:
+        raise ValueError(f"train.stage={stage!r}: choose one of {', '.join(sorted(OBJECTIVES))}")
+    by_name = OBJECTIVES[stage]
+    known = sorted({n for names in OBJECTIVES.values() for n in names})
+    if loss.name not in known:  # a typo is an error even where the stage does not read it
+        raise ValueError(f"loss.name={loss.name!r}: choose one of {', '.join(known)}")
+    if len(by_name) == 1:
+        cls = next(iter(by_name.values()))
+    elif loss.name in by_name:
+        cls = by_name[loss.name]
+    else:
+        raise ValueError(
+            f"loss.name={loss.name!r} for train.stage={stage}: choose one of "
+            f"{', '.join(sorted(by_name))}"
+        )
+    choices = cls.variants or _known_variants()
+    if loss.variant not in choices:
+        raise ValueError(
+            f"loss.variant={loss.variant!r} for loss.name={cls.name}: choose one of "
+            f"{', '.join(choices)}"
+        )
+    return cls
+
+
+def check(stage: str, loss: LossConfig) -> None:
+    """Raise ValueError if the config names no objective (used by config validation)."""
+    objective_class(stage, loss)
+
+
+def build_objective(cfg: Config, device: torch.device) -> Objective:
+    objective = objective_class(cfg.train.stage, cfg.loss)(cfg, device)
+    logger.info("objective %s", objective.describe())
+    return objective
+
+
+def _module(model: nn.Module) -> nn.Module:
+    """The model itself under a wrapper (DeepSpeed's engine, DDP) that keeps it as .module."""
+    return getattr(model, "module", model)
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _distill_terms(out: LossOutput) -> Terms:
+    return {
+        "cls": out.cls,
+        "prototype": out.prototype,
+        "contrastive": out.contrastive,
+        "gate_open": out.gated.float(),
+    }
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+@register
+class TeacherCE(Objective):
+    """Stage 1: cross-entropy of the OCT teacher. With ``teacher.train_level2`` the level-2
+    similarities s' are also read through the classifier (its weights detached, so only W_4
+    learns from this term): the classifier never reads s', so without it W_4 would get no
+    gradient at all."""
+
+    name = "teacher-ce"
+    stage = "teacher"
+    modality = "oct"
+
+    @property
+    def trains_level2(self) -> bool:
+        return self.cfg.teacher.train_level2
+
+    def __call__(self, model, teacher, batch):
+        logits, sims = model(self.inputs(batch.image, _param_dtype(model)))
+        terms = {"cls": F.cross_entropy(logits.float(), batch.label)}
+        if self.trains_level2:
+            classifier = _module(model).classifier
+            w, b = classifier.weight.detach().float(), classifier.bias.detach().float()
+            terms["level2"] = F.cross_entropy(F.linear(sims[:, 1].float(), w, b), batch.label)
+        return sum(terms.values()), terms
+
+
+@register
+class FundusOnly(Objective):
+    """The fundus-only baseline: cross-entropy on fundus, no partner, no teacher (decoding
+    partners it would not use would cost half the loader)."""
+
+    name = "fundus-only"
+    stage = "distill"
+
+    def __call__(self, model, teacher, batch):
+        logits, _ = model(self.inputs(batch.image, _param_dtype(model)))
+        out = fundus_only_loss(logits, batch.label, check_labels=False)
+        return out.total, {"cls": out.cls}
+
+
+@register
+class OctCoda(Objective):
+    """OCT-CoDA (METHOD.md): fundus student, label-matched OCT partners through the frozen
+    teacher, ``cls + gate * (beta * prototype + alpha * contrastive)``. ``loss.impl`` picks the
+    fused Triton kernel (from embeddings; the paper variant, local scope) or PyTorch."""
+
+    name = "octcoda"
+    stage = "distill"
+    partner = "oct"
+    needs_teacher = True
+    variants = ("paper", "official")
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.impl = resolve_loss_impl(cfg.loss, device)
+
+    @property
+    def trains_level2(self) -> bool:
+        return True
+
+    def __call__(self, model, teacher, batch):
+        c = self.cfg.loss
+        x = self.inputs(batch.image, _param_dtype(model))
+        partner = self.inputs(batch.partner_image)
+        if self.impl == "triton":
+            from multieye_dist.kernels import octcoda_loss_fused
+
+            logits, emb = model(x, return_embeddings=True)
+            zo, eo = teacher.embeddings(partner)
+            out = octcoda_loss_fused(
+                logits, emb, batch.label, zo, eo, batch.partner_label, _module(model).concepts,
+                alpha=c.alpha, beta=c.beta, temperature=c.temperature, impl="triton",
+                check_labels=False,
+            )  # fmt: skip
+        else:
+            logits, sims = model(x)
+            zo, so = teacher(partner)
+            out = octcoda_loss(
+                logits, sims, batch.label, zo, so, batch.partner_label,
+                alpha=c.alpha, beta=c.beta, temperature=c.temperature, variant=c.variant,
+                contrastive_scope=c.contrastive_scope, check_labels=False,
+            )  # fmt: skip
+        return out.total, _distill_terms(out)
+
+
+def resolve_loss_impl(loss: LossConfig, device: torch.device) -> str:
+    """``loss.impl`` to "triton" or "torch". The kernel computes the paper variant with the
+    local contrastive scope; anything else runs in PyTorch (auto) or is an error (triton)."""
+    from multieye_dist.kernels import resolve_impl
+
+    impl = resolve_impl(loss.impl, device)
+    if impl == "triton" and (loss.variant != "paper" or loss.contrastive_scope != "local"):
+        if loss.impl == "triton":
+            raise ValueError(
+                f"loss.impl=triton computes loss.variant=paper with loss.contrastive_scope=local "
+                f"(got {loss.variant}, {loss.contrastive_scope}); use loss.impl=torch or auto"
+            )
+        return "torch"
+    return impl

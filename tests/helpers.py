@@ -1,0 +1,175 @@
+"""Helpers shared by the tests (fixtures live in conftest.py): spawned gloo ranks, free
+ports, polling Slurm, and readers of what runs leave behind (metrics, offline W&B files).
+Tests import these instead of each other's private functions."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, fn, args: tuple) -> None:
+    """Entry point of a spawned rank: a gloo group on loopback around fn(rank, world, *args)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 120) -> None:
+    """Run fn(rank, world, *args) in `world` spawned processes joined in one gloo group; fail
+    the test, killing them, if they outlast `timeout`."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(
+        _rank_main,
+        args=(world, free_port(), fn, args),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world}-process run of {fn.__name__} timed out after {timeout}s")
+
+
+# ----------------------------------------------------------------------------- .wandb reader
+
+_BLOCK = 32 * 1024  # LevelDB log block size
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: Path, wait_s: float = 30.0) -> list[Any]:
+    """Every protobuf ``Record`` of an offline ``run-<id>.wandb`` file, CRCs checked, once the
+    file holds the run's exit record (or after ``wait_s``: what is there by then)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = _read_records(path)
+        except (AssertionError, struct.error):
+            if time.monotonic() > deadline:
+                raise
+            records = []  # the header or a chunk still being written
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _read_records(path: Path) -> list[Any]:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), f"{path}: not a W&B transaction log"
+    records, pos, chunks = [], 7, b""
+    while pos + 7 <= len(data):
+        if _BLOCK - pos % _BLOCK < 7:  # block trailer too small for a chunk header: padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue  # zero padding
+        assert zlib.crc32(bytes([kind]) + payload) == crc, f"{path}: bad CRC at {pos}"
+        chunks += payload
+        if kind in (_FULL, _LAST):
+            record = pb.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
+    return records
+
+
+def _keys(items) -> set[str]:
+    return {"/".join(item.nested_key) if item.nested_key else item.key for item in items}
+
+
+def wandb_contents(path: Path) -> dict[str, Any]:
+    """The run record, history keys and summary keys of an offline run file."""
+    runs, history, summary = [], set(), set()
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            runs.append(record.run)
+        elif kind == "history":
+            history |= _keys(record.history.item)
+        elif kind == "summary":
+            summary |= _keys(record.summary.update)
+    assert len(runs) == 1, f"{path}: {len(runs)} run records"
+    return {"run": runs[0], "history": history, "summary": summary}
+
+
+def wandb_exit_code(path: Path) -> int | None:
+    """The exit code W&B recorded for an offline run (its exit record), or None if none."""
+    exits = [r.exit for r in wandb_records(path) if r.WhichOneof("record_type") == "exit"]
+    return exits[-1].exit_code if exits else None
+
+
+def offline_runs(run_dir: Path, run_id: str) -> list[Path]:
+    # A second part started within the same second gets a "-1" suffix on its directory.
+    return sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}*/run-{run_id}.wandb"))
+
+
+
+def until(what: str, predicate, timeout: float = 30):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+
+def sacct_state(job_id: str) -> str:
+    res = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return res.stdout.strip().splitlines()[0] if res.stdout.strip() else ""
+
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    from multieye_dist.tracking import read_metrics
+
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
