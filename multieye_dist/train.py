@@ -263,7 +263,6 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     if env.is_main:
         save_resolved(cfg, run_dir)
     bank, sentences, _ = load_bank(resolve_path(cfg.concepts.bank))
-    stage = cfg.train.stage
     stream = build_stream(cfg, env, objective)
     # Student weights stay in the default layout: DeepSpeed broadcasts them as byte views and
     # ZeRO keeps them as views of one flat buffer. perf.channels_last makes the inputs NHWC,
@@ -290,16 +289,17 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     if cfg.perf.compile:
         engine.compile()  # DeepSpeed's wrapper around torch.compile of the student
     state = resume(engine, checkpoint)
+    loader = make_loader(stream, cfg.data.num_workers)
+    # The tracker last: from here on run() owns it and finishes it, failed or not.
     tracker = Tracker(
         cfg.tracking,
         run_dir,
         config=to_dict(cfg),
         rank=env.rank,
-        job_type=stage,
+        job_type=cfg.train.stage,
         run_id=state.run_id,
     )
     state.run_id = tracker.run_id
-    loader = make_loader(stream, cfg.data.num_workers)
     job = Job(
         cfg,
         env,

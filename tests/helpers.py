@@ -173,3 +173,23 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     from multieye_dist.tracking import read_metrics
 
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def random_batch(n: int = 6, size: int = 32, seed: int = 0, paired: bool = True):
+    """A synthetic :class:`Batch` (labels 0..2 repeating; OCT partners with the same labels)."""
+    import torch
+
+    from multieye_dist.data.stream import Batch, StreamStats
+
+    g = torch.Generator().manual_seed(seed)
+    label = torch.arange(n) % 3
+    return Batch(
+        image=torch.randn(n, 3, size, size, generator=g),
+        label=label,
+        keys=[f"{seed}-{i}" for i in range(n)],
+        meta=[{} for _ in range(n)],
+        stats=StreamStats(),
+        partner_image=torch.randn(n, 3, size, size, generator=g) if paired else None,
+        partner_label=label.clone() if paired else None,
+        partner_keys=[f"o{seed}-{i}" for i in range(n)] if paired else None,
+    )

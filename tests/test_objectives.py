@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_ranks
+from helpers import random_batch, run_ranks
 
 from multieye_dist import distributed as D
 from multieye_dist import objectives as O
 from multieye_dist.concepts import load_bank
 from multieye_dist.config import ConfigError, load_config
-from multieye_dist.data.stream import Batch, StreamStats
 from multieye_dist.losses import octcoda_loss
 from multieye_dist.model import ConceptModel, FrozenTeacher, ModelConfig
 
@@ -26,21 +25,6 @@ CPU = torch.device("cpu")
 def _model(seed: int = 0) -> ConceptModel:
     torch.manual_seed(seed)
     return ConceptModel(ModelConfig(backbone="test_resnet"), load_bank(BANK)[0])
-
-
-def _batch(b: int = 6, paired: bool = True, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    label = torch.arange(b) % 3
-    return Batch(
-        image=torch.randn(b, 3, 32, 32, generator=g),
-        label=label,
-        keys=[f"k{i}" for i in range(b)],
-        meta=[{} for _ in range(b)],
-        stats=StreamStats(),
-        partner_image=torch.randn(b, 3, 32, 32, generator=g) if paired else None,
-        partner_label=label.clone() if paired else None,
-        partner_keys=[f"o{i}" for i in range(b)] if paired else None,
-    )
 
 
 def _cfg(*overrides: str):
@@ -102,7 +86,7 @@ def test_teacher_objective_reaches_level2_only_when_asked(train_level2):
     objective = O.build_objective(cfg, CPU)
     objective.freeze_unreached(model)
     assert all(p.requires_grad == train_level2 for p in model.level2.parameters())
-    batch = _batch(4, paired=False)
+    batch = random_batch(4, paired=False)
     total, terms = objective(model, None, batch)
     logits, _ = model(batch.image)
     assert terms["cls"].item() == pytest.approx(F.cross_entropy(logits, batch.label).item())
@@ -120,7 +104,7 @@ def test_teacher_objective_reaches_level2_only_when_asked(train_level2):
 def test_octcoda_objective_is_the_octcoda_loss_on_student_and_teacher(variant):
     model, teacher = _model(0), FrozenTeacher(_model(1), dtype=torch.float32)
     objective = O.build_objective(_cfg(f"loss.variant={variant}"), CPU)
-    batch = _batch()
+    batch = random_batch()
     total, terms = objective(model, teacher, batch)
     zf, sf = model(batch.image)
     zo, so = teacher(batch.partner_image)
@@ -136,7 +120,7 @@ def test_fundus_only_objective_reads_no_partner_and_logs_only_cls():
     objective = O.build_objective(_cfg("loss.name=fundus-only"), CPU)
     objective.freeze_unreached(model)
     assert not any(p.requires_grad for p in model.level2.parameters())
-    batch = _batch(paired=False)
+    batch = random_batch(paired=False)
     total, terms = objective(model, None, batch)
     logits, _ = model(batch.image)
     assert list(terms) == ["cls"]
@@ -306,7 +290,7 @@ def test_a_training_step_makes_one_host_sync_and_one_collective(shards, teacher_
 
 
 def test_batch_moves_and_pins_every_tensor():
-    batch = _batch()
+    batch = random_batch()
     moved = batch.map_tensors(lambda t: t + 0 if t.is_floating_point() else t * 1)
     assert moved.keys == batch.keys and moved.stats is batch.stats
     assert torch.equal(moved.partner_image, batch.partner_image)
@@ -327,7 +311,7 @@ def test_objective_forward_and_backward_make_no_host_sync_on_gpu(impl):
     teacher = FrozenTeacher(_model(1).to(dev), dtype=torch.bfloat16)
     objective = O.build_objective(_cfg(f"loss.impl={impl}", "perf.channels_last=true"), dev)
     assert objective.impl == impl
-    batch = _batch(16).to(dev)
+    batch = random_batch(16).to(dev)
     objective(model, teacher, batch)[0].backward()  # warm-up: cuDNN, Triton compilation
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

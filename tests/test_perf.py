@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_batch
 
 from multieye_dist.concepts import load_bank
 from multieye_dist.config import load_config
 from multieye_dist.data.prefetch import DevicePrefetcher
-from multieye_dist.data.stream import Batch, StreamStats
 from multieye_dist.losses import octcoda_loss
 from multieye_dist.model import ConceptModel, FrozenTeacher, ModelConfig
 from multieye_dist.objectives import build_objective
@@ -56,27 +56,12 @@ def test_teacher_in_inference_mode_gives_the_same_usable_outputs():
     assert student.proj.weight.grad is not None
 
 
-def _batch(i: int, n: int = 6, size: int = 32) -> Batch:
-    g = torch.Generator().manual_seed(i)
-    label = torch.arange(n) % 3
-    return Batch(
-        image=torch.randn(n, 3, size, size, generator=g),
-        label=label,
-        keys=[f"{i}-{j}" for j in range(n)],
-        meta=[{} for _ in range(n)],
-        stats=StreamStats(),
-        partner_image=torch.randn(n, 3, size, size, generator=g),
-        partner_label=label.clone(),
-        partner_keys=[f"o{i}-{j}" for j in range(n)],
-    )
-
-
 def test_channels_last_changes_layout_not_results():
     """Through the project's own input path: the objective lays out student and teacher
     inputs (NHWC under perf.channels_last) and the loss is the same either way."""
     model, _ = _models()
     teacher = FrozenTeacher(_models()[0], dtype=torch.float32)
-    batch, cpu = _batch(0), torch.device("cpu")
+    batch, cpu = random_batch(seed=0), torch.device("cpu")
     results, layouts = [], []
     for on in (False, True):
         cfg = load_config(None, [f"perf.channels_last={str(on).lower()}", "loss.impl=torch"])
@@ -92,7 +77,7 @@ def test_channels_last_changes_layout_not_results():
 
 
 def test_prefetcher_passes_batches_through_on_cpu():
-    batches = [_batch(i) for i in range(5)]
+    batches = [random_batch(seed=i) for i in range(5)]
     pre = DevicePrefetcher(batches, torch.device("cpu"))
     assert not pre.enabled and len(pre) == 5
     assert [b.keys for b in pre] == [b.keys for b in batches]
@@ -101,7 +86,7 @@ def test_prefetcher_passes_batches_through_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prefetcher_moves_every_batch_in_order_on_gpu():
-    batches = [_batch(i).pin_memory() for i in range(7)]
+    batches = [random_batch(seed=i).pin_memory() for i in range(7)]
     got = list(DevicePrefetcher(batches, torch.device("cuda")))
     assert [b.keys for b in got] == [b.keys for b in batches]
     for want, b in zip(batches, got, strict=True):
