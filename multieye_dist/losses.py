@@ -206,22 +206,6 @@ def _gate_rule(d_s: torch.Tensor, d_t: torch.Tensor, d_st: torch.Tensor) -> torc
     return (d_st > delta) & (d_t < d_s)
 
 
-def gate(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> bool:
-    """Batch-level distillation gate (METHOD.md step 2); no gradient. ``labels`` = fundus labels.
-
-    Opens iff ``d_st > d_s - exp(-d_t / (d_s + d_t)) * d_t`` and ``d_t < d_s``.
-    """
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_logits", teacher_logits)
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            "the gate pairs student and teacher rows: student_logits "
-            f"{tuple(student_logits.shape)} != teacher_logits {tuple(teacher_logits.shape)}"
-        )
-    _check_labels("labels", labels, student_logits.shape[0], "student_logits")
-    return bool(_gate_rule(*gate_distances(student_logits, teacher_logits, labels)))
-
-
 def add_distillation(
     cls: torch.Tensor,
     distill: torch.Tensor,
