@@ -235,7 +235,7 @@ class Config:
         from multieye_dist import objectives  # lazily: it imports the model and the losses
 
         try:
-            objectives.check(self.train.stage, self.loss)
+            objectives.objective_class(self.train.stage, self.loss)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

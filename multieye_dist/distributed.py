@@ -129,8 +129,11 @@ def step_flags(loss: torch.Tensor, stop: bool) -> tuple[bool, bool]:
     final read waits for the GPU.
     """
     flags = torch.stack(
-        [torch.isfinite(loss).all().to(torch.float32), loss.new_full((), 0.0 if stop else 1.0)]
-    ).to(torch.float32)
+        [
+            torch.isfinite(loss).all().to(torch.float32),
+            loss.new_full((), 0.0 if stop else 1.0, dtype=torch.float32),
+        ]
+    )
     if initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     finite, go_on = flags.tolist()

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from multieye_dist.data.classes import CLASS_NAMES
 from multieye_dist.data.stream import EvalStream, ShardSet, gather_records, make_loader
 from multieye_dist.metrics import evaluate
+from multieye_dist.model import param_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def predict(
     undecodable samples (each worker's counters are cumulative: keep the last per worker)."""
     was_training = model.training
     model.eval()
-    param_dtype = next(model.parameters()).dtype  # bf16 weights take bf16 inputs
+    dtype = param_dtype(model)  # bf16 weights take bf16 inputs
     records: list[dict] = []
     per_worker: dict[int, int] = {}
     try:
@@ -48,7 +49,7 @@ def predict(
             per_worker[batch.stats.worker] = batch.stats.bad
             if not len(batch):
                 continue
-            x = batch.image.to(device, dtype=param_dtype, non_blocking=True)
+            x = batch.image.to(device, dtype=dtype, non_blocking=True)
             with _autocast(device, autocast_dtype):
                 logits, _ = model(x)
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()

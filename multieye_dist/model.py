@@ -372,6 +372,12 @@ def _no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's weights (bf16 under DeepSpeed's bf16 mode): inputs are cast to it.
+    Wrappers that keep the model as ``.module`` (the DeepSpeed engine) share its parameters."""
+    return next(model.parameters()).dtype
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups, timm style: no decay for biases, 1-D params (norm weights/scales) and names a
     module lists in ``no_weight_decay()``; frozen parameters are left out; empty groups dropped.

@@ -11,7 +11,8 @@ config, reads its attributes to set up the streams and the teacher, and logs wha
 objective returns (as ``train/<name>``). A new loss is one class here, registered with
 :func:`register` under its stage and its ``loss.name``; nothing else changes. A stage with one
 objective (the teacher's) uses it whatever ``loss.name`` says; a stage with several picks by
-``loss.name``. :func:`check` validates names and variants for :mod:`multieye_dist.config`.
+``loss.name``. :func:`objective_class` is also how :mod:`multieye_dist.config` validates the
+names and variants.
 
 Nothing here reads a tensor back to the host: the gate and the finite checks stay on the device
 (see :mod:`multieye_dist.losses`), and labels were range-checked where the shard reader parsed
@@ -29,6 +30,7 @@ from torch import nn
 
 from multieye_dist.data.stream import Batch
 from multieye_dist.losses import LossOutput, fundus_only_loss, octcoda_loss
+from multieye_dist.model import param_dtype
 
 if TYPE_CHECKING:
     from multieye_dist.config import Config, LossConfig
@@ -123,11 +125,6 @@ def objective_class(stage: str, loss: LossConfig) -> type[Objective]:
     return cls
 
 
-def check(stage: str, loss: LossConfig) -> None:
-    """Raise ValueError if the config names no objective (used by config validation)."""
-    objective_class(stage, loss)
-
-
 def build_objective(cfg: Config, device: torch.device) -> Objective:
     objective = objective_class(cfg.train.stage, cfg.loss)(cfg, device)
     logger.info("objective %s", objective.describe())
@@ -137,10 +134,6 @@ def build_objective(cfg: Config, device: torch.device) -> Objective:
 def _module(model: nn.Module) -> nn.Module:
     """The model itself under a wrapper (DeepSpeed's engine, DDP) that keeps it as .module."""
     return getattr(model, "module", model)
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def _distill_terms(out: LossOutput) -> Terms:
@@ -171,7 +164,7 @@ class TeacherCE(Objective):
         return self.cfg.teacher.train_level2
 
     def __call__(self, model, teacher, batch):
-        logits, sims = model(self.inputs(batch.image, _param_dtype(model)))
+        logits, sims = model(self.inputs(batch.image, param_dtype(model)))
         terms = {"cls": F.cross_entropy(logits.float(), batch.label)}
         if self.trains_level2:
             classifier = _module(model).classifier
@@ -189,7 +182,7 @@ class FundusOnly(Objective):
     stage = "distill"
 
     def __call__(self, model, teacher, batch):
-        logits, _ = model(self.inputs(batch.image, _param_dtype(model)))
+        logits, _ = model(self.inputs(batch.image, param_dtype(model)))
         out = fundus_only_loss(logits, batch.label, check_labels=False)
         return out.total, {"cls": out.cls}
 
@@ -216,7 +209,7 @@ class OctCoda(Objective):
 
     def __call__(self, model, teacher, batch):
         c = self.cfg.loss
-        x = self.inputs(batch.image, _param_dtype(model))
+        x = self.inputs(batch.image, param_dtype(model))
         partner = self.inputs(batch.partner_image)
         if self.impl == "triton":
             from multieye_dist.kernels import octcoda_loss_fused

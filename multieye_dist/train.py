@@ -43,8 +43,8 @@ from multieye_dist.data.stream import (
 )
 from multieye_dist.evaluation import evaluate_split
 from multieye_dist.metrics import format_table
-from multieye_dist.model import FrozenTeacher, build_model
-from multieye_dist.objectives import Objective, Terms, build_objective, objective_class
+from multieye_dist.model import FrozenTeacher, build_model, param_dtype
+from multieye_dist.objectives import Objective, Terms, build_objective
 from multieye_dist.tracking import OLD_RUN_ID_KEY, Tracker
 
 logger = logging.getLogger(__name__)
@@ -203,10 +203,6 @@ def _step_seed(job: Job, step: int) -> int:
     return (job.cfg.train.seed * 1_000_003 + step) * 4099 + job.env.rank
 
 
-def _param_dtype(engine) -> torch.dtype:
-    return next(engine.module.parameters()).dtype
-
-
 def _count_nonfinite(job: Job, state: TrainState, terms: Terms | None) -> None:
     if terms is not None:
         state.nonfinite_in_row = 0
@@ -249,15 +245,15 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     run_dir = Path(cfg.train.out_dir)
     # What can be checked without the other ranks fails here, before any collective.
     checkpoint = E.find_checkpoint(cfg.train.resume, run_dir / "checkpoints")
-    if objective_class(cfg.train.stage, cfg.loss).needs_teacher and cfg.teacher.checkpoint is None:
+    env = D.from_env()
+    device = D.device_for(env)
+    objective = build_objective(cfg, device)
+    if objective.needs_teacher and cfg.teacher.checkpoint is None:
         raise ValueError(
             "teacher.checkpoint is not set: distillation needs the teacher run's inference "
             "export (e.g. teacher.checkpoint=runs/teacher/best.safetensors), or use "
             "loss.name=fundus-only"
         )
-    env = D.from_env()
-    device = D.device_for(env)
-    objective = build_objective(cfg, device)
     E.init_distributed(env, device)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if env.is_main:
@@ -474,7 +470,7 @@ def export(job: Job, state: TrainState, name: str) -> Path:
     path = job.run_dir / f"{name}.safetensors"
     if job.env.is_main:
         model = job.engine.module
-        if _param_dtype(job.engine) != torch.float32:  # train.precision=bf16
+        if param_dtype(model) != torch.float32:  # train.precision=bf16
             logger.info("%s: exporting bf16 weights as fp32 (train.precision=bf16)", path)
             model = copy.deepcopy(model).float()
         extra = {

@@ -34,7 +34,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,7 +157,8 @@ def read_unit(unit: Unit, ext: str) -> Iterator[RawSample]:
         )
         for i, s in enumerate(stream):
             if i % unit.stride == unit.offset:
-                key, where = s.get(schema.KEY), f"{unit.url}: sample {s.get(schema.KEY)}"
+                key = s.get(schema.KEY)
+                where = f"{unit.url}: sample {key}"
                 missing = [m for m in schema.missing_members(s, ext) if m != schema.META]
                 if missing:
                     raise DataError(f"{where} lacks {', '.join('.' + m for m in missing)}")
@@ -377,8 +378,6 @@ class StreamConfig:
     def from_data(cls, data: DataConfig, **changes: Any) -> StreamConfig:
         """The stream's view of ``data`` (a :class:`~multieye_dist.config.DataConfig`), with
         ``changes`` applied on top (benchmarks and tests)."""
-        from dataclasses import fields
-
         return cls(**{f.name: changes.get(f.name, getattr(data, f.name)) for f in fields(cls)})
 
 
