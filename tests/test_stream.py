@@ -270,8 +270,7 @@ def _gather_worker(rank: int, world: int, shard_dir: str, out: str) -> None:
     records = []
     for b in make_loader(EvalStream(shards, SIZE, 3), 2):  # rank/world from the group
         records += [
-            {"key": k, "label": int(y), "rank": rank}
-            for k, y in zip(b.keys, b.label, strict=True)
+            {"key": k, "label": int(y), "rank": rank} for k, y in zip(b.keys, b.label, strict=True)
         ]
     gathered = gather_records(records)
     if rank == 0:
@@ -303,3 +302,34 @@ def test_rank_and_world_from_the_environment(shard_dir, monkeypatch):
         train = PairedTrainStream(*_sets(shard_dir), CFG)
         assert len(train) == CFG.samples_per_epoch // 2 // CFG.batch_size
     assert sorted(keys) == sorted(_all_keys(shard_dir, "oct", "dev"))
+
+
+def test_paired_arms_see_the_same_fundus_batches(shard_dir):
+    """Partners have their own generator: with one seed, a run that draws OCT partners (the
+    OCT-CoDA student) and one that does not (fundus-only) train on the same fundus samples with
+    the same augmentation; a permuted partner map changes the partners only."""
+    cfg = replace(CFG, augment=True)
+    fundus, oct_set = _sets(shard_dir)
+    runs = {
+        "fundus-only": PairedTrainStream(fundus, None, cfg, rank=0, world=1),
+        "paired": PairedTrainStream(fundus, oct_set, cfg, rank=0, world=1),
+        "permuted": PairedTrainStream(
+            fundus, oct_set, cfg, rank=0, world=1, partner_classes=(1, 2, 3, 4, 5, 6, 7, 8, 0)
+        ),
+    }
+    batches = {name: list(make_loader(ds, 0)) for name, ds in runs.items()}
+    base = batches["fundus-only"]
+
+    def fundus_keys(bs):
+        return [k for b in bs for k in b.keys]
+
+    for name in ("paired", "permuted"):
+        assert fundus_keys(batches[name]) == fundus_keys(base), name
+        for x, y in zip(base, batches[name], strict=True):
+            assert torch.equal(x.image, y.image) and torch.equal(x.label, y.label)
+    for b in batches["permuted"]:
+        assert torch.equal(b.partner_label, (b.label + 1) % 9)  # every class has OCT here
+    partners = [[k for b in batches[n] for k in b.partner_keys] for n in ("paired", "permuted")]
+    assert partners[0] != partners[1]
+    with pytest.raises(ValueError, match="permutation"):
+        PairedTrainStream(fundus, oct_set, cfg, partner_classes=(0,) * 9)

@@ -19,6 +19,11 @@ with its own label (as released), counted. Every epoch restarts the pools from a
 from (seed, epoch, rank, worker): an epoch's order depends on nothing else, so resuming at an
 epoch boundary reproduces it.
 
+Paired arms. The partners have a generator of their own (draws and augmentation), derived from
+the same seed: the fundus batches of a run depend on the seed alone, not on whether partners are
+drawn, so a fundus-only and an OCT-CoDA run with one seed train on the same fundus samples, in
+the same order, with the same augmentation (tests/test_stream.py compares their keys).
+
 Evaluation. Units in a fixed order, each sample exactly once across ranks and workers, nothing
 padded; ranks may get different numbers of batches (evaluation has no per-batch collective) and
 `gather_records` brings everything to rank 0 sorted by sample key.
@@ -399,10 +404,19 @@ class PairedTrainStream(IterableDataset):
         oct_transform: Callable | None = None,
         rank: int | None = None,
         world: int | None = None,
+        partner_classes: tuple[int, ...] | None = None,
     ):
         from multieye_dist.data.transforms import eval_transform, train_transform
 
         self.fundus, self.oct, self.cfg = fundus, oct, cfg
+        # partner_classes[c]: the OCT class to pair a fundus sample of class c with (None: c
+        # itself, as released). A permutation pairs every class with another one's OCT (the
+        # permuted-teacher control of multieye_dist.objectives).
+        if partner_classes is not None and sorted(partner_classes) != list(range(NUM_CLASSES)):
+            raise ValueError(
+                f"partner_classes={partner_classes}: must be a permutation of 0..{NUM_CLASSES - 1}"
+            )
+        self.partner_classes = partner_classes
         default = train_transform if cfg.augment else eval_transform
         self.transform = transform or default(cfg.image_size)
         self.oct_transform = oct_transform or self.transform
@@ -456,19 +470,26 @@ class PairedTrainStream(IterableDataset):
         if weights.sum() == 0:
             raise DataError(f"rank {rank} worker {worker}: no fundus sample in its shards")
         weights = weights / weights.sum()
-        partner = self._partner_pools(rng, global_counts, announce=g == 0)
+        # The partners' own generator: drawing them leaves the fundus draws untouched.
+        p_seed = _seed(seed, 0x0C7)
+        partner = self._partner_pools(p_seed, global_counts, announce=g == 0)
         stats = StreamStats(worker=worker)
         for b in range(n_batches):
             decode_it = b >= n_skip
             with rng_scope(new_rng_state(_seed(seed, b))):
-                batch = self._batch(rng, weights, f_pools, f_stream, partner, stats, decode_it)
+                f_imgs, f_s = self._draw_fundus(rng, weights, f_pools, f_stream, stats, decode_it)
+            batch = _collate(f_imgs, f_s, stats) if decode_it else None
+            if partner is not None:
+                with rng_scope(new_rng_state(_seed(p_seed, b))):
+                    batch = self._add_partners(batch, f_s, partner, stats, decode_it)
             if decode_it:
                 yield batch
 
-    def _partner_pools(self, rng, fundus_counts: np.ndarray, announce: bool):
-        """(pools, stream) of OCT partners, or None without an OCT split."""
+    def _partner_pools(self, seed: int, fundus_counts: np.ndarray, announce: bool):
+        """(generator, pools, stream) of OCT partners, or None without an OCT split."""
         if self.oct is None:
             return None
+        rng = np.random.default_rng(seed)
         o_units = make_units(self.oct, 1)
         o_stream = cycle_units(o_units, self.oct.image_ext, rng, resampled=True)
         o_pools = ClassPools(self.cfg.pool_size, rng)
@@ -481,7 +502,7 @@ class PairedTrainStream(IterableDataset):
                 "partner with its own label (counted as unmatched_oct)",
                 unpaired,
             )
-        return o_pools, o_stream
+        return rng, o_pools, o_stream
 
     def _pick(
         self,
@@ -522,37 +543,43 @@ class PairedTrainStream(IterableDataset):
             stats.decoded += 1
             return transform(img), s
 
-    def _batch(
-        self, rng, weights, f_pools, f_stream, partner, stats, decode_it: bool
-    ) -> Batch | None:
-        f_imgs, o_imgs, f_s, o_s = [], [], [], []
-        o_uniform = np.ones(NUM_CLASSES)
+    def _draw_fundus(
+        self, rng, weights, f_pools, f_stream, stats, decode_it: bool
+    ) -> tuple[list[torch.Tensor | None], list[RawSample]]:
+        f_imgs, f_s = [], []
         for _ in range(self.cfg.batch_size):
             x, fs = self._pick(
                 rng, f_pools, f_stream, stats, self.transform, weights, decode_it=decode_it
             )
             f_imgs.append(x)
             f_s.append(fs)
-            if partner is None:
-                continue
-            # As released: the partner has the same label when OCT has that class, else it is a
-            # random OCT sample with its own label (counted).
+        return f_imgs, f_s
+
+    def _add_partners(
+        self, batch: Batch | None, f_s: list[RawSample], partner, stats, decode_it: bool
+    ) -> Batch | None:
+        """Each fundus sample's OCT partner. As released: the same label when OCT has that class
+        (or the class ``partner_classes`` maps it to), else a random OCT sample with its own
+        label (counted)."""
+        rng, o_pools, o_stream = partner
+        o_imgs, o_s = [], []
+        o_uniform = np.ones(NUM_CLASSES)
+        for fs in f_s:
+            want = fs.label if self.partner_classes is None else self.partner_classes[fs.label]
             y, os_ = self._pick(
-                rng, *partner, stats, self.oct_transform, o_uniform, fs.label, decode_it
+                rng, o_pools, o_stream, stats, self.oct_transform, o_uniform, want, decode_it
             )
-            stats.unmatched_oct += int(os_.label != fs.label)
+            stats.unmatched_oct += int(os_.label != want)
             o_imgs.append(y)
             o_s.append(os_)
         if not decode_it:
             return None
-        batch = _collate(f_imgs, f_s, stats)
-        if partner is None:
-            return batch
         return replace(
             batch,
             partner_image=torch.stack(o_imgs),
             partner_label=_labels(o_s),
             partner_keys=[s.key for s in o_s],
+            stats=stats.snapshot(),
         )
 
 
