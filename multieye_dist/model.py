@@ -17,7 +17,9 @@ same thing for every backbone.
 
 Imports only torch and timm (``safetensors`` -- a timm dependency -- lazily, for ``.safetensors``
 weight files). Backbones are always built with ``pretrained=False``; weights come only from a
-local file (:func:`load_backbone_weights`).
+local file (:func:`load_backbone_weights`): a backbone's own state dict, or a whole-model init (an
+inference export, an alignment run's export, ``multieye-dist import flair``), whose projection
+and heads are then loaded too.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ _TEACHER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class ModelConfig:
     backbone: str = "resnet50"  # any timm model name
     # Local file: .safetensors, or a torch .pt/.pth state dict (read with weights_only=True).
-    # None = random init. Loaded into the backbone only.
+    # None = random init. A backbone state dict loads into the backbone; a whole-model file
+    # (backbone.* and proj.weight keys: an export of this model, or an `import flair` init)
+    # also loads the projection W_p and whichever of level2/classifier it has.
     weights: str | None = None
     num_classes: int = 9
     concept_dim: int | None = None  # D; None = taken from the concept bank
@@ -232,9 +236,57 @@ def _strip(key: str) -> str:
     return key
 
 
+_HEADS = ("proj", "level2", "classifier")
+
+
+def _whole_model_state(raw: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """The state of a whole-model file (``backbone.*`` and ``proj.weight``, after an optional
+    ``module.`` prefix), else None."""
+    sd = {k.removeprefix("module."): v for k, v in raw.items()}
+    if "proj.weight" in sd and any(k.startswith("backbone.") for k in sd):
+        return sd
+    return None
+
+
+def _load_whole_model(model: ConceptModel, path: Path, sd: dict[str, Tensor]) -> LoadResult:
+    """Backbone, projection and the heads the file has; every backbone key must be there, any
+    key the model does not know (or a bank of another shape) is an error naming it."""
+    own = model.state_dict()
+    unknown = sorted(k for k in sd if k not in own)
+    if unknown:
+        raise ValueError(f"weights file {path}: keys the model does not have: {unknown[:10]}")
+    missing = sorted(k for k in own if k.startswith("backbone.") and k not in sd)
+    if missing:
+        raise ValueError(
+            f"weights file {path}: backbone keys missing (another architecture than "
+            f"model.backbone={model.cfg.backbone}?): {missing[:10]}"
+        )
+    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
+           if v.shape != own[k].shape]  # fmt: skip
+    if bad:
+        raise ValueError(
+            f"weights file {path}: {len(bad)} tensors have the wrong shape (another backbone, "
+            f"or a concept bank of another size D or K?): {bad[:5]}"
+        )
+    bank = sd.pop("concepts", None)
+    if bank is not None and not torch.allclose(bank.float(), model.concepts.float(), atol=1e-6):
+        logger.warning(
+            "weights %s: trained against another concept bank of the same shape; its "
+            "projection is loaded, the run's bank (concepts.bank) is kept",
+            path,
+        )
+    model.load_state_dict(sd, strict=False)
+    heads = sorted({k.split(".")[0] for k in sd if k.split(".")[0] in _HEADS})
+    logger.info("weights %s: loaded the backbone and %s", path, ", ".join(heads))
+    return LoadResult(loaded=sorted(sd), missing=[], unexpected=[])
+
+
 def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadResult:
     """Load a local weights file into ``model.backbone`` (or into ``model`` if it has none).
 
+    A whole-model file for a :class:`ConceptModel` (``backbone.*`` and ``proj.weight`` keys)
+    loads into the whole model (:func:`_load_whole_model`): strict for the backbone, and the
+    projection and heads it has. Otherwise:
     Accepts a raw state dict or one wrapped as ``{"state_dict"|"model"|"model_state_dict": ...}``;
     ``module.`` / ``backbone.`` prefixes are stripped. Loading is non-strict, but missing and
     unexpected keys are logged, and it raises ``ValueError`` (naming the file) when no key matches
@@ -245,6 +297,9 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadResult:
         raise FileNotFoundError(f"weights file not found: {path}")
     target = model.backbone if isinstance(model, ConceptModel) else model
     raw = _read_state_dict(path)
+    whole = _whole_model_state(raw) if isinstance(model, ConceptModel) else None
+    if whole is not None:
+        return _load_whole_model(model, path, whole)
     sd: dict[str, Tensor] = {}
     for k, v in raw.items():
         sd.setdefault(_strip(k), v)

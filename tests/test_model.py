@@ -255,6 +255,7 @@ def test_teacher_is_fully_frozen_level2_included():
     assert not logits.requires_grad and not sims.requires_grad
     assert param_groups(frozen, 1e-3) == []  # nothing for an optimizer
 
+
 def test_teacher_dtype_autocast():
     model = make(seed=2)
     x = images()
@@ -415,3 +416,44 @@ def test_embeddings_give_the_same_logits_and_similarities():
     assert torch.allclose(torch.einsum("bld,kd->blk", emb, bank), sims, atol=1e-5)
     zt, et = FrozenTeacher(model).embeddings(x)
     assert torch.allclose(et, emb) and not et.requires_grad and not zt.requires_grad
+
+
+def test_whole_model_init_loads_backbone_projection_and_heads(tmp_path, caplog):
+    """An export of the whole model (an alignment run's, or an `import flair` init) loads the
+    projection and heads too, not only the backbone; a key the model lacks, a missing backbone
+    key or a wrong shape is an error naming it."""
+    source = make(seed=3)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / "init.safetensors"
+    save_file(state, str(path))
+    model = make(seed=4, weights=str(path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    x = images()
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x)[0], source.eval()(x)[0], atol=1e-6)
+
+    # backbone + projection only (what `import flair` writes): the heads keep their init
+    partial = {k: v for k, v in state.items() if k.startswith(("backbone.", "proj."))}
+    save_file(partial, str(path))
+    fresh = make(seed=4)
+    model = make(seed=4, weights=str(path))
+    assert torch.equal(model.proj.weight, source.proj.weight)
+    assert torch.equal(model.classifier.weight, fresh.classifier.weight)
+
+    # another bank of the same shape: loaded with a warning, the run's bank kept
+    other = dict(state, concepts=state["concepts"] + 1)
+    save_file(other, str(path))
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.model"):
+        model = make(seed=4, weights=str(path))
+    assert "another concept bank" in caplog.text
+    assert torch.equal(model.concepts, bank())
+
+    for bad, match in (
+        (dict(state, **{"head.extra": torch.zeros(1)}), "head.extra"),
+        ({k: v for k, v in state.items() if k != "backbone.conv1.weight"}, "backbone.conv1"),
+        (dict(state, **{"proj.weight": torch.zeros(7, 512)}), r"proj.weight: file \(7, 512\)"),
+    ):
+        save_file(bad, str(path))
+        with pytest.raises(ValueError, match=match):
+            make(seed=4, weights=str(path))
