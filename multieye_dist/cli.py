@@ -37,9 +37,30 @@ def _csv(choices: tuple[str, ...]):
 
 
 def _add_synth(sub) -> None:
-    p = sub.add_parser("synth", help="write a synthetic dataset in the released MultiEYE layout")
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic dataset in the released MultiEYE layout",
+        description="Write a synthetic MultiEYE (fundus and OCT, train/dev/test) in the released "
+        "layout. Each class is a combination of latent findings (drusen, fluid, haemorrhage, "
+        "exudates, disc cupping, membrane, CNV, myopic thinning), drawn clearly on OCT and "
+        "faintly on fundus; each image's findings go to a findings.txt sidecar next to its "
+        "label file, and ROOT/findings.json lists their names and captions.",
+    )
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--per-class", type=int, default=40, help="train images per class (default 40)")
+    p.add_argument(
+        "--per-class",
+        type=int,
+        default=40,
+        help="train images per class and modality (default 40); dev and test get a quarter "
+        "(at least 2)",
+    )
+    p.add_argument(
+        "--fundus-per-class",
+        type=int,
+        default=None,
+        help="fundus train images per class (default: --per-class); scarce fundus labels, "
+        "OCT train and dev/test unchanged",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=128, help="side in pixels (default 128)")
     p.add_argument(
@@ -159,6 +180,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the OCT teacher or a fundus student (DeepSpeed)")
     tsub = p.add_subparsers(dest="stage", required=True)
     for stage, text in (
+        ("align", "stage 0: concept-alignment pre-training of one modality (an init)"),
         ("teacher", "stage 1: the OCT teacher, cross-entropy"),
         ("distill", "stage 2: a fundus student (OCT-CoDA, or loss.name=fundus-only)"),
     ):
@@ -264,11 +286,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         imbalance=args.imbalance,
         workers=args.workers,
+        fundus_per_class=args.fundus_per_class,
     )
+    t0 = time.perf_counter()
     summary = generate(args.out, opts)
     for modality, splits in summary.items():
         for split, counts in splits.items():
             print(f"{modality}-{split}: {sum(counts)} images, per class {counts}")
+    print(f"wrote in {time.perf_counter() - t0:.1f}s -> {args.out}")
     return 0
 
 

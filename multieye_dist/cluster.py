@@ -239,4 +239,3 @@ def _quiet_logging(rank: int) -> None:
     )
     logging.getLogger().setLevel(level)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-

@@ -53,6 +53,7 @@ from multieye_dist.sections import coerce as _coerce
 from multieye_dist.tracking import TrackingConfig
 
 __all__ = [
+    "AlignConfig",
     "Config",
     "ConceptsConfig",
     "ConfigError",
@@ -132,10 +133,39 @@ class LossConfig(_Section):
     temperature: float = 10.0
     contrastive_scope: Literal["local", "global"] = "local"  # global: anchors from all ranks
     impl: Literal["auto", "triton", "torch"] = "auto"
+    # alpha and beta ramp linearly from 0 over the first optimizer steps (0 = full from step 0,
+    # the release): distillation starts once the student's classifier has found its feet.
+    distill_warmup_steps: int = 0
+    # Controls for studies (benchmarks/efficacy.py), octcoda only: gate-never computes
+    # everything but never lets distillation in; permuted-teacher pairs each fundus class with
+    # the OCT of another class (a derangement drawn from train.seed) and relabels the teacher's
+    # outputs as the fundus class: a teacher as confident as the real one, about the wrong class.
+    control: Literal["none", "gate-never", "permuted-teacher"] = "none"
 
     def _validate(self) -> None:
+        self._check(self.distill_warmup_steps >= 0, "distill_warmup_steps", ">= 0")
         self._check(self.alpha >= 0.0, "alpha", ">= 0")
         self._check(self.beta >= 0.0, "beta", ">= 0")
+        self._check(self.temperature > 0.0, "temperature", "> 0")
+
+
+@dataclass(frozen=True)
+class AlignConfig(_Section):
+    """Concept-alignment pre-training (``train.stage=align``, :mod:`multieye_dist.objectives`):
+    CLIP/FLAIR-style image-text contrastive training of the backbone and the projection W_p
+    against the concept bank, one modality per run, with multiple positives (an image is positive
+    with the captions of all its findings: the ``findings`` of each sample's shard record). Its
+    export is a ``model.weights`` init for the teacher (oct) or the student (fundus)."""
+
+    _key: ClassVar[str] = "align"
+    modality: Literal["fundus", "oct"] = "fundus"
+    temperature: float = 0.1  # of the image-concept cosine logits (CLIP learns it; fixed here)
+    # Also train the classifier on the detached level-1 similarities (a linear probe: the
+    # representation is not touched), so that dev macro-F1 measures the concept space and picks
+    # the best checkpoint as in the other stages.
+    probe: bool = True
+
+    def _validate(self) -> None:
         self._check(self.temperature > 0.0, "temperature", "> 0")
 
 
@@ -150,6 +180,9 @@ class OptimConfig(_Section):
     warmup_epochs: int = 5
     min_lr: float = 1e-6
     grad_accum: int = 1
+    # W_4 (the level-2 projection, trained by distillation alone in the student) learns at
+    # lr x this: a smaller value keeps level 2 and its distillation gradient in scale.
+    level2_lr_scale: float = 1.0
     max_nonfinite_in_row: int = 20  # stop after this many non-finite losses in a row
 
     def _validate(self) -> None:
@@ -159,13 +192,16 @@ class OptimConfig(_Section):
         self._check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0")
         self._check(0.0 <= self.min_lr <= self.lr, "min_lr", f"in [0, optim.lr={self.lr}]")
         self._check(self.grad_accum >= 1, "grad_accum", ">= 1")
+        self._check(self.level2_lr_scale >= 0.0, "level2_lr_scale", ">= 0")
         self._check(self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", ">= 1")
 
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     _key: ClassVar[str] = "train"
-    stage: Literal["distill", "teacher"] = "distill"  # teacher: OCT, cross-entropy only
+    # align: concept-alignment pre-training (AlignConfig); teacher: OCT, cross-entropy only;
+    # distill: the fundus student.
+    stage: Literal["distill", "teacher", "align"] = "distill"
     epochs: int = 100
     out_dir: str = "runs/default"
     eval_every_epochs: int = 1
@@ -217,6 +253,7 @@ class Config:
     concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -235,9 +272,14 @@ class Config:
         from multieye_dist import objectives  # lazily: it imports the model and the losses
 
         try:
-            objectives.objective_class(self.train.stage, self.loss)
+            cls = objectives.objective_class(self.train.stage, self.loss)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.loss.control != "none" and cls is not objectives.OctCoda:
+            raise ConfigError(
+                f"loss.control={self.loss.control} controls the octcoda student; this run's "
+                f"objective is {cls.stage}/{cls.name}"
+            )
 
 
 _SECTIONS: dict[str, type] = {
@@ -246,6 +288,7 @@ _SECTIONS: dict[str, type] = {
     "concepts": ConceptsConfig,
     "teacher": TeacherConfig,
     "loss": LossConfig,
+    "align": AlignConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
     "deepspeed": DeepSpeedConfig,

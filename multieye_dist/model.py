@@ -55,6 +55,9 @@ class ModelConfig:
     num_classes: int = 9
     concept_dim: int | None = None  # D; None = taken from the concept bank
     drop_rate: float = 0.0  # dropout on the pooled feature h
+    # L2-normalise the level-2 embedding u as level 1 does (s' = normalize(W_4 h + b_4) C^T):
+    # keeps s' in [-1, 1] when distillation alone trains W_4. False = the release.
+    level2_norm: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone:
@@ -135,16 +138,20 @@ class ConceptModel(nn.Module):
         v = F.normalize(self.proj(h), dim=-1)
         return v @ self.concepts.to(v.dtype).t()
 
-    def level2_sims(self, h: Tensor) -> Tensor:
-        """s' = (W_4 h + b_4) C^T, [B, K]."""
+    def _level2(self, h: Tensor) -> Tensor:
         u = self.level2(h)
+        return F.normalize(u, dim=-1) if self.cfg.level2_norm else u
+
+    def level2_sims(self, h: Tensor) -> Tensor:
+        """s' = (W_4 h + b_4) C^T, [B, K] (the embedding normalised with ``level2_norm``)."""
+        u = self._level2(h)
         return u @ self.concepts.to(u.dtype).t()
 
     def embeddings(self, h: Tensor) -> Tensor:
         """[v, u] = [normalize(W_p h), W_4 h + b_4], [B, 2, D]: what the fused loss kernel
         (``loss.impl=triton``) takes instead of the similarities (sims = emb C^T)."""
         v = F.normalize(self.proj(h), dim=-1)
-        u = self.level2(h)
+        u = self._level2(h)
         return torch.stack([v, u.to(v.dtype)], dim=1)
 
     def forward(self, x: Tensor, return_embeddings: bool = False) -> tuple[Tensor, Tensor]:
@@ -433,22 +440,29 @@ def param_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, level2_lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
     """AdamW groups, timm style: no decay for biases, 1-D params (norm weights/scales) and names a
     module lists in ``no_weight_decay()``; frozen parameters are left out; empty groups dropped.
+    With ``level2_lr_scale != 1`` the level-2 projection W_4 (``level2.*``) gets groups of its
+    own at ``lr * level2_lr_scale`` (the schedule scales every group alike).
     """
     skip = _no_weight_decay_names(model)
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups: Iterable[dict[str, Any]] = (
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": float(weight_decay)},
+        decays = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        own_lr = level2_lr_scale != 1.0 and name.split(".")[0] == "level2"
+        groups.setdefault((own_lr, decays), []).append(p)
+    out: Iterable[dict[str, Any]] = (
+        {
+            "params": groups[key],
+            "weight_decay": float(weight_decay) if key[1] else 0.0,
+            **({"lr": lr * level2_lr_scale} if key[0] and lr is not None else {}),
+        }
+        for key in ((False, False), (False, True), (True, False), (True, True))
+        if key in groups
     )
-    return [g for g in groups if g["params"]]
+    return list(out)

@@ -24,10 +24,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multieye_dist.data.classes import NUM_CLASSES
 from multieye_dist.data.stream import Batch
 from multieye_dist.losses import LossOutput, fundus_only_loss, octcoda_loss
 from multieye_dist.model import param_dtype
@@ -59,6 +61,12 @@ class Objective:
         self.impl = "torch"  # or "triton": the fused kernel (OctCoda)
         fmt = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
         self.memory_format = fmt
+        # partner_classes[c]: the OCT class the stream pairs fundus class c with (None: c).
+        self.partner_classes: tuple[int, ...] | None = None
+        self.step = 0  # optimizer steps so far (set by the trainer): for ramps
+
+    def set_step(self, step: int) -> None:
+        self.step = step
 
     @property
     def trains_level2(self) -> bool:
@@ -202,34 +210,141 @@ class OctCoda(Objective):
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
         self.impl = resolve_loss_impl(cfg.loss, device)
+        if cfg.loss.control == "permuted-teacher":
+            self.partner_classes = derangement(NUM_CLASSES, cfg.train.seed)
+            inverse = [0] * NUM_CLASSES
+            for c, p in enumerate(self.partner_classes):
+                inverse[p] = c
+            self._perm = torch.tensor(self.partner_classes, device=device)
+            self._inverse = torch.tensor(inverse, device=device)
 
     @property
     def trains_level2(self) -> bool:
         return True
 
+    def ramp(self) -> float:
+        """The share of alpha and beta in force at this step (loss.distill_warmup_steps)."""
+        n = self.cfg.loss.distill_warmup_steps
+        return 1.0 if n == 0 else min(1.0, self.step / n)
+
+    def _teacher(self, teacher, partner, labels, embeddings: bool):
+        """The teacher's (logits, sims or embeddings) and the partners' labels; under the
+        permuted control, relabelled as the fundus class each partner stands in for."""
+        zo, out = teacher.embeddings(partner) if embeddings else teacher(partner)
+        if self.partner_classes is not None:  # OCT of class perm[c] speaks for class c
+            zo, labels = zo[:, self._perm], self._inverse[labels]
+        return zo, out, labels
+
     def __call__(self, model, teacher, batch):
         c = self.cfg.loss
+        ramp = self.ramp()
         x = self.inputs(batch.image, param_dtype(model))
         partner = self.inputs(batch.partner_image)
-        if self.impl == "triton":
+        fused = self.impl == "triton"
+        zo, to, yo = self._teacher(teacher, partner, batch.partner_label, embeddings=fused)
+        if fused:
             from multieye_dist.kernels import octcoda_loss_fused
 
             logits, emb = model(x, return_embeddings=True)
-            zo, eo = teacher.embeddings(partner)
             out = octcoda_loss_fused(
-                logits, emb, batch.label, zo, eo, batch.partner_label, _module(model).concepts,
-                alpha=c.alpha, beta=c.beta, temperature=c.temperature, impl="triton",
-                check_labels=False,
+                logits, emb, batch.label, zo, to, yo, _module(model).concepts,
+                alpha=c.alpha * ramp, beta=c.beta * ramp, temperature=c.temperature,
+                impl="triton", check_labels=False,
             )  # fmt: skip
         else:
             logits, sims = model(x)
-            zo, so = teacher(partner)
             out = octcoda_loss(
-                logits, sims, batch.label, zo, so, batch.partner_label,
-                alpha=c.alpha, beta=c.beta, temperature=c.temperature, variant=c.variant,
-                contrastive_scope=c.contrastive_scope, check_labels=False,
+                logits, sims, batch.label, zo, to, yo,
+                alpha=c.alpha * ramp, beta=c.beta * ramp, temperature=c.temperature,
+                variant=c.variant, contrastive_scope=c.contrastive_scope, check_labels=False,
             )  # fmt: skip
-        return out.total, _distill_terms(out)
+        terms = _distill_terms(out)
+        if c.control == "gate-never":
+            # Same graph and terms, nothing of distillation in the total (its gradient is 0).
+            terms["gate_open"] = torch.zeros_like(terms["gate_open"])
+            return out.cls + (out.total - out.cls) * 0.0, terms
+        return out.total, terms
+
+
+def derangement(n: int, seed: int) -> tuple[int, ...]:
+    """A permutation of range(n) with no fixed point, drawn from ``seed``."""
+    rng = np.random.default_rng([seed, 0xD1E])
+    while True:
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            return tuple(int(p) for p in perm)
+
+
+@register
+class ConceptAlign(Objective):
+    """Stage 0, concept alignment (``align``, :class:`multieye_dist.config.AlignConfig`):
+    image-text contrastive training of the backbone and W_p against the concept bank, as
+    CLIP/FLAIR align images with captions, for one modality. The captions are the bank's
+    sentences and an image's positives are all the concepts in its shard record's ``findings``
+    (multi-positive): image -> concepts, a softmax over the K concepts with the positives
+    sharing the target; concepts -> images, a softmax over the batch for each concept present.
+    An image with no finding (a normal eye) is a negative for every concept. The logits are the
+    level-1 similarities s (cosines) over ``align.temperature``. With ``align.probe`` the
+    classifier also learns from the detached s (``probe``), so dev macro-F1 scores the concept
+    space without shaping it."""
+
+    name = "concept-align"
+    stage = "align"
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.modality = cfg.align.modality  # an instance attribute: one objective, two modalities
+
+    def freeze_unreached(self, model: ConceptModel) -> None:
+        super().freeze_unreached(model)
+        for p in model.classifier.parameters():
+            p.requires_grad_(self.cfg.align.probe)
+
+    def positives(self, batch: Batch, k: int) -> torch.Tensor:
+        """[B, K] float multi-hot of each sample's findings (host-built: the records are)."""
+        target = torch.zeros(len(batch), k)
+        for i, (key, meta) in enumerate(zip(batch.keys, batch.meta, strict=True)):
+            findings = meta.get("findings")
+            if findings is None:
+                raise ValueError(
+                    f"train.stage=align: sample {key} has no 'findings' in its shard record; "
+                    "alignment needs per-image findings (the synthetic data has them; for real "
+                    "data start from FLAIR: multieye-dist import flair)"
+                )
+            bad = [f for f in findings if not 0 <= f < k]
+            if bad:
+                raise ValueError(
+                    f"train.stage=align: sample {key} has findings {bad} outside the concept "
+                    f"bank's K={k} rows (concepts.bank={self.cfg.concepts.bank})"
+                )
+            target[i, findings] = 1.0
+        return target.to(self.device, non_blocking=True)
+
+    def __call__(self, model, teacher, batch):
+        _, sims = model(self.inputs(batch.image, param_dtype(model)))
+        s = sims[:, 0].float()
+        terms = {"align": multi_positive_nce(s / self.cfg.align.temperature, self.positives(
+            batch, s.shape[1]))}  # fmt: skip
+        if self.cfg.align.probe:
+            classifier = _module(model).classifier
+            probe = F.linear(s.detach(), classifier.weight.float(), classifier.bias.float())
+            terms["probe"] = F.cross_entropy(probe, batch.label)
+        return sum(terms.values()), terms
+
+
+def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with several positives ([B, K] logits and 0/1 targets): the mean over
+    images with a positive of the cross-entropy against the uniform distribution over their
+    positives, and likewise over concepts (softmax over the batch), averaged. No host sync:
+    rows or columns without a positive are masked, not filtered."""
+
+    def side(dim: int) -> torch.Tensor:
+        n = positives.sum(dim)
+        ce = -(logits.log_softmax(dim) * positives).sum(dim) / n.clamp(min=1)
+        has = (n > 0).float()
+        return (ce * has).sum() / has.sum().clamp(min=1)
+
+    return (side(1) + side(0)) / 2
 
 
 def resolve_loss_impl(loss: LossConfig, device: torch.device) -> str:

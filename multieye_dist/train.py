@@ -189,6 +189,7 @@ def train_step(job: Job, batch: Batch, stop: bool = False) -> tuple[Terms | None
     sync (the gate and everything else stay on the device)."""
     engine = job.engine
     torch.manual_seed(_step_seed(job, engine.global_steps))  # dropout etc.: a function of step
+    job.objective.set_step(engine.global_steps)
     batch = batch.to(job.device, non_blocking=True)  # no-op when the prefetcher moved it
     total, terms = job.objective(engine, job.teacher, batch)
     finite, stop = D.step_flags(total, stop)
@@ -343,7 +344,14 @@ def build_stream(cfg: Config, env: D.DistEnv, objective: Objective) -> PairedTra
     if objective.partner is not None:
         partner = ShardSet.from_manifest(shard_dir, objective.partner, "train")
     scfg = StreamConfig.from_data(cfg.data)
-    return PairedTrainStream(primary, partner, scfg, rank=env.rank, world=env.world)
+    return PairedTrainStream(
+        primary,
+        partner,
+        scfg,
+        rank=env.rank,
+        world=env.world,
+        partner_classes=objective.partner_classes,
+    )
 
 
 def build_teacher(cfg: Config, bank: torch.Tensor, device: torch.device) -> FrozenTeacher:

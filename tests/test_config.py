@@ -159,7 +159,10 @@ def test_unknown_section(tmp_path):
             "loss.variant=foo",
             "loss.variant='foo' for loss.name=octcoda: choose one of paper, official",
         ),
-        ("loss.name=kd", "loss.name='kd': choose one of fundus-only, octcoda, teacher-ce"),
+        (
+            "loss.name=kd",
+            "loss.name='kd': choose one of concept-align, fundus-only, octcoda, teacher-ce",
+        ),
         ("train.precision=fp16", "train.precision='fp16': choose one of autocast-bf16, bf16, fp32"),
         ("deepspeed.zero_stage=3", "deepspeed.zero_stage=3: choose one of 0, 1, 2"),
         (

@@ -457,3 +457,27 @@ def test_whole_model_init_loads_backbone_projection_and_heads(tmp_path, caplog):
         save_file(bad, str(path))
         with pytest.raises(ValueError, match=match):
             make(seed=4, weights=str(path))
+
+
+def test_level2_lr_scale_gives_w4_groups_of_their_own(r18):
+    groups = param_groups(r18, 0.05, lr=1e-3, level2_lr_scale=0.1)
+    level2 = {id(p) for p in r18.level2.parameters()}
+    own = [g for g in groups if "lr" in g]
+    assert {id(p) for g in own for p in g["params"]} == level2
+    assert all(g["lr"] == pytest.approx(1e-4) for g in own)
+    assert sorted(g["weight_decay"] for g in own) == [0.0, 0.05]  # bias / weight
+    assert sum(len(g["params"]) for g in groups) == len(list(r18.parameters()))
+    assert all("lr" not in g for g in param_groups(r18, 0.05, lr=1e-3))  # scale 1: as before
+
+
+def test_level2_norm_normalises_u_in_sims_and_embeddings():
+    model = make(level2_norm=True).eval()
+    x = images()
+    with torch.no_grad():
+        h = model.features(x)
+        u = F.normalize(model.level2(h), dim=-1)
+        _, sims = model(x)
+        _, emb = model(x, return_embeddings=True)
+    assert torch.allclose(sims[:, 1], u @ model.concepts.t(), atol=1e-6)
+    assert torch.allclose(emb[:, 1], u, atol=1e-6)
+    assert sims[:, 1].abs().max() <= bank().norm(dim=1).max() + 1e-5

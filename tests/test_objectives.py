@@ -55,7 +55,10 @@ def test_each_stage_and_loss_name_selects_its_objective():
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["loss.name=kd"], r"loss.name='kd'.*choose one of fundus-only, octcoda, teacher-ce"),
+        (
+            ["loss.name=kd"],
+            r"loss.name='kd'.*choose one of concept-align, fundus-only, octcoda, teacher-ce",
+        ),
         (["train.stage=teacher", "loss.name=kd"], r"loss.name='kd'"),  # a typo is never ignored
         (["loss.name=teacher-ce"], r"loss.name='teacher-ce' for train.stage=distill.*octcoda"),
         (["loss.variant=offical"], r"loss.variant='offical' for loss.name=octcoda.*official"),
@@ -324,3 +327,115 @@ def test_objective_forward_and_backward_make_no_host_sync_on_gpu(impl):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert set(terms) == {"cls", "prototype", "contrastive", "gate_open"}
+
+
+# ----------------------------------------------------------------------------- alignment, controls
+
+
+def _with_findings(batch, findings):
+    return replace(batch, meta=[{"findings": f} for f in findings])
+
+
+def test_multi_positive_nce_against_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    pos = torch.zeros(4, 5, dtype=torch.float64)
+    pos[0, [1, 2]] = 1
+    pos[2, 4] = 1
+    pos[3, [1, 4]] = 1  # row 1: no finding (a normal eye): a negative only
+    rows = []
+    for i in (0, 2, 3):
+        lp = logits[i].log_softmax(0)
+        rows.append(-lp[pos[i] > 0].mean())
+    cols = []
+    for k in (1, 2, 4):
+        lp = logits[:, k].log_softmax(0)
+        cols.append(-lp[pos[:, k] > 0].mean())
+    want = (torch.stack(rows).mean() + torch.stack(cols).mean()) / 2
+    assert O.multi_positive_nce(logits, pos).item() == pytest.approx(want.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("modality", ["fundus", "oct"])
+def test_align_objective_trains_backbone_and_projection_and_probes_the_classifier(modality):
+    model = _model()
+    cfg = _cfg("train.stage=align", f"align.modality={modality}", "align.temperature=0.5")
+    objective = O.build_objective(cfg, CPU)
+    assert isinstance(objective, O.ConceptAlign) and objective.modality == modality
+    assert objective.partner is None and not objective.needs_teacher
+    objective.freeze_unreached(model)
+    assert not any(p.requires_grad for p in model.level2.parameters())
+    batch = _with_findings(random_batch(4, paired=False), [[0, 3], [], [3], [97]])
+    total, terms = objective(model, None, batch)
+    assert list(terms) == ["align", "probe"]
+    _, sims = model(batch.image)
+    pos = torch.zeros(4, 98)
+    for i, f in enumerate([[0, 3], [], [3], [97]]):
+        pos[i, f] = 1
+    want = O.multi_positive_nce(sims[:, 0] / 0.5, pos)
+    assert terms["align"].item() == pytest.approx(want.item(), rel=1e-5)
+    probe = F.cross_entropy(model.classifier(sims[:, 0]), batch.label)
+    assert terms["probe"].item() == pytest.approx(probe.item(), rel=1e-5)
+    model.zero_grad()
+    terms["probe"].backward(retain_graph=True)
+    assert model.classifier.weight.grad.abs().sum() > 0
+    assert model.proj.weight.grad is None  # the probe does not shape the concept space
+    terms["align"].backward()
+    assert model.proj.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_align_objective_names_a_sample_without_findings_or_out_of_the_bank():
+    objective = O.build_objective(_cfg("train.stage=align"), CPU)
+    batch = random_batch(3, paired=False)
+    with pytest.raises(ValueError, match=r"sample 0-0 has no 'findings'.*import flair"):
+        objective(_model(), None, batch)
+    with pytest.raises(ValueError, match=r"sample 0-2 has findings \[98\].*K=98"):
+        objective(_model(), None, _with_findings(batch, [[1], [], [98]]))
+
+
+def test_gate_never_control_computes_the_terms_but_trains_on_cls_alone():
+    model, teacher = _model(0), FrozenTeacher(_model(1), dtype=torch.float32)
+    batch = random_batch()
+    real = O.build_objective(_cfg(), CPU)
+    never = O.build_objective(_cfg("loss.control=gate-never"), CPU)
+    total, terms = never(model, teacher, batch)
+    _, ref = real(model, teacher, batch)
+    assert total.item() == terms["cls"].item() and terms["gate_open"].item() == 0
+    assert terms["contrastive"].item() == pytest.approx(ref["contrastive"].item())
+    model.zero_grad()
+    total.backward()
+    assert not model.level2.weight.grad.any()  # only distillation reaches W_4
+
+
+def test_permuted_teacher_control_pairs_other_classes_and_relabels_the_teacher():
+    cfg = _cfg("loss.control=permuted-teacher", "train.seed=3")
+    objective = O.build_objective(cfg, CPU)
+    perm = objective.partner_classes
+    assert sorted(perm) == list(range(9)) and all(p != c for c, p in enumerate(perm))
+    assert perm == O.derangement(9, 3) and perm != O.derangement(9, 4)
+    model, teacher = _model(0), FrozenTeacher(_model(1), dtype=torch.float32)
+    batch = random_batch()
+    partner_label = torch.tensor([perm[c] for c in batch.label.tolist()])
+    batch = replace(batch, partner_label=partner_label)  # what the stream pairs
+    total, _ = objective(model, teacher, batch)
+    zf, sf = model(batch.image)
+    zo, so = teacher(batch.partner_image)
+    ref = octcoda_loss(zf, sf, batch.label, zo[:, list(perm)], so, batch.label)
+    assert total.item() == pytest.approx(ref.total.item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="loss.control=permuted-teacher controls the octcoda"):
+        load_config(None, ["loss.name=fundus-only", "loss.control=permuted-teacher"])
+
+
+def test_distill_warmup_ramps_alpha_and_beta():
+    model, teacher = _model(0), FrozenTeacher(_model(1), dtype=torch.float32)
+    batch = random_batch()
+    objective = O.build_objective(_cfg("loss.distill_warmup_steps=4"), CPU)
+    zf, sf = model(batch.image)
+    zo, so = teacher(batch.partner_image)
+    for step, share in ((0, 0.0), (1, 0.25), (4, 1.0), (9, 1.0)):
+        objective.set_step(step)
+        total, _ = objective(model, teacher, batch)
+        ref = octcoda_loss(
+            zf, sf, batch.label, zo, so, batch.partner_label, alpha=0.6 * share, beta=0.05 * share
+        )
+        assert total.item() == pytest.approx(ref.total.item(), rel=1e-6), step
