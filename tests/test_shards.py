@@ -19,7 +19,16 @@ from PIL import Image
 
 from multieye_dist.atomic import is_temp_name
 from multieye_dist.cli import main
-from multieye_dist.data.layout import SPLITS, LayoutError, image_path, label_file, read_layout
+from multieye_dist.data.layout import (
+    FINDINGS_FILE,
+    SPLITS,
+    LayoutError,
+    attach_findings,
+    findings_file,
+    image_path,
+    label_file,
+    read_layout,
+)
 from multieye_dist.data.preprocess import Preprocess
 from multieye_dist.data.shards import (
     PROGRESS_DIR,
@@ -66,10 +75,18 @@ def test_every_sample_exactly_once(synth_root, tmp_path):
         names = [json.loads(s["json"])["name"] for s in got]
         assert Counter(names) == Counter(s.name for s in samples)  # each exactly once
         expected = {s.name: s.label for s in samples}
+        sidecar = dict(
+            line.split()
+            for line in findings_file(synth_root, modality, split).read_text().split("\n")
+            if line
+        )
         for s in got:
             meta = json.loads(s["json"])
             assert int(s["cls"]) == meta["label"] == expected[meta["name"]]
             assert meta["modality"] == modality and meta["split"] == split
+            # The sidecar's findings travel into the record, sorted ("-": none).
+            want = sidecar[meta["name"]]
+            assert meta["findings"] == ([] if want == "-" else [int(i) for i in want.split(",")])
             with Image.open(io.BytesIO(s["png"])) as img:
                 assert img.size == (SIZE, SIZE)
         manifest = json.loads((out / f"{modality}-{split}.manifest.json").read_text())
@@ -179,13 +196,21 @@ def _convert_cli(root: Path, out: Path, *extra: str) -> int:
 
 
 def _edit_label_line(root: Path, modality: str, split: str, lineno: int, text: str | None):
+    """Replace (or delete) one label-file line. The findings sidecar follows the label file:
+    a name the edit removes from it loses its sidecar line too (a sidecar out of step with its
+    label file is a different error, tested on its own)."""
     path = label_file(root, modality, split)
     lines = path.read_text().splitlines()
+    old = lines[lineno - 1].split()[0]
     if text is None:
         del lines[lineno - 1]
     else:
         lines[lineno - 1] = text
     path.write_text("\n".join(lines) + "\n")
+    side = findings_file(root, modality, split)
+    if side.is_file() and old not in {ln.split()[0] for ln in lines if ln.split()}:
+        kept = [ln for ln in side.read_text().splitlines() if ln.split()[0] != old]
+        side.write_text("\n".join(kept) + "\n")
     return path
 
 
@@ -426,3 +451,151 @@ def test_slurm_array_conversion_through_submitit(synth_root, tmp_path):
     assert "submitted 3 conversion task(s)" in res.stdout
     assert _files(array) == _files(direct)
     assert verify(array).ok
+
+
+# --------------------------------------------------------------------------------------------
+# Findings sidecar
+# --------------------------------------------------------------------------------------------
+
+
+def _edit_sidecar(root: Path, split: str, lineno: int, text: str | None) -> str:
+    """Replace (None: delete) line `lineno` of the fundus sidecar of `split`; returns the old
+    line."""
+    path = findings_file(root, "fundus", split)
+    lines = path.read_text().splitlines()
+    old = lines[lineno - 1]
+    if text is None:
+        del lines[lineno - 1]
+    else:
+        lines[lineno - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+    return old
+
+
+def _break_sidecar(root: Path, kind: str) -> tuple[str, str]:
+    """Damage the fundus dev sidecar one way; returns (place that must be named, reason)."""
+    side = str(findings_file(root, "fundus", "dev"))
+    name = _edit_sidecar(root, "dev", 3, None).split()[0] if kind == "missing-name" else None
+    if kind == "missing-name":
+        line = label_file(root, "fundus", "dev").read_text().split().index(name) // 2 + 1
+        return f"{label_file(root, 'fundus', 'dev')}:{line} ({name})", f"no line in {side}"
+    first = findings_file(root, "fundus", "dev").read_text().splitlines()[3].split()[0]
+    text, reason = {
+        "malformed": (f"{first} 1 2", "malformed line"),
+        "one-field": (first, "malformed line"),
+        "not-int": (f"{first} 1,x", "'x' is not an integer"),
+        "empty-item": (f"{first} 1,,2", "is not an integer"),
+        "negative": (f"{first} 2,-1", "finding index -1 is negative"),
+        "too-large": (f"{first} 8", "finding index 8 outside 0..7"),
+        "index-twice": (f"{first} 2,2", "finding index 2 listed twice"),
+        "unknown-name": ("no-such-image 1", "unknown name: not listed in large9cls.txt"),
+        "name-twice": (None, "name listed twice, first at line 1"),
+    }[kind]
+    if kind == "name-twice":
+        text = findings_file(root, "fundus", "dev").read_text().splitlines()[0]
+    _edit_sidecar(root, "dev", 4, text)
+    return f"{side}:4", reason
+
+
+SIDECAR_KINDS = [
+    "malformed",
+    "one-field",
+    "not-int",
+    "empty-item",
+    "negative",
+    "too-large",
+    "index-twice",
+    "unknown-name",
+    "name-twice",
+    "missing-name",
+]
+
+
+@pytest.mark.parametrize("skip_bad", [False, True], ids=["strict", "skip-bad"])
+@pytest.mark.parametrize("kind", SIDECAR_KINDS)
+def test_bad_findings_sidecar_names_the_place_and_writes_nothing(
+    fresh_root, tmp_path, kind, skip_bad, capsys
+):
+    where, what = _break_sidecar(fresh_root, kind)
+    out = tmp_path / "out"
+    code = _convert_cli(fresh_root, out, *(["--skip-bad"] if skip_bad else []))
+    err = capsys.readouterr().err
+    assert code == 2  # a sidecar problem is never skipped: the findings would be wrong
+    assert where in err and what in err, err
+    assert not out.exists() or not list(out.glob("*.tar"))  # found before anything is written
+    _assert_nothing_half_written(out)
+
+
+def test_sidecar_without_findings_json_still_rejects_negative_indices(fresh_root, tmp_path):
+    (fresh_root / "findings.json").unlink()
+    first = findings_file(fresh_root, "fundus", "dev").read_text().split()[0]
+    _edit_sidecar(fresh_root, "dev", 1, f"{first} 12")  # no upper bound without findings.json
+    layout = attach_findings(fresh_root, read_layout(fresh_root, ("fundus",), ("dev",)))
+    assert layout[("fundus", "dev")][0][0].findings == (12,)
+    _edit_sidecar(fresh_root, "dev", 1, f"{first} -3")
+    with pytest.raises(LayoutError, match=r"findings\.txt:1 .*finding index -3 is negative"):
+        convert(fresh_root, tmp_path / "o", OPTS, progress=False)
+
+
+def test_without_sidecar_records_are_unchanged(fresh_root, tmp_path):
+    for path in fresh_root.rglob(FINDINGS_FILE):
+        path.unlink()
+    out = tmp_path / "s"
+    convert(fresh_root, out, replace(OPTS, splits=("dev",)), progress=False)
+    for modality in ("fundus", "oct"):
+        for sample in _read_group(out, modality, "dev"):
+            meta = json.loads(sample["json"])
+            assert set(meta) == {"name", "label", "modality", "split", "original_size"}
+        manifest = json.loads((out / f"{modality}-dev.manifest.json").read_text())
+        assert "finding_names" not in manifest
+    assert verify(out).ok
+
+
+def test_manifest_names_the_findings(synth_root, tmp_path):
+    out = tmp_path / "s"
+    convert(synth_root, out, replace(OPTS, splits=("test",)), progress=False)
+    manifest = json.loads((out / "fundus-test.manifest.json").read_text())
+    listing = json.loads((synth_root / "findings.json").read_text())["findings"]
+    assert manifest["finding_names"] == [e["name"] for e in listing]
+
+
+def test_changed_sidecar_redoes_the_shard_that_holds_it(fresh_root, tmp_path):
+    out = tmp_path / "s"
+    opts = replace(OPTS, splits=("dev",), modalities=("fundus",))
+    first = convert(fresh_root, out, opts, progress=False)
+    line = findings_file(fresh_root, "fundus", "dev").read_text().splitlines()[0]
+    name, findings = line.split()
+    new = "-" if findings != "-" else "5"
+    _edit_sidecar(fresh_root, "dev", 1, f"{name} {new}")
+    again = convert(fresh_root, out, opts, progress=False)
+    assert again.written == 1 and again.kept == first.written - 1
+    records = [json.loads(s["json"]) for s in _read_group(out, "fundus", "dev")]
+    got = next(r for r in records if r["name"] == name)
+    assert got["findings"] == ([] if new == "-" else [5])
+    assert verify(out).ok
+
+
+@pytest.mark.parametrize(
+    "bad", [[2, 1], [1, 1], [-1], [1.0], ["1"], "1", [True]], ids=lambda v: repr(v)
+)
+def test_verify_catches_bad_findings(synth_root, tmp_path, bad):
+    out = tmp_path / "s"
+    convert(synth_root, out, replace(OPTS, modalities=("oct",), splits=("dev",)), progress=False)
+    manifest_path = out / "oct-dev.manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entry = manifest["shards"][0]
+    samples = list(wds.WebDataset(str(out / entry["name"]), shardshuffle=False))
+    meta = json.loads(samples[0]["json"])
+    meta["findings"] = bad
+    samples[0]["json"] = json.dumps(meta).encode()
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False) as sink:
+        for s in samples:
+            sink.write({k: v for k, v in s.items() if k != "__url__"})
+    (out / entry["name"]).write_bytes(buf.getvalue())
+    entry["sha256"] = sha256_file(out / entry["name"])
+    manifest_path.write_text(json.dumps(manifest))
+    report = verify(out)
+    assert len(report.problems) == 1, report.problems
+    assert "not a sorted list of distinct non-negative integers" in report.problems[0]
+    assert samples[0]["__key__"] in report.problems[0]

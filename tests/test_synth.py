@@ -1,14 +1,38 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from multieye_dist.cli import main
 from multieye_dist.data.classes import NUM_CLASSES
-from multieye_dist.data.layout import SPLITS, image_dir, label_file, read_layout
-from multieye_dist.data.synth import SynthOptions, class_counts, generate
+from multieye_dist.data.layout import (
+    SPLITS,
+    attach_findings,
+    findings_file,
+    image_dir,
+    label_file,
+    read_layout,
+)
+from multieye_dist.data.synth import (
+    FINDING_PROBS,
+    FINDINGS,
+    FUNDUS_NOISE,
+    NUM_FINDINGS,
+    SynthOptions,
+    bayes_accuracy,
+    class_counts,
+    fundus_image,
+    generate,
+    likeliest_findings,
+    oct_image,
+    sample_findings,
+)
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -32,12 +56,12 @@ def test_layout_and_classes(synth_root):
 
 
 def test_deterministic_for_a_seed(tmp_path):
-    opts = SynthOptions(per_class=2, seed=7, image_size=32)
+    opts = SynthOptions(per_class=2, seed=7, image_size=32, fundus_per_class=1)
     generate(tmp_path / "a", opts)
-    generate(tmp_path / "b", SynthOptions(per_class=2, seed=7, image_size=32, workers=2))
-    generate(tmp_path / "c", SynthOptions(per_class=2, seed=8, image_size=32))
+    generate(tmp_path / "b", SynthOptions(**{**opts.__dict__, "workers": 2}))
+    generate(tmp_path / "c", SynthOptions(**{**opts.__dict__, "seed": 8}))
     a, b, c = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
-    assert a == b
+    assert a == b  # the worker count does not change a byte (images, labels, sidecars)
     assert a.keys() == c.keys() and a != c
 
 
@@ -47,32 +71,139 @@ def test_oct_is_grey_and_wider_than_tall(synth_root):
         assert img.mode == "L" and img.size[0] > img.size[1]
 
 
-def test_class_signal_is_in_the_pixels(synth_root):
-    """A nearest-class-mean classifier on raw OCT pixels must beat chance by far on dev: the
-    class is learnable from pixels (and clearer on OCT than on fundus)."""
-
-    def accuracy(modality: str) -> float:
-        layout = read_layout(synth_root, (modality,), ("train", "dev"))
-
-        def load(split):
-            samples = layout[(modality, split)][0]
-            x = np.stack(
-                [np.asarray(Image.open(s.path).convert("L"), np.float32).ravel() for s in samples]
-            )
-            return x, np.array([s.label for s in samples])
-
-        xt, yt = load("train")
-        xd, yd = load("dev")
-        means = np.stack([xt[yt == c].mean(0) for c in range(NUM_CLASSES)])
-        pred = ((xd[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
-        return float((pred == yd).mean())
-
-    oct_acc, fundus_acc = accuracy("oct"), accuracy("fundus")
-    assert oct_acc > 0.6, oct_acc
-    assert oct_acc > fundus_acc
-
-
 def test_imbalance():
     counts = class_counts(SynthOptions(per_class=100, imbalance=100), "train")
     assert counts[0] == 100 and counts[-1] == 1
     assert counts == sorted(counts, reverse=True)
+
+
+# ----------------------------------------------------------------- the class -> findings model
+
+
+def test_findings_list():
+    assert len(FINDINGS) == NUM_FINDINGS == 8
+    assert len({f.name for f in FINDINGS}) == len({f.caption for f in FINDINGS}) == 8
+    assert FINDING_PROBS.shape == (NUM_CLASSES, NUM_FINDINGS)
+    shared = (FINDING_PROBS > 0.5).sum(0)
+    assert (shared >= 2).sum() >= 3  # drusen, fluid, haemorrhage: core in several classes
+
+
+def test_finding_frequencies_match_the_table():
+    n = 3000
+    rng = np.random.default_rng(0)
+    for label in range(NUM_CLASSES):
+        counts = np.zeros(NUM_FINDINGS)
+        for _ in range(n):
+            for k in sample_findings(rng, label):
+                counts[k] += 1
+        p = FINDING_PROBS[label]
+        tolerance = 5 * np.sqrt(p * (1 - p) / n) + 1e-3
+        np.testing.assert_array_less(np.abs(counts / n - p), tolerance, err_msg=f"class {label}")
+
+
+def test_each_class_has_its_own_likeliest_combination():
+    combos = [likeliest_findings(c) for c in range(NUM_CLASSES)]
+    assert combos[0] == ()  # normal: no finding
+    assert len(set(combos)) == NUM_CLASSES, combos
+    # Empirically too: the most frequent combination of each class is the table's.
+    rng = np.random.default_rng(1)
+    for c in range(NUM_CLASSES):
+        drawn = Counter(sample_findings(rng, c) for _ in range(500))
+        assert drawn.most_common(1)[0][0] == combos[c]
+    # Seen perfectly, the findings identify the class most of the time (not always).
+    assert 0.8 < bayes_accuracy() < 0.95
+
+
+# ----------------------------------------------------------------- the pictures
+
+
+@pytest.mark.parametrize("k", range(NUM_FINDINGS), ids=[f.name for f in FINDINGS])
+def test_a_finding_is_clear_on_oct_and_faint_on_fundus(k):
+    """Same eye and noise with and without finding k: over the pixels the finding changes, the
+    mean change divided by the noise's standard deviation there is well above 1 on OCT and
+    well below it, but not zero, on fundus."""
+
+    def f32(img: Image.Image) -> np.ndarray:
+        return np.asarray(img, np.float32)
+
+    def snr(draw, seed: int) -> float:
+        clean0 = f32(draw(np.random.default_rng(seed), (), 64, noise=False))
+        cleank = f32(draw(np.random.default_rng(seed), (k,), 64, noise=False))
+        noisy0 = f32(draw(np.random.default_rng(seed), (), 64))
+        change = np.abs(cleank - clean0)
+        region = change > 1
+        assert region.sum() >= 4, "the finding changes almost nothing"
+        return float(change[region].mean() / (noisy0 - clean0)[region].std())
+
+    oct_snr = np.mean([snr(oct_image, s) for s in range(8)])
+    fundus_snr = np.mean([snr(fundus_image, s) for s in range(8)])
+    assert oct_snr > 1.0, oct_snr
+    assert 0.1 < fundus_snr < 0.9, fundus_snr
+    assert oct_snr > 1.4 * fundus_snr
+
+
+def test_pictures_depend_on_findings_not_on_the_class():
+    rng = np.random.default_rng(3)
+    a = np.asarray(oct_image(np.random.default_rng(5), (0, 1), 48))
+    b = np.asarray(oct_image(np.random.default_rng(5), (0, 1), 48))
+    assert (a == b).all()
+    fundus = np.asarray(fundus_image(rng, (), 48), np.float32)
+    assert fundus.shape == (48, 48, 3) and abs(fundus[24, 24].mean() - 90) < 4 * FUNDUS_NOISE
+
+
+# ----------------------------------------------------------------- sidecars and options
+
+
+def test_findings_sidecar_agrees_with_the_label_files(synth_root):
+    listing = json.loads((synth_root / "findings.json").read_text())["findings"]
+    assert [(e["index"], e["name"], e["caption"]) for e in listing] == [
+        (i, f.name, f.caption) for i, f in enumerate(FINDINGS)
+    ]
+    layout = attach_findings(synth_root, read_layout(synth_root, ("fundus", "oct"), SPLITS))
+    for (modality, split), (samples, _) in layout.items():
+        names = [
+            ln.split()[0]
+            for ln in label_file(synth_root, modality, split).read_text().split("\n")
+            if ln
+        ]
+        side = findings_file(synth_root, modality, split).read_text().splitlines()
+        assert [ln.split()[0] for ln in side] == names  # same names, same order
+        for s in samples:
+            assert s.findings is not None and list(s.findings) == sorted(set(s.findings))
+            assert all(0 <= i < NUM_FINDINGS for i in s.findings)
+    # Over the whole set, the findings follow their classes (fluid mostly in 2, 7, 8, ...).
+    seen = np.zeros((NUM_CLASSES, NUM_FINDINGS))
+    count = np.zeros(NUM_CLASSES)
+    for samples, _ in layout.values():
+        for s in samples:
+            count[s.label] += 1
+            seen[s.label, list(s.findings)] += 1
+    assert np.abs(seen / count[:, None] - FINDING_PROBS).mean() < 0.1
+
+
+def test_fundus_per_class_makes_fundus_labels_scarce(tmp_path):
+    opts = SynthOptions(per_class=12, fundus_per_class=2, image_size=32)
+    summary = generate(tmp_path, opts)
+    assert summary["fundus"]["train"] == [2] * NUM_CLASSES
+    assert summary["oct"]["train"] == [12] * NUM_CLASSES
+    for modality in ("fundus", "oct"):
+        for split in ("dev", "test"):
+            assert summary[modality][split] == [3] * NUM_CLASSES
+    layout = read_layout(tmp_path, ("fundus", "oct"), SPLITS)
+    for (modality, split), (samples, _) in layout.items():
+        assert Counter(s.label for s in samples) == dict(enumerate(summary[modality][split])), (
+            modality,
+            split,
+        )
+    assert class_counts(SynthOptions(per_class=8), "train", "fundus") == [8] * NUM_CLASSES
+    with pytest.raises(ValueError, match="--fundus-per-class 0"):
+        SynthOptions(fundus_per_class=0)
+
+
+def test_synth_help_names_the_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--per-class", "--fundus-per-class", "--imbalance", "--seed", "--workers"):
+        assert option in text
+    assert "findings" in text

@@ -5,12 +5,18 @@ ROOT/assemble/{train,dev,test}/large9cls.txt            fundus, one "name label"
 ROOT/assemble/train/ImageData/cfp-clahe-224x224/NAME.png (every split's images live under train/)
 ROOT/assemble_oct/...                                    OCT, same with oct-filter-448x448
 ```
+
+Optional, written by ``multieye-dist synth`` (the real MultiEYE has neither): a findings sidecar
+next to each label file, ``ROOT/<top>/<split>/findings.txt``, one ``NAME i,j,k`` (0-based finding
+indices) or ``NAME -`` (none) line per listed image, and ``ROOT/findings.json`` with the findings'
+names and captions in index order. :func:`attach_findings` reads them into the samples.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from multieye_dist.data.classes import NUM_CLASSES
@@ -26,6 +32,8 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "oct": ("assemble_oct", "oct-filter-448x448"),
 }
 IMAGE_SUFFIX = ".png"
+FINDINGS_FILE = "findings.txt"  # per split, next to the label file
+FINDINGS_JSON = "findings.json"  # at the root: {"findings": [{"index", "name", "caption"}, ...]}
 
 
 class LayoutError(ValueError):
@@ -41,6 +49,7 @@ class SourceSample:
     path: Path
     label_file: Path
     line: int  # 1-based
+    findings: tuple[int, ...] | None = None  # sorted finding indices; None: no sidecar
 
 
 @dataclass(frozen=True)
@@ -172,4 +181,125 @@ def read_layout(
                 out[(modality, split)] = read_split(
                     root, modality, split, seen=seen, label_name=label_name
                 )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Findings sidecar (synthetic data)
+# --------------------------------------------------------------------------------------------
+
+
+def findings_file(root: Path, modality: str, split: str) -> Path:
+    return Path(root) / LAYOUT[modality][0] / split / FINDINGS_FILE
+
+
+def format_findings(findings) -> str:
+    """The sidecar's second field: "i,j,k" (sorted) or "-" for none."""
+    return ",".join(str(i) for i in sorted(findings)) if len(findings) else "-"
+
+
+def finding_names(root: Path) -> list[str] | None:
+    """The finding names of ROOT/findings.json in index order, or None without the file."""
+    path = Path(root) / FINDINGS_JSON
+    if not path.is_file():
+        return None
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["findings"]
+        names = [e["name"] for e in entries]
+        if [e["index"] for e in entries] != list(range(len(entries))):
+            raise ValueError("indices are not 0, 1, 2, ... in order")
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError("a name is not a string")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise LayoutError(f"{path}: not a findings list ({exc})") from None
+    return names
+
+
+def _parse_findings(text: str, limit: int | None) -> tuple[str, tuple[int, ...]] | str:
+    """(name, sorted indices) of one sidecar line, or the reason it is malformed."""
+    fields = text.split()
+    if len(fields) != 2:
+        got = len(fields)
+        return f"malformed line {text.strip()!r}: expected 'name i,j,k' or 'name -' ({got} fields)"
+    name, raw = fields
+    if raw == "-":
+        return name, ()
+    indices = []
+    for item in raw.split(","):
+        try:
+            index = int(item)
+        except ValueError:
+            return f"malformed line: finding index {item!r} is not an integer"
+        if index < 0:
+            return f"finding index {index} is negative"
+        if limit is not None and index >= limit:
+            return f"finding index {index} outside 0..{limit - 1} ({FINDINGS_JSON} lists {limit})"
+        if index in indices:
+            return f"finding index {index} listed twice"
+        indices.append(index)
+    return name, tuple(sorted(indices))
+
+
+def read_findings(
+    root: Path, modality: str, split: str, listed: dict[str, SourceSample | BadSample]
+) -> tuple[dict[str, tuple[int, ...]] | None, list[BadSample]]:
+    """Read one split's sidecar against the names its label file lists (`listed`: name -> the
+    sample, or the bad line that named it). Returns (name -> findings, or None without a
+    sidecar; problems). A problem is a malformed line, a negative (or, with findings.json,
+    too large) index, a name not in the label file or listed twice, or a sample of the label
+    file without a line."""
+    path = findings_file(root, modality, split)
+    if not path.is_file():
+        return None, []
+    limit = len(names) if (names := finding_names(root)) is not None else None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise LayoutError(f"{path}: not UTF-8 text ({exc})") from exc
+    found: dict[str, tuple[int, ...]] = {}
+    where: dict[str, int] = {}
+    bad: list[BadSample] = []
+    for lineno, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        parsed = _parse_findings(text, limit)
+        if isinstance(parsed, str):
+            bad.append(BadSample(str(path), lineno, text.split()[0], parsed))
+            continue
+        name, findings = parsed
+        if name in where:
+            bad.append(
+                BadSample(
+                    str(path), lineno, name, f"name listed twice, first at line {where[name]}"
+                )
+            )
+        elif name not in listed:
+            label = label_file(root, modality, split).name
+            bad.append(BadSample(str(path), lineno, name, f"unknown name: not listed in {label}"))
+        else:
+            found[name], where[name] = findings, lineno
+    for name, sample in listed.items():
+        if isinstance(sample, SourceSample) and name not in found:
+            bad.append(BadSample(str(sample.label_file), sample.line, name, f"no line in {path}"))
+    return found, bad
+
+
+def attach_findings(
+    root: Path,
+    layout: dict[tuple[str, str], tuple[list[SourceSample], list[BadSample]]],
+) -> dict[tuple[str, str], tuple[list[SourceSample], list[BadSample]]]:
+    """The layout with every sample's findings from its split's sidecar (where there is one).
+    Any sidecar problem is a LayoutError naming the file and line (the first, and how many more)."""
+    out, problems = {}, []
+    for (modality, split), (samples, bad) in layout.items():
+        listed: dict[str, SourceSample | BadSample] = {b.name: b for b in bad if b.name}
+        listed.update((s.name, s) for s in samples)
+        found, sidecar_bad = read_findings(root, modality, split, listed)
+        problems += sidecar_bad
+        if found is not None:
+            samples = [replace(s, findings=found.get(s.name)) for s in samples]
+        out[(modality, split)] = (samples, bad)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LayoutError(f"{problems[0].describe()}{more}")
     return out

@@ -4,7 +4,9 @@ A WebDataset sample is the tar members ``KEY.EXT`` that share a key. Ours are::
 
     KEY.<image_ext>   the encoded image (png, jpg or webp; the manifest's ``image_ext``)
     KEY.cls           the class index as ASCII digits ("3")
-    KEY.json          metadata: name, label, modality, split, original_size (sorted keys)
+    KEY.json          metadata: name, label, modality, split, original_size (sorted keys),
+                      and ``findings`` (sorted distinct finding indices) where the source has a
+                      findings sidecar (synthetic data; see multieye_dist.data.layout)
 
 The shard writer (:mod:`multieye_dist.data.shards`), the verifier
 (:mod:`multieye_dist.data.verify`) and the training and evaluation streams
@@ -23,6 +25,7 @@ from multieye_dist.data.classes import NUM_CLASSES
 KEY = "__key__"  # webdataset's name for the sample key
 LABEL = "cls"
 META = "json"
+FINDINGS = "findings"  # key of the json record: the sample's latent findings, when known
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg", "webp")
 
 
@@ -71,3 +74,18 @@ def parse_meta(raw: bytes | None, where: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise SampleError(f"{where}: .{META} record is {type(meta).__name__}, not an object")
     return meta
+
+
+def check_findings(meta: dict[str, Any], where: str) -> list[int] | None:
+    """The json record's ``findings`` (None when absent): a sorted list of distinct non-negative
+    ints, or a SampleError naming the sample."""
+    if FINDINGS not in meta:
+        return None
+    value = meta[FINDINGS]
+    ok = isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
+    if not ok or any(a >= b for a, b in zip(value, value[1:], strict=False)):
+        raise SampleError(
+            f"{where}: .{META} {FINDINGS} {value!r} is not a sorted list of distinct "
+            "non-negative integers"
+        )
+    return value

@@ -33,6 +33,8 @@ from multieye_dist.data.layout import (
     BadSample,
     LayoutError,
     SourceSample,
+    attach_findings,
+    finding_names,
     read_layout,
 )
 from multieye_dist.data.preprocess import BadImageError, Preprocess, process_image
@@ -123,6 +125,8 @@ def _fingerprint(modality: str, split: str, index: int, start: int, samples, opt
     for s in samples:
         st = s.path.stat()  # a changed source image invalidates the shard holding it
         h.update(f"\n{s.name}\t{s.label}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        if s.findings is not None:  # the sidecar's line for this sample (absent: as before)
+            h.update(f"\tfindings={','.join(map(str, s.findings))}".encode())
     return h.hexdigest()
 
 
@@ -143,12 +147,14 @@ def _samples_per_shard(samples: list[SourceSample], modality: str, options: Conv
 
 
 def make_plan(root: Path, options: ConvertOptions) -> Plan:
-    """Validate the layout and assign samples to shards; raises before anything is written."""
+    """Validate the layout (label files, then findings sidecars) and assign samples to shards;
+    raises before anything is written."""
     layout = read_layout(Path(root), options.modalities, options.splits, options.label_file)
     bad_all = [b for _, bad in layout.values() for b in bad]
     if bad_all and not options.skip_bad:
         more = f" (and {len(bad_all) - 1} more)" if len(bad_all) > 1 else ""
         raise LayoutError(f"{bad_all[0].describe()}{more}; fix it or pass --skip-bad")
+    layout = attach_findings(Path(root), layout)  # a sidecar problem is never skipped
     tasks: list[ShardTask] = []
     for (modality, split), (samples, _) in layout.items():
         per = _samples_per_shard(samples, modality, options)
@@ -205,6 +211,8 @@ def _write_shard(task: ShardTask, path: Path, pp: Preprocess, skip_bad: bool) ->
                 "split": task.split,
                 "original_size": list(original),
             }
+            if s.findings is not None:
+                meta[schema.FINDINGS] = list(s.findings)
             counts[s.label] += 1
             yield schema.encode_sample(_sample_key(task, pos), pp.fmt, data, s.label, meta)
 
@@ -348,7 +356,12 @@ def _manifest(root, modality, split, records, plan, options) -> dict:
     skipped = [b.to_dict() for b in plan.bad[(modality, split)]]
     skipped += [s for r in records for s in r["skipped"]]
     n = len(records)
+    findings = {}
+    group = [t for t in plan.tasks if (t.modality, t.split) == (modality, split)]
+    if any(s.findings is not None for t in group for s in t.samples):  # a findings sidecar
+        findings = {"finding_names": finding_names(root)}  # None without findings.json
     return {
+        **findings,
         "format": "multieye-dist shards/1",
         "tool_version": __version__,
         "modality": modality,

@@ -1,14 +1,62 @@
-"""Synthetic MultiEYE: fundus-like and OCT-like pictures in the released layout.
+"""Synthetic MultiEYE: fundus-like and OCT-like pictures of latent findings, in the released layout.
 
-Each class leaves a mark that a small CNN can learn from the pixels: on fundus, faint lesion
-spots in a class-specific sector of the disc (low contrast, heavy noise); on OCT, a clear bump of
-the retinal band at a class-specific position. The OCT signal is the stronger one on purpose, so
-that an OCT teacher has something to teach a fundus student. Every image is drawn from its own
-generator seeded by (seed, modality, split, index): the output does not depend on worker count.
+The generative model (a class reaches the pixels only through its findings: ``y -> F -> X``)
+
+1. **Findings.** :data:`FINDINGS` lists 8 latent findings (drusen, subretinal fluid, intraretinal
+   haemorrhage, hard exudates, optic disc cupping, epiretinal membrane, choroidal
+   neovascularisation, myopic thinning), each with a short name and one caption sentence (the
+   concept bank ``configs/concepts/synth-findings-minilm.safetensors`` encodes the captions).
+2. **Class -> findings.** Each class is a characteristic *combination* of findings
+   (:data:`CLASS_FINDINGS`): every finding is present independently with probability
+   ``FINDING_PROBS[class, finding]``: 0.9 for a class's core findings, 0.1-0.3 for its secondary
+   ones, 0.02 for any other (a stray finding; normal eyes too). Findings are shared between
+   classes (drusen: dry and wet AMD; haemorrhage: DR and RVO; fluid: CSC, RVO, wet AMD; ...), so
+   one finding rarely names the class: the combination does. Every class has its own most likely
+   combination; a reader who sees the findings perfectly is right ~86% of the time on balanced
+   classes (:func:`bayes_accuracy`), the rest being missed core or stray findings.
+3. **Findings -> pixels.** Given its findings, an image is drawn without looking at the class:
+   each present finding gets a random severity (uniform 0.5..1) and a random location (never
+   class-coded, so crops and flips keep the signal), drawn on a random eye (tint, left or right
+   eye, vessels, band height, tilt, thickness, brightness, speckle and noise). Fundus and OCT
+   images are unpaired, as in MultiEYE: the same class, different eyes.
+
+   ============================  ==============================  ================================
+   finding                       OCT B-scan (clear)              fundus photograph (faint)
+   ============================  ==============================  ================================
+   drusen                        small domes lifting the RPE     a cluster of small yellow dots
+   subretinal fluid              dark pocket under the lifted    a grey round blister
+                                 retina, above the RPE
+   intraretinal haemorrhage      bright blots in the inner       dark red blots
+                                 retina casting shadow columns
+   hard exudates                 bright dots in the outer        small bright yellow-white dots
+                                 plexiform band                  in a partial ring
+   optic disc cupping            a deep dip of the inner         a large pale cup in the disc
+                                 surface, thinned retina around
+   epiretinal membrane           bright line on the inner        a wrinkled whitish sheen
+                                 surface, surface wrinkled
+   choroidal neovascularisation  a bright mass between retina    a grey-green patch with a dark
+                                 and RPE, lifting the retina     red rim
+   myopic thinning, staphyloma   thin retina and choroid, the    tessellation (choroidal vessel
+                                 RPE bowed backwards             stripes), a pale crescent at
+                                                                 the disc
+   ============================  ==============================  ================================
+
+   OCT findings are drawn at full contrast over speckle; fundus findings are blended in at low
+   opacity (:data:`FUNDUS_OPACITY` times the severity) under heavy noise: learnable, but hard
+   from few labels. What an OCT teacher learns to see (the findings) is exactly what a fundus
+   student needs.
+
+Per-image findings are written next to each label file (``<top>/<split>/findings.txt``, one
+``NAME i,j,k`` or ``NAME -`` line per image, 0-based indices into :data:`FINDINGS`) and their
+names and captions to ``ROOT/findings.json``; ``shards convert`` copies them into every sample's
+json record. Every image is drawn from its own generators seeded by (seed, modality, split,
+index): the output does not depend on the worker count.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -19,16 +67,104 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from multieye_dist.atomic import open_atomic, write_text
 from multieye_dist.data.classes import NUM_CLASSES
-from multieye_dist.data.layout import LABEL_FILE, LAYOUT, MODALITIES, SPLITS, image_dir
+from multieye_dist.data.layout import (
+    FINDINGS_FILE,
+    FINDINGS_JSON,
+    LABEL_FILE,
+    LAYOUT,
+    MODALITIES,
+    SPLITS,
+    format_findings,
+    image_dir,
+)
 from multieye_dist.data.workers import process_pool
 
 logger = logging.getLogger(__name__)
 
-# Lesion colours per class on fundus (normal has none).
-_PALETTE = [
-    (0, 0, 0), (235, 225, 120), (250, 200, 160), (150, 20, 20), (240, 240, 210),
-    (200, 210, 230), (110, 60, 30), (120, 0, 40), (90, 140, 60),
-]  # fmt: skip
+
+@dataclass(frozen=True)
+class Finding:
+    name: str
+    caption: str  # one sentence; "A fundus photograph of {caption}" must read well
+
+
+FINDINGS: tuple[Finding, ...] = (
+    Finding("drusen", "drusen, small yellow deposits beneath the retinal pigment epithelium"),
+    Finding(
+        "subretinal fluid",
+        "subretinal fluid, a serous detachment lifting the neurosensory retina",
+    ),
+    Finding(
+        "intraretinal haemorrhage", "intraretinal haemorrhages, dark red dot and blot bleeding"
+    ),
+    Finding("hard exudates", "hard exudates, bright waxy lipid deposits in a ring"),
+    Finding(
+        "optic disc cupping",
+        "an enlarged optic disc cup with thinning of the retinal nerve fibre layer",
+    ),
+    Finding(
+        "epiretinal membrane",
+        "an epiretinal membrane, a glistening wrinkled sheet on the inner retinal surface",
+    ),
+    Finding(
+        "choroidal neovascularisation",
+        "choroidal neovascularisation, a grey-green vascular membrane growing under the retina",
+    ),
+    Finding(
+        "myopic thinning",
+        "myopic thinning of the retina and choroid with a posterior staphyloma",
+    ),
+)
+NUM_FINDINGS = len(FINDINGS)
+_F = {f.name: i for i, f in enumerate(FINDINGS)}
+
+CORE, STRAY = 0.9, 0.02
+# class -> {finding: probability}; every finding not listed has probability STRAY.
+CLASS_FINDINGS: tuple[dict[str, float], ...] = (
+    {},  # 0 normal
+    {"drusen": CORE},  # 1 dry AMD
+    {"subretinal fluid": CORE},  # 2 CSC
+    {"intraretinal haemorrhage": CORE, "hard exudates": CORE, "subretinal fluid": 0.25},  # 3 DR
+    {"optic disc cupping": CORE},  # 4 glaucoma
+    {"epiretinal membrane": CORE},  # 5 epiretinal membrane
+    {"myopic thinning": CORE, "choroidal neovascularisation": 0.1},  # 6 myopia
+    {"intraretinal haemorrhage": CORE, "subretinal fluid": CORE, "hard exudates": 0.1},  # 7 RVO
+    {  # 8 wet AMD
+        "choroidal neovascularisation": CORE,
+        "subretinal fluid": CORE,
+        "drusen": CORE,
+        "intraretinal haemorrhage": 0.3,
+    },
+)
+FINDING_PROBS = np.full((NUM_CLASSES, NUM_FINDINGS), STRAY)
+for _c, _probs in enumerate(CLASS_FINDINGS):
+    for _name, _p in _probs.items():
+        FINDING_PROBS[_c, _F[_name]] = _p
+FINDING_PROBS.setflags(write=False)
+
+# Opacity of a fully severe finding on fundus (times the severity, 0.5..1) and noise levels.
+FUNDUS_OPACITY = 0.3
+FUNDUS_NOISE = 20.0
+OCT_NOISE = 6.0
+
+
+def sample_findings(rng: np.random.Generator, label: int) -> tuple[int, ...]:
+    """The findings of one image of class `label` (sorted indices into FINDINGS)."""
+    return tuple(int(i) for i in np.flatnonzero(rng.random(NUM_FINDINGS) < FINDING_PROBS[label]))
+
+
+def likeliest_findings(label: int) -> tuple[int, ...]:
+    """The class's most likely combination (findings independent: those with p > 1/2)."""
+    return tuple(int(i) for i in np.flatnonzero(FINDING_PROBS[label] > 0.5))
+
+
+def bayes_accuracy(priors: np.ndarray | None = None) -> float:
+    """Accuracy of the best classifier that sees every image's findings exactly."""
+    priors = np.full(NUM_CLASSES, 1 / NUM_CLASSES) if priors is None else np.asarray(priors)
+    combos = np.array(list(itertools.product((0, 1), repeat=NUM_FINDINGS)), dtype=bool)
+    p = FINDING_PROBS[None]
+    lik = np.where(combos[:, None, :], p, 1 - p).prod(-1) * priors[None]  # [combos, classes]
+    return float(lik.max(1).sum())
 
 
 @dataclass(frozen=True)
@@ -38,87 +174,300 @@ class SynthOptions:
     image_size: int = 128
     imbalance: float = 1.0  # ratio of the most to the least frequent class (geometric in between)
     workers: int = 1
+    fundus_per_class: int | None = None  # fundus train images per class (None: per_class)
 
     def __post_init__(self) -> None:
         if self.per_class < 1:
             raise ValueError(f"--per-class {self.per_class}: must be >= 1")
+        if self.fundus_per_class is not None and self.fundus_per_class < 1:
+            raise ValueError(f"--fundus-per-class {self.fundus_per_class}: must be >= 1")
         if self.image_size < 32:
             raise ValueError(f"--image-size {self.image_size}: must be >= 32")
         if self.imbalance < 1:
             raise ValueError(f"--imbalance {self.imbalance}: must be >= 1")
 
 
-def class_counts(options: SynthOptions, split: str) -> list[int]:
-    n = options.per_class if split == "train" else max(2, options.per_class // 4)
+def class_counts(options: SynthOptions, split: str, modality: str = "oct") -> list[int]:
+    """Images per class. Train: per_class (fundus: fundus_per_class when set); dev and test:
+    per_class // 4 (at least 2) in both modalities."""
+    if split != "train":
+        n = max(2, options.per_class // 4)
+    elif modality == "fundus" and options.fundus_per_class is not None:
+        n = options.fundus_per_class
+    else:
+        n = options.per_class
     decay = options.imbalance ** (1 / (NUM_CLASSES - 1))
     return [max(1, round(n / decay**c)) for c in range(NUM_CLASSES)]
 
 
-def fundus_image(rng: np.random.Generator, label: int, size: int) -> Image.Image:
+# --------------------------------------------------------------------------------------------
+# Drawing
+# --------------------------------------------------------------------------------------------
+
+
+def _streams(rng: np.random.Generator) -> tuple[np.random.Generator, list, np.random.Generator]:
+    """Independent streams: the eye, one per finding, the noise. A finding's severity and place
+    do not depend on which other findings are present, and the eye and noise not on any: the
+    same generator with and without a finding gives the same picture but for that finding."""
+    scene, lesions, noise = rng.spawn(3)
+    return scene, lesions.spawn(NUM_FINDINGS), noise
+
+
+def _blobs(
+    xx: np.ndarray, yy: np.ndarray, centres: np.ndarray, radii: np.ndarray, sharp: float = 2.0
+) -> np.ndarray:
+    """Max over soft round blobs: 1 inside, falling off over about a radius."""
+    d2 = (xx[None] - centres[:, 0, None, None]) ** 2 + (yy[None] - centres[:, 1, None, None]) ** 2
+    return np.exp(-((d2 / radii[:, None, None] ** 2) ** sharp)).max(0)
+
+
+def _blend(arr: np.ndarray, mask: np.ndarray, colour, opacity: float) -> None:
+    a = (opacity * mask)[..., None]
+    arr *= 1 - a
+    arr += a * np.asarray(colour, np.float32)
+
+
+def fundus_image(
+    rng: np.random.Generator, findings: tuple[int, ...], size: int, *, noise: bool = True
+) -> Image.Image:
+    """A colour fundus photograph with the given findings drawn faintly (``noise=False``: the
+    same picture without its noise, for tests and figures)."""
+    scene, lesion_rngs, noise_rng = _streams(rng)
     img = Image.new("RGB", (size, size), (0, 0, 0))
     draw = ImageDraw.Draw(img)
-    c = size / 2 + rng.normal(0, size * 0.01, 2)
+    c = size / 2 + scene.normal(0, size * 0.01, 2)
     r = size * 0.46
-    tint = rng.integers(-20, 20, 3)
+    tint = scene.integers(-20, 20, 3)
     base = tuple(int(v) for v in np.clip(np.array([190, 80, 35]) + tint, 0, 255))
     draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=base)
-    side = 1 if rng.random() < 0.5 else -1  # left or right eye
-    od = (c[0] + side * r * 0.45, c[1] + rng.normal(0, size * 0.02))
+    side = 1 if scene.random() < 0.5 else -1  # left or right eye
+    od = np.array([c[0] + side * r * 0.5, c[1] + scene.normal(0, size * 0.02)])
     for _ in range(6):  # vessels fanning out of the optic disc
-        ang = rng.uniform(0, 2 * math.pi)
-        pts = [od]
+        ang = scene.uniform(0, 2 * math.pi)
+        pts = [tuple(od)]
         for step in range(1, 5):
-            ang += rng.normal(0, 0.3)
+            ang += scene.normal(0, 0.3)
             reach = r * 0.22 * step
             pts.append((od[0] + math.cos(ang) * reach, od[1] + math.sin(ang) * reach))
         draw.line(pts, fill=(120, 30, 20), width=max(1, size // 80))
-    odr = r * 0.13
-    draw.ellipse([od[0] - odr, od[1] - odr, od[0] + odr, od[1] + odr], fill=(245, 215, 150))
-    if label:
-        sector = 2 * math.pi * label / NUM_CLASSES
-        for _ in range(int(rng.integers(2, 6))):
-            a = sector + rng.normal(0, 0.25)
-            d = r * rng.uniform(0.2, 0.75)
-            x, y = c[0] + math.cos(a) * d, c[1] + math.sin(a) * d
-            s = size * rng.uniform(0.015, 0.035)
-            draw.ellipse([x - s, y - s, x + s, y + s], fill=_PALETTE[label])
-    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(size / 160)), dtype=np.float32)
-    # Faint lesions: blend the picture towards the lesion-free base, then heavy noise.
-    arr = 0.4 * arr + 0.6 * np.asarray(img.filter(ImageFilter.GaussianBlur(size / 25)), np.float32)
-    arr += rng.normal(0, 18, arr.shape)
-    mask = np.hypot(*(np.mgrid[0:size, 0:size] - c[::-1, None, None])) <= r
-    arr *= mask[..., None]
+    odr = r * 0.14
+    draw.ellipse([od[0] - odr, od[1] - odr, od[0] + odr, od[1] + odr], fill=(235, 190, 120))
+    cup = odr * 0.35  # a normal, small physiological cup
+    draw.ellipse([od[0] - cup, od[1] - cup, od[0] + cup, od[1] + cup], fill=(250, 230, 180))
+    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(size / 160)), dtype=np.float32).copy()
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dist_c = np.hypot(xx - c[0], yy - c[1])
+    fundus = dist_c <= r
+
+    def place(g: np.random.Generator, reach: float = 0.55) -> np.ndarray:
+        """A random point of the posterior pole (uniform in a disc around the centre)."""
+        a, d = g.uniform(0, 2 * math.pi), r * reach * math.sqrt(g.random())
+        return c + d * np.array([math.cos(a), math.sin(a)])
+
+    for k in findings:
+        g = lesion_rngs[k]
+        sev = g.uniform(0.5, 1.0)
+        alpha = FUNDUS_OPACITY * sev
+        name = FINDINGS[k].name
+        if name == "drusen":
+            n = int(6 + 10 * sev)
+            pts = place(g) + g.normal(0, r * 0.15, (n, 2))
+            _blend(
+                arr, _blobs(xx, yy, pts, size * g.uniform(0.015, 0.028, n)), (240, 220, 110), alpha
+            )
+        elif name == "subretinal fluid":
+            rad = r * (0.12 + 0.08 * sev)
+            m = _blobs(xx, yy, place(g)[None], np.array([rad]), sharp=3.0)
+            _blend(arr, m, (150, 130, 120), alpha * 1.2)
+        elif name == "intraretinal haemorrhage":
+            n = int(3 + 6 * sev)
+            pts = place(g) + g.normal(0, r * 0.2, (n, 2))
+            _blend(arr, _blobs(xx, yy, pts, size * g.uniform(0.02, 0.04, n)), (90, 5, 5), alpha)
+        elif name == "hard exudates":
+            n = int(6 + 8 * sev)
+            ring = r * g.uniform(0.1, 0.16)
+            ang = g.uniform(0, 2 * math.pi) + g.uniform(0, 1.5 * math.pi, n)
+            pts = place(g) + ring * np.stack([np.cos(ang), np.sin(ang)], 1)
+            _blend(
+                arr, _blobs(xx, yy, pts, size * g.uniform(0.01, 0.018, n)), (255, 245, 170), alpha
+            )
+        elif name == "optic disc cupping":
+            m = _blobs(xx, yy, od[None], np.array([odr * (0.6 + 0.3 * sev)]), sharp=3.0)
+            _blend(arr, m, (255, 255, 245), alpha * 1.5)
+        elif name == "epiretinal membrane":
+            p, theta, freq = place(g, 0.4), g.uniform(0, math.pi), g.uniform(0.6, 1.0)
+            wave = np.sin(((xx - p[0]) * math.cos(theta) + (yy - p[1]) * math.sin(theta)) * freq)
+            m = _blobs(xx, yy, p[None], np.array([r * (0.25 + 0.1 * sev)]), sharp=1.0)
+            _blend(arr, m * (0.6 + 0.4 * wave), (255, 255, 250), alpha)
+        elif name == "choroidal neovascularisation":
+            p, rad = place(g, 0.4), r * (0.07 + 0.05 * sev)
+            d = np.hypot(xx - p[0], yy - p[1])
+            _blend(arr, np.exp(-(((d - rad * 1.25) / (rad * 0.3)) ** 2)), (100, 15, 10), alpha)
+            _blend(arr, _blobs(xx, yy, p[None], np.array([rad]), 3.0), (120, 135, 95), alpha * 1.3)
+        elif name == "myopic thinning":
+            theta, freq = g.uniform(0, math.pi), size / g.uniform(5, 8)
+            u = (xx * math.cos(theta) + yy * math.sin(theta)) / freq * 2 * math.pi
+            stripes = 0.5 + 0.5 * np.sin(
+                u + 1.5 * np.sin(yy * 3 / size * math.pi + g.uniform(0, 6))
+            )
+            _blend(arr, stripes, (120, 45, 20), alpha * 0.6)
+            d = np.hypot(xx - od[0], yy - od[1])
+            towards = ((xx - od[0]) * -side) > 0  # the crescent is on the macular side
+            crescent = towards * np.exp(-(((d - odr * (1.2 + 0.3 * sev)) / (odr * 0.3)) ** 2))
+            _blend(arr, crescent, (245, 215, 170), alpha * 1.5)
+    if noise:
+        arr += noise_rng.normal(0, FUNDUS_NOISE, arr.shape).astype(np.float32)
+    arr *= fundus[..., None]
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def oct_image(rng: np.random.Generator, label: int, size: int) -> Image.Image:
-    """A B-scan, wider than tall (zero-padded to square at conversion, as the release did)."""
+# Intensity of the neurosensory retina against relative depth (0 = inner surface, 1 = outer):
+# nerve fibre layer, ganglion cells and inner plexiform, inner nuclear, outer plexiform, outer
+# nuclear, ellipsoid zone.
+_RETINA_U = np.array([0.0, 0.1, 0.14, 0.3, 0.34, 0.44, 0.48, 0.56, 0.6, 0.82, 0.86, 0.92, 0.96, 1])
+_RETINA_V = np.array([0.85, 0.8, 0.55, 0.5, 0.3, 0.3, 0.6, 0.6, 0.2, 0.2, 0.75, 0.75, 0.35, 0.4])
+
+
+def oct_image(
+    rng: np.random.Generator, findings: tuple[int, ...], size: int, *, noise: bool = True
+) -> Image.Image:
+    """A B-scan, wider than tall (zero-padded to square at conversion, as the release did),
+    with the given findings drawn clearly (``noise=False``: without speckle and noise)."""
+    scene, lesion_rngs, noise_rng = _streams(rng)
     w, h = size, size * 3 // 4
-    x = np.arange(w) / w
-    top = h * 0.4 + h * 0.03 * np.sin(2 * math.pi * (x * rng.uniform(0.5, 1.5) + rng.random()))
-    if label:
-        centre = (label - 0.5) / (NUM_CLASSES - 1)
-        top -= h * 0.16 * np.exp(-((x - centre) ** 2) / (2 * 0.035**2))  # the class's bump
-    thick = h * 0.2
-    yy = np.arange(h)[:, None]
-    depth = (yy - top[None, :]) / thick
-    band = np.where((depth >= 0) & (depth <= 1), 0.55 + 0.35 * np.cos(depth * 5 * math.pi), 0.0)
-    band = np.where((depth > 1) & (depth < 1.25), 0.95, band)  # bright RPE line
-    arr = band * 200 * rng.uniform(0.85, 1.1)
-    arr *= rng.gamma(4.0, 0.25, arr.shape)  # speckle
-    arr += rng.normal(0, 6, arr.shape)
+    x = (np.arange(w, dtype=np.float32) + 0.5) / w
+    y = np.arange(h, dtype=np.float32)[:, None] + 0.5
+    # Bruch's membrane (bottom of the RPE), retinal thickness, choroid thickness, per column.
+    bruch = h * (0.64 + scene.uniform(-0.05, 0.05)) + h * scene.uniform(-0.06, 0.06) * (x - 0.5)
+    bruch = bruch + h * 0.02 * np.sin(2 * math.pi * (x * scene.uniform(0.5, 1.2) + scene.random()))
+    thick = np.full(w, h * 0.26 * scene.uniform(0.9, 1.1), np.float32)
+    choroid = np.full(w, h * 0.14, np.float32)
+    rpe_t = max(1.5, h * 0.035)
+    lift_rpe = np.zeros(w, np.float32)  # drusen
+    mass = np.zeros(w, np.float32)  # CNV, between RPE and retina
+    gap = np.zeros(w, np.float32)  # fluid, between the above and the retina
+    dots: list[tuple[float, float, float, float]] = []  # (x, depth u, radius, value)
+    shadows: list[tuple[float, float, float]] = []  # (x, half width, depth u)
+    membrane = None
+    p = {}
+    for k in findings:
+        g = lesion_rngs[k]
+        p[FINDINGS[k].name] = (g, g.uniform(0.5, 1.0), g.uniform(0.22, 0.78))
+
+    def dome(centre: float, half: float, height: float) -> np.ndarray:
+        return height * np.sqrt(np.clip(1 - ((x - centre) / half) ** 2, 0, None))
+
+    if "myopic thinning" in p:
+        g, sev, xc = p["myopic thinning"]
+        thick *= 0.75 - 0.25 * sev
+        choroid *= 0.3
+        bruch = bruch + h * 0.12 * sev * np.clip(1 - ((x - xc) / 0.6) ** 2, 0, None)
+    if "drusen" in p:
+        g, sev, xc = p["drusen"]
+        for _ in range(int(2 + 3 * sev)):
+            lift_rpe += dome(xc + g.uniform(-0.14, 0.14), g.uniform(0.025, 0.04), h * 0.06 * sev)
+        lift_rpe = np.minimum(lift_rpe, h * 0.08)
+    if "choroidal neovascularisation" in p:
+        g, sev, xc = p["choroidal neovascularisation"]
+        mass += dome(xc, g.uniform(0.06, 0.1), h * (0.07 + 0.06 * sev))
+    if "subretinal fluid" in p:
+        g, sev, xc = p["subretinal fluid"]
+        gap += dome(xc + g.uniform(-0.03, 0.03), g.uniform(0.09, 0.15), h * (0.06 + 0.06 * sev))
+    if "optic disc cupping" in p:
+        g, sev, xc = p["optic disc cupping"]
+        cupw = g.uniform(0.06, 0.08)
+        thick *= 1 - (0.7 + 0.25 * sev) * np.exp(-(((x - xc) / cupw) ** 4))
+        thick *= 1 - 0.2 * sev * np.exp(-(((x - xc) / 0.12) ** 2))  # nerve fibre thinning
+    if "intraretinal haemorrhage" in p:
+        g, sev, xc = p["intraretinal haemorrhage"]
+        for _ in range(int(2 + 3 * sev)):
+            xi, u = xc + g.uniform(-0.15, 0.15), g.uniform(0.25, 0.5)
+            dots.append((xi, u, h * 0.03, 0.95))
+            shadows.append((xi, g.uniform(0.012, 0.025), u))
+    if "hard exudates" in p:
+        g, sev, xc = p["hard exudates"]
+        for _ in range(int(4 + 5 * sev)):
+            xi = xc + g.uniform(-0.15, 0.15)
+            dots.append((xi, g.uniform(0.42, 0.62), max(1.2, h * 0.025), 1.2))
+    rpe_top = bruch - rpe_t - lift_rpe
+    bottom = rpe_top - mass - gap  # the retina's outer surface
+    top = bottom - thick
+    if "epiretinal membrane" in p:
+        g, sev, xc = p["epiretinal membrane"]
+        half = g.uniform(0.15, 0.25)
+        span = np.abs(x - xc) < half
+        taut = top.copy()  # the membrane spans the wrinkles it pulls up
+        top = top + span * h * 0.015 * sev * np.sin(x * g.uniform(40, 70) + g.uniform(0, 6))
+        membrane = (span, taut - h * (0.03 + 0.02 * sev))
+
+    # Compose, row by column.
+    u = (y - top) / (bottom - top)
+    img = np.where((u >= 0) & (u <= 1), np.interp(u, _RETINA_U, _RETINA_V), 0.03)
+    img = np.where((y > bottom) & (y <= bottom + gap), 0.02, img)  # fluid: dark
+    img = np.where((y > bottom + gap) & (y <= rpe_top), 0.85, img)  # CNV mass: bright
+    img = np.where((y > rpe_top) & (y <= rpe_top + rpe_t), 1.0, img)  # RPE
+    img = np.where((y > rpe_top + rpe_t) & (y <= bruch), 0.5, img)  # drusen material
+    chor = (y > bruch) & (y <= bruch + choroid)
+    texture = 0.45 + 0.15 * np.sin(x * scene.uniform(25, 45) + y * 0.3 + scene.uniform(0, 6))
+    img = np.where(chor, texture, img)
+    if membrane is not None:
+        span, line = membrane
+        img = np.where(span & (np.abs(y - line) <= max(0.7, h * 0.012)), 1.1, img)
+    for xi, half, ud in shadows:
+        depth = top + ud * (bottom - top)
+        img = np.where((np.abs(x - xi) < half) & (y > depth), img * 0.3, img)
+    for xi, ud, rad, val in dots:
+        col = min(w - 1, max(0, int(xi * w)))
+        yd = top[col] + ud * (bottom[col] - top[col])
+        d = ((x - xi) * w / rad) ** 2 + ((y - yd) / rad) ** 2
+        img = np.maximum(img, val * np.exp(-(d**2)))
+    arr = img * 200 * scene.uniform(0.85, 1.1)
+    if noise:
+        arr = arr * noise_rng.gamma(4.0, 0.25, arr.shape) + noise_rng.normal(
+            0, OCT_NOISE, arr.shape
+        )
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
 
 
-def _draw(job: tuple[str, str, int, int, int, int, str]) -> None:
-    modality, split, index, label, seed, size, path = job
-    rng = np.random.default_rng([seed, MODALITIES.index(modality), SPLITS.index(split), index])
-    img = fundus_image(rng, label, size) if modality == "fundus" else oct_image(rng, label, size)
+def draw_image(
+    modality: str, label_or_findings, size: int, rng: np.random.Generator
+) -> Image.Image:
+    """One picture; `label_or_findings` is a class (findings drawn from the table) or the
+    findings themselves (a tuple of indices)."""
+    findings = label_or_findings
+    if isinstance(label_or_findings, int | np.integer):
+        findings = sample_findings(rng, int(label_or_findings))
+    draw = fundus_image if modality == "fundus" else oct_image
+    return draw(rng, tuple(findings), size)
+
+
+def _generators(seed: int, modality: str, split: str, index: int):
+    """(findings generator, picture generator) of one image."""
+    key = [seed, MODALITIES.index(modality), SPLITS.index(split), index]
+    return np.random.default_rng([*key, 0]), np.random.default_rng([*key, 1])
+
+
+def _draw(job: tuple[str, str, int, tuple[int, ...], int, int, str]) -> None:
+    modality, split, index, findings, seed, size, path = job
+    _, rng = _generators(seed, modality, split, index)
+    draw = fundus_image if modality == "fundus" else oct_image
+    img = draw(rng, findings, size)
     # Whole or absent even if the user interrupts the run (the rename does that). No fsync: only a
     # power loss needs it, the set is regenerable, and one per image adds ~15% to drawing it on a
     # local disk (more on network file systems).
     with open_atomic(path, "wb", fsync=False) as fh:
         img.save(fh, format="PNG", compress_level=6)
+
+
+def _draw_many(jobs: list) -> None:
+    for job in jobs:
+        _draw(job)
+
+
+def findings_json() -> str:
+    entries = [{"index": i, "name": f.name, "caption": f.caption} for i, f in enumerate(FINDINGS)]
+    return json.dumps({"findings": entries}, indent=1) + "\n"
 
 
 def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]]:
@@ -129,17 +478,20 @@ def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]
         image_dir(out, modality).mkdir(parents=True, exist_ok=True)
         summary[modality] = {}
         for split in SPLITS:
-            counts = class_counts(options, split)
+            counts = class_counts(options, split, modality)
             summary[modality][split] = counts
-            lines, index = [], 0
+            lines, sidecar, index = [], [], 0
             for label, n in enumerate(counts):
                 for _ in range(n):
                     name = f"{modality}-{split}-{label}-{index:06d}"
                     path = image_dir(out, modality) / f"{name}.png"
+                    rng, _ = _generators(options.seed, modality, split, index)
+                    findings = sample_findings(rng, label)
                     jobs.append(
-                        (modality, split, index, label, options.seed, options.image_size, str(path))
+                        (modality, split, index, findings, options.seed, options.image_size, path)
                     )
-                    lines.append(f"{name} {label}")
+                    lines.append(f"{name} {label}\n")
+                    sidecar.append(f"{name} {format_findings(findings)}\n")
                     index += 1
             # Shuffle the listing (deterministically): real label files are not sorted by class.
             order = np.random.default_rng([options.seed, 99, SPLITS.index(split)]).permutation(
@@ -147,12 +499,15 @@ def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]
             )
             split_dir = out / LAYOUT[modality][0] / split
             split_dir.mkdir(parents=True, exist_ok=True)
-            write_text(split_dir / LABEL_FILE, "".join(lines[i] + "\n" for i in order))
+            write_text(split_dir / LABEL_FILE, "".join(lines[i] for i in order))
+            write_text(split_dir / FINDINGS_FILE, "".join(sidecar[i] for i in order))
+    write_text(out / FINDINGS_JSON, findings_json())
+    jobs = [(*job[:-1], str(job[-1])) for job in jobs]
     if options.workers > 1:
+        chunks = [jobs[i : i + 64] for i in range(0, len(jobs), 64)]
         with process_pool(options.workers) as pool:
-            list(pool.map(_draw, jobs, chunksize=32))
+            list(pool.map(_draw_many, chunks))
     else:
-        for job in jobs:
-            _draw(job)
+        _draw_many(jobs)
     logger.info("wrote %d synthetic images under %s", len(jobs), out)
     return summary

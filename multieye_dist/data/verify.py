@@ -1,4 +1,5 @@
-"""Re-read every shard against its manifest: counts, checksums, decodable images, valid labels."""
+"""Re-read every shard against its manifest: counts, checksums, decodable images, valid labels
+(and, where a json record has them, valid findings)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def _check_sample(sample: dict, ext: str, where: str) -> tuple[int | None, list[
         meta = schema.parse_meta(sample[schema.META], where)
         if meta.get("label") != label:
             problems.append(f"{where}: json label {meta.get('label')} != cls {label}")
+        schema.check_findings(meta, where)
     except schema.SampleError as exc:
         problems.append(str(exc))
     return label, problems
