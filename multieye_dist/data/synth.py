@@ -89,30 +89,23 @@ class Finding:
 
 
 FINDINGS: tuple[Finding, ...] = (
-    Finding("drusen", "drusen, small yellow deposits beneath the retinal pigment epithelium"),
-    Finding(
-        "subretinal fluid",
-        "subretinal fluid, a serous detachment lifting the neurosensory retina",
-    ),
+    Finding("drusen", "drusen, small yellow deposits beneath the pigment epithelium"),
+    Finding("subretinal fluid", "subretinal fluid, a dome-shaped serous detachment"),
     Finding(
         "intraretinal haemorrhage", "intraretinal haemorrhages, dark red dot and blot bleeding"
     ),
     Finding("hard exudates", "hard exudates, bright waxy lipid deposits in a ring"),
-    Finding(
-        "optic disc cupping",
-        "an enlarged optic disc cup with thinning of the retinal nerve fibre layer",
-    ),
+    Finding("optic disc cupping", "an enlarged optic disc cup with loss of the nerve fibre layer"),
     Finding(
         "epiretinal membrane",
-        "an epiretinal membrane, a glistening wrinkled sheet on the inner retinal surface",
+        "an epiretinal membrane, a glistening cellophane sheen with surface wrinkling",
     ),
     Finding(
         "choroidal neovascularisation",
-        "choroidal neovascularisation, a grey-green vascular membrane growing under the retina",
+        "choroidal neovascularisation, a grey-green membrane of new vessels",
     ),
     Finding(
-        "myopic thinning",
-        "myopic thinning of the retina and choroid with a posterior staphyloma",
+        "myopic thinning", "myopic thinning with a tessellated fundus and a posterior staphyloma"
     ),
 )
 NUM_FINDINGS = len(FINDINGS)
