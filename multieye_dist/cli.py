@@ -1,4 +1,4 @@
-"""`multieye-dist` command line: synth, shards, train, eval, explain, concepts, demo."""
+"""`multieye-dist` command line: synth, shards, train, eval, explain, concepts, import, demo."""
 
 from __future__ import annotations
 
@@ -172,6 +172,31 @@ def _add_concepts(sub) -> None:
     st.set_defaults(func=concepts.stats_main)
 
 
+def _add_import(sub) -> None:
+    from multieye_dist.concepts import DEFAULT_PROMPT, DEFAULT_SENTENCES
+
+    p = sub.add_parser("import", help="map real weights (FLAIR, the released checkpoints) in")
+    isub = p.add_subparsers(dest="import_cmd", required=True)
+    f = isub.add_parser("flair", help="FLAIR's ResNet-50 + projection -> an init file")
+    f.add_argument("checkpoint", type=Path, metavar="CKPT", help="FLAIR's weights (.pth)")
+    f.add_argument("--out", type=Path, required=True, help="init .safetensors (model.weights=)")
+    f.add_argument("--backbone", default="resnet50", help="timm name (default: %(default)s)")
+    f.add_argument("--text-encoder", type=Path, help="local dir: FLAIR's BERT config+tokenizer")
+    f.add_argument("--bank-out", type=Path, help="concept bank to write (with --text-encoder)")
+    f.add_argument("--sentences", type=Path, default=DEFAULT_SENTENCES, help="one per line")
+    f.add_argument("--prompt", default=DEFAULT_PROMPT, help="must contain {} (%(default)r)")
+    f.set_defaults(func=cmd_import)
+    r = isub.add_parser("release", help="a released OCT-CoDA checkpoint -> an inference export")
+    r.add_argument("checkpoint", type=Path, metavar="CKPT", help="checkpoint_best.pth")
+    r.add_argument("--out", type=Path, required=True, help="inference .safetensors")
+    r.add_argument("--role", choices=("student", "teacher"), required=True)
+    r.add_argument("--bank", type=Path, help="concept bank file (the release saves none)")
+    r.add_argument("--image-size", type=int, default=512, help="default: %(default)s")
+    r.add_argument("--backbone", default="resnet50", help="timm name (default: %(default)s)")
+    r.add_argument("--seed", type=int, default=0, help="a teacher's random level-2 init")
+    r.set_defaults(func=cmd_import)
+
+
 def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="predict and explain fundus images by concept")
     p.add_argument("--checkpoint", type=Path, required=True, help="inference .safetensors")
@@ -257,6 +282,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from multieye_dist.atomic import write_text
 
         write_text(args.json, json.dumps(result, indent=1))  # creates the parent directories
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from multieye_dist.importers import import_flair, import_release
+
+    if args.import_cmd == "flair":
+        summary = import_flair(
+            args.checkpoint,
+            args.out,
+            backbone=args.backbone,
+            text_encoder=args.text_encoder,
+            bank_out=args.bank_out,
+            sentences=args.sentences,
+            prompt=args.prompt,
+        )
+    else:
+        summary = import_release(
+            args.checkpoint,
+            args.out,
+            role=args.role,
+            bank=args.bank,
+            image_size=args.image_size,
+            backbone=args.backbone,
+            seed=args.seed,
+        )
+    print(summary.text())
     return 0
 
 
@@ -346,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_explain(sub)
     _add_concepts(sub)
+    _add_import(sub)
     return parser
 
 
