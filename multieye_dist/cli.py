@@ -147,7 +147,15 @@ def _add_shards(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default (synthetic, CPU)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--per-class", type=int, default=100, help="train images per class")
+    p.add_argument(
+        "--per-class", type=int, default=100, help="train images per class (OCT; fundus too)"
+    )
+    p.add_argument(
+        "--fundus-per-class",
+        type=int,
+        default=None,
+        help="fundus train images per class (scarce labels; default: --per-class)",
+    )
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="data-tool processes (0 = all cores)")
@@ -383,6 +391,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         extra=args.overrides,
+        fundus_per_class=args.fundus_per_class,
     )
 
 

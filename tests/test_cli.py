@@ -18,6 +18,7 @@ def test_demo_runs_end_to_end(tmp_path, wandb_home):
     cmd = [
         sys.executable, "-m", "multieye_dist.cli", "demo", "--out", str(out),
         "--per-class", "4", "--image-size", "32", "model.backbone=test_resnet",
+        "tracking.backend=local",
         "data.samples_per_epoch=64", "train.epochs=2", "data.batch_size=8",
     ]  # fmt: skip
     env = {**os.environ, **wandb_home}
@@ -30,13 +31,20 @@ def test_demo_runs_end_to_end(tmp_path, wandb_home):
     manifest = json.loads((out / "shards" / "fundus-train.manifest.json").read_text())
     assert manifest["num_samples"] == 36
     table = printed[printed.index("Test split") :]
-    for row in ("teacher (OCT)", "fundus-only", "OCT-CoDA"):
+    for row in ("teacher (OCT)", "fundus-only", "OCT-CoDA", "OCT-CoDA - fundus-only"):
         assert row in table
     assert "concepts for" in printed and "weight x similarity" in printed
     comparison = json.loads((out / "comparison.json").read_text())
     assert {s["step"] for s in comparison.values()} == {16}  # same steps for every run
-    for run in ("teacher", "fundus-only", "octcoda"):
+    for run in ("align-oct", "align-fundus", "teacher", "fundus-only", "octcoda"):
         assert (out / run / "best.safetensors").is_file()
+    # the students start from the aligned fundus init, the teacher from the aligned OCT one
+    for run, init in (("teacher", "align-oct"), ("octcoda", "align-fundus")):
+        config = (out / run / "config.yaml").read_text()
+        assert f"weights: {out / init / 'best.safetensors'}" in config
+    diff = next(line for line in table.splitlines() if line.startswith("OCT-CoDA - fundus-only"))
+    f1 = {n: 100 * comparison[n]["test/best/f1"] for n in ("OCT-CoDA", "fundus-only")}
+    assert float(diff.split()[-4]) == pytest.approx(f1["OCT-CoDA"] - f1["fundus-only"], abs=0.006)
 
 
 def test_version(capsys):
