@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scarce", type=int, default=12, help="fundus train labels per class, scarce")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--jobs", type=int, default=2, help="student runs at once (1 thread each)")
+    p.add_argument(
+        "--reuse-pretrained",
+        action="store_true",
+        help="keep a setting's data, alignment and teacher from an earlier run under --out "
+        "(studies of student options); default: made anew",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run")
     args = p.parse_args(argv)
     settings = args.settings.split(",")
@@ -131,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     for setting in settings:
         out = args.out / setting
         fundus = args.scarce if setting == "scarce" else None
-        shards = make_data(out, args.per_class, args.image_size, 0, 0, fundus_per_class=fundus)
+        reuse = args.reuse_pretrained and (out / "teacher" / "best.safetensors").is_file()
+        if reuse:
+            shards = out / "shards"
+        else:
+            shards = make_data(out, args.per_class, args.image_size, 0, 0, fundus_per_class=fundus)
         common = [
             f"data.shards={shards}",
             f"data.image_size={args.image_size}",
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             "tracking.backend=local",
             *args.overrides,
         ]
-        pre = pretrain(out, [*common, "train.seed=0", "data.seed=0"])
+        pre = pretrain(out, [*common, "train.seed=0", "data.seed=0"], reuse=reuse)
         tasks, keys = [], []
         for seed in seeds:
             for arm in arms:

@@ -106,8 +106,15 @@ class Pretrained:
     summaries: dict[str, dict]  # align-oct, align-fundus, teacher
 
 
-def pretrain(out: Path, common: list[str], quiet: bool = False) -> Pretrained:
-    """Align each modality to the concept bank, then train the OCT teacher from its init."""
+def pretrain(out: Path, common: list[str], quiet: bool = False, reuse: bool = False) -> Pretrained:
+    """Align each modality to the concept bank, then train the OCT teacher from its init.
+    ``reuse``: take the runs already under ``out`` (their summaries) instead."""
+    names = ("align-oct", "align-fundus", "teacher")
+    if reuse:
+        runs = {n: json.loads((out / n / "summary.json").read_text()) for n in names}
+        return Pretrained(
+            out / names[1] / "best.safetensors", out / names[2] / "best.safetensors", runs
+        )
     runs = {}
     for modality in ("oct", "fundus"):
         name = f"align-{modality}"
