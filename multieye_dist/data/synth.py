@@ -32,8 +32,8 @@ The generative model (a class reaches the pixels only through its findings: ``y 
                                  plexiform band                  in a partial ring
    optic disc cupping            a deep dip of the inner         a large pale cup in the disc
                                  surface, thinned retina around
-   epiretinal membrane           bright line on the inner        a wrinkled whitish sheen
-                                 surface, surface wrinkled
+   epiretinal membrane           a taut bright line just above   a wrinkled whitish sheen
+                                 the wrinkled inner surface
    choroidal neovascularisation  a bright mass between retina    a grey-green patch with a dark
                                  and RPE, lifting the retina     red rim
    myopic thinning, staphyloma   thin retina and choroid, the    tessellation (choroidal vessel
@@ -44,7 +44,11 @@ The generative model (a class reaches the pixels only through its findings: ``y 
    OCT findings are drawn at full contrast over speckle; fundus findings are blended in at low
    opacity (:data:`FUNDUS_OPACITY` times the severity) under heavy noise: learnable, but hard
    from few labels. What an OCT teacher learns to see (the findings) is exactly what a fundus
-   student needs.
+   student needs. Measured at 64 px with a 4-layer CNN from scratch (batch 32): each finding's
+   detection AUC from 100 labelled images per class is 0.96-1.0 on OCT and 0.65-0.9 on fundus.
+   The class from cross-entropy alone is learnt more slowly than the findings: with 240 images
+   per class, 49% dev accuracy after 1,000 steps and 76% after 2,500 on OCT, 42% after 2,500 on
+   fundus (the ceiling is 86%).
 
 Per-image findings are written next to each label file (``<top>/<split>/findings.txt``, one
 ``NAME i,j,k`` or ``NAME -`` line per image, 0-based indices into :data:`FINDINGS`) and their
@@ -135,8 +139,20 @@ for _c, _probs in enumerate(CLASS_FINDINGS):
         FINDING_PROBS[_c, _F[_name]] = _p
 FINDING_PROBS.setflags(write=False)
 
-# Opacity of a fully severe finding on fundus (times the severity, 0.5..1) and noise levels.
-FUNDUS_OPACITY = 0.3
+# Opacity of each finding on fundus at full severity (times the severity, 0.5..1): set so that
+# a small CNN detects each about equally badly from 100 labelled images per class (detection
+# AUC ~0.7-0.9) and much better from 240 (findings spread over the whole fundus, the membrane's
+# sheen and the myopic stripes, get less). And the noise levels.
+FUNDUS_OPACITY: dict[str, float] = {
+    "drusen": 0.3,
+    "subretinal fluid": 0.36,
+    "intraretinal haemorrhage": 0.36,
+    "hard exudates": 0.28,
+    "optic disc cupping": 0.18,
+    "epiretinal membrane": 0.21,
+    "choroidal neovascularisation": 0.3,
+    "myopic thinning": 0.15,
+}
 FUNDUS_NOISE = 20.0
 OCT_NOISE = 6.0
 
@@ -259,10 +275,9 @@ def fundus_image(
         return c + d * np.array([math.cos(a), math.sin(a)])
 
     for k in findings:
-        g = lesion_rngs[k]
+        g, name = lesion_rngs[k], FINDINGS[k].name
         sev = g.uniform(0.5, 1.0)
-        alpha = FUNDUS_OPACITY * sev
-        name = FINDINGS[k].name
+        alpha = FUNDUS_OPACITY[name] * sev
         if name == "drusen":
             n = int(6 + 10 * sev)
             pts = place(g) + g.normal(0, r * 0.15, (n, 2))
@@ -272,7 +287,7 @@ def fundus_image(
         elif name == "subretinal fluid":
             rad = r * (0.12 + 0.08 * sev)
             m = _blobs(xx, yy, place(g)[None], np.array([rad]), sharp=3.0)
-            _blend(arr, m, (150, 130, 120), alpha * 1.2)
+            _blend(arr, m, (150, 130, 120), alpha)
         elif name == "intraretinal haemorrhage":
             n = int(3 + 6 * sev)
             pts = place(g) + g.normal(0, r * 0.2, (n, 2))
@@ -283,11 +298,11 @@ def fundus_image(
             ang = g.uniform(0, 2 * math.pi) + g.uniform(0, 1.5 * math.pi, n)
             pts = place(g) + ring * np.stack([np.cos(ang), np.sin(ang)], 1)
             _blend(
-                arr, _blobs(xx, yy, pts, size * g.uniform(0.01, 0.018, n)), (255, 245, 170), alpha
+                arr, _blobs(xx, yy, pts, size * g.uniform(0.013, 0.022, n)), (255, 245, 170), alpha
             )
         elif name == "optic disc cupping":
             m = _blobs(xx, yy, od[None], np.array([odr * (0.6 + 0.3 * sev)]), sharp=3.0)
-            _blend(arr, m, (255, 255, 245), alpha * 1.5)
+            _blend(arr, m, (255, 255, 245), alpha)
         elif name == "epiretinal membrane":
             p, theta, freq = place(g, 0.4), g.uniform(0, math.pi), g.uniform(0.6, 1.0)
             wave = np.sin(((xx - p[0]) * math.cos(theta) + (yy - p[1]) * math.sin(theta)) * freq)
@@ -304,11 +319,11 @@ def fundus_image(
             stripes = 0.5 + 0.5 * np.sin(
                 u + 1.5 * np.sin(yy * 3 / size * math.pi + g.uniform(0, 6))
             )
-            _blend(arr, stripes, (120, 45, 20), alpha * 0.6)
+            _blend(arr, stripes, (120, 45, 20), alpha * 0.4)
             d = np.hypot(xx - od[0], yy - od[1])
             towards = ((xx - od[0]) * -side) > 0  # the crescent is on the macular side
             crescent = towards * np.exp(-(((d - odr * (1.2 + 0.3 * sev)) / (odr * 0.3)) ** 2))
-            _blend(arr, crescent, (245, 215, 170), alpha * 1.5)
+            _blend(arr, crescent, (245, 215, 170), alpha)
     if noise:
         arr += noise_rng.normal(0, FUNDUS_NOISE, arr.shape).astype(np.float32)
     arr *= fundus[..., None]
@@ -380,9 +395,9 @@ def oct_image(
             shadows.append((xi, g.uniform(0.012, 0.025), u))
     if "hard exudates" in p:
         g, sev, xc = p["hard exudates"]
-        for _ in range(int(4 + 5 * sev)):
+        for _ in range(int(5 + 6 * sev)):
             xi = xc + g.uniform(-0.15, 0.15)
-            dots.append((xi, g.uniform(0.42, 0.62), max(1.2, h * 0.025), 1.2))
+            dots.append((xi, g.uniform(0.42, 0.62), max(1.3, h * 0.03), 1.2))
     rpe_top = bruch - rpe_t - lift_rpe
     bottom = rpe_top - mass - gap  # the retina's outer surface
     top = bottom - thick
@@ -421,18 +436,6 @@ def oct_image(
             0, OCT_NOISE, arr.shape
         )
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
-
-
-def draw_image(
-    modality: str, label_or_findings, size: int, rng: np.random.Generator
-) -> Image.Image:
-    """One picture; `label_or_findings` is a class (findings drawn from the table) or the
-    findings themselves (a tuple of indices)."""
-    findings = label_or_findings
-    if isinstance(label_or_findings, int | np.integer):
-        findings = sample_findings(rng, int(label_or_findings))
-    draw = fundus_image if modality == "fundus" else oct_image
-    return draw(rng, tuple(findings), size)
 
 
 def _generators(seed: int, modality: str, split: str, index: int):
