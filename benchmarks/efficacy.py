@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     p.add_argument("--settings", default="scarce,full")
     p.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS)}")
-    p.add_argument("--per-class", type=int, default=120, help="OCT (and full fundus) per class")
-    p.add_argument("--scarce", type=int, default=12, help="fundus train labels per class, scarce")
+    p.add_argument("--per-class", type=int, default=100, help="OCT (and full fundus) per class")
+    p.add_argument("--scarce", type=int, default=30, help="fundus train labels per class, scarce")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--jobs", type=int, default=2, help="student runs at once (1 thread each)")
     p.add_argument(

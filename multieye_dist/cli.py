@@ -61,6 +61,12 @@ def _add_synth(sub) -> None:
         help="fundus train images per class (default: --per-class); scarce fundus labels, "
         "OCT train and dev/test unchanged",
     )
+    p.add_argument(
+        "--fundus-visibility",
+        type=float,
+        default=1.0,
+        help="multiplier of the findings' fundus opacity (default 1: faint, for long runs)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=128, help="side in pixels (default 128)")
     p.add_argument(
@@ -153,8 +159,15 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--fundus-per-class",
         type=int,
+        default=30,
+        help="fundus train images per class (default 30: scarce labels)",
+    )
+    p.add_argument(
+        "--fundus-visibility",
+        type=float,
         default=None,
-        help="fundus train images per class (scarce labels; default: --per-class)",
+        help="multiplier of the synthetic findings' fundus opacity (default: the demo's, "
+        "learnable in a short CPU run)",
     )
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -352,6 +365,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         imbalance=args.imbalance,
         workers=args.workers,
         fundus_per_class=args.fundus_per_class,
+        fundus_visibility=args.fundus_visibility,
     )
     t0 = time.perf_counter()
     summary = generate(args.out, opts)
@@ -392,6 +406,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         workers=args.workers,
         extra=args.overrides,
         fundus_per_class=args.fundus_per_class,
+        fundus_visibility=args.fundus_visibility,
     )
 
 

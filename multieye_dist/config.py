@@ -180,9 +180,11 @@ class OptimConfig(_Section):
     warmup_epochs: int = 5
     min_lr: float = 1e-6
     grad_accum: int = 1
-    # W_4 (the level-2 projection, trained by distillation alone in the student) learns at
-    # lr x this: a smaller value keeps level 2 and its distillation gradient in scale.
-    level2_lr_scale: float = 1.0
+    # Learning-rate multipliers per top-level module of the model (backbone, proj, level2,
+    # classifier), e.g. {level2: 0.1}: W_4, trained by distillation alone in the student, moves
+    # slower and keeps level 2 in scale; {classifier: 30}: the concept classifier reads cosines in
+    # [-1, 1] and needs large weights, which a short run at the backbone's rate never reaches.
+    lr_scale: dict[str, float] = field(default_factory=dict)
     max_nonfinite_in_row: int = 20  # stop after this many non-finite losses in a row
 
     def _validate(self) -> None:
@@ -192,7 +194,11 @@ class OptimConfig(_Section):
         self._check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0")
         self._check(0.0 <= self.min_lr <= self.lr, "min_lr", f"in [0, optim.lr={self.lr}]")
         self._check(self.grad_accum >= 1, "grad_accum", ">= 1")
-        self._check(self.level2_lr_scale >= 0.0, "level2_lr_scale", ">= 0")
+        self._check(
+            all(isinstance(v, int | float) and v >= 0 for v in self.lr_scale.values()),
+            "lr_scale",
+            "a mapping of module name to a number >= 0",
+        )
         self._check(self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", ">= 1")
 
 

@@ -90,7 +90,7 @@ def build_engine(
 
     on_cuda = next(model.parameters()).device.type == "cuda"
     opt = torch.optim.AdamW(
-        param_groups(model, optim.weight_decay, optim.lr, optim.level2_lr_scale),
+        param_groups(model, optim.weight_decay, optim.lr, optim.lr_scale),
         lr=optim.lr,
         betas=optim.betas,
         fused=on_cuda,  # one kernel for all parameters on GPU

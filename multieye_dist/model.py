@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -441,28 +441,37 @@ def param_dtype(model: nn.Module) -> torch.dtype:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, lr: float | None = None, level2_lr_scale: float = 1.0
+    model: nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    lr_scale: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW groups, timm style: no decay for biases, 1-D params (norm weights/scales) and names a
     module lists in ``no_weight_decay()``; frozen parameters are left out; empty groups dropped.
-    With ``level2_lr_scale != 1`` the level-2 projection W_4 (``level2.*``) gets groups of its
-    own at ``lr * level2_lr_scale`` (the schedule scales every group alike).
+    ``lr_scale`` maps a top-level module (``backbone``, ``proj``, ``level2``, ``classifier``) to
+    a learning-rate multiplier: its parameters get groups of their own at ``lr * scale`` (the
+    schedule scales every group alike). An unknown module name is an error.
     """
+    scales = dict(lr_scale or {})
+    top = {name.split(".")[0] for name, _ in model.named_parameters()}
+    unknown = sorted(set(scales) - top)
+    if unknown:
+        raise ValueError(
+            f"optim.lr_scale: no module {unknown} in the model; choose from {sorted(top)}"
+        )
     skip = _no_weight_decay_names(model)
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decays = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
-        own_lr = level2_lr_scale != 1.0 and name.split(".")[0] == "level2"
-        groups.setdefault((own_lr, decays), []).append(p)
-    out: Iterable[dict[str, Any]] = (
+        scale = float(scales.get(name.split(".")[0], 1.0))
+        groups.setdefault((scale, decays), []).append(p)
+    return [
         {
-            "params": groups[key],
-            "weight_decay": float(weight_decay) if key[1] else 0.0,
-            **({"lr": lr * level2_lr_scale} if key[0] and lr is not None else {}),
+            "params": params,
+            "weight_decay": float(weight_decay) if decays else 0.0,
+            **({"lr": lr * scale} if scale != 1.0 and lr is not None else {}),
         }
-        for key in ((False, False), (False, True), (True, False), (True, True))
-        if key in groups
-    )
-    return list(out)
+        for (scale, decays), params in sorted(groups.items(), key=lambda kv: kv[0])
+    ]

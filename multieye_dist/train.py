@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -366,6 +366,10 @@ def build_teacher(cfg: Config, bank: torch.Tensor, device: torch.device) -> Froz
     logger.info(
         "teacher %s (%s, %d px)", path, meta["model_config"]["backbone"], meta["image_size"]
     )
+    if model.cfg.level2_norm != cfg.model.level2_norm:
+        # Both sides of the distillation in one level-2 space: the student's setting rules.
+        logger.info("teacher: level2_norm=%s as the student's", cfg.model.level2_norm)
+        model.cfg = replace(model.cfg, level2_norm=cfg.model.level2_norm)
     model = model.to(device)
     if cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)

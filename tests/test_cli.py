@@ -17,7 +17,8 @@ def test_demo_runs_end_to_end(tmp_path, wandb_home):
     out = tmp_path / "demo"
     cmd = [
         sys.executable, "-m", "multieye_dist.cli", "demo", "--out", str(out),
-        "--per-class", "4", "--image-size", "32", "model.backbone=test_resnet",
+        "--per-class", "4", "--fundus-per-class", "2", "--image-size", "32",
+        "model.backbone=test_resnet",
         "tracking.backend=local",
         "data.samples_per_epoch=64", "train.epochs=2", "data.batch_size=8",
     ]  # fmt: skip
@@ -29,7 +30,7 @@ def test_demo_runs_end_to_end(tmp_path, wandb_home):
     printed = proc.stdout
     assert "verify: OK" in printed
     manifest = json.loads((out / "shards" / "fundus-train.manifest.json").read_text())
-    assert manifest["num_samples"] == 36
+    assert manifest["num_samples"] == 18  # scarce fundus labels: 2 per class
     table = printed[printed.index("Test split") :]
     for row in ("teacher (OCT)", "fundus-only", "OCT-CoDA", "OCT-CoDA - fundus-only"):
         assert row in table

@@ -459,15 +459,19 @@ def test_whole_model_init_loads_backbone_projection_and_heads(tmp_path, caplog):
             make(seed=4, weights=str(path))
 
 
-def test_level2_lr_scale_gives_w4_groups_of_their_own(r18):
-    groups = param_groups(r18, 0.05, lr=1e-3, level2_lr_scale=0.1)
-    level2 = {id(p) for p in r18.level2.parameters()}
-    own = [g for g in groups if "lr" in g]
-    assert {id(p) for g in own for p in g["params"]} == level2
-    assert all(g["lr"] == pytest.approx(1e-4) for g in own)
-    assert sorted(g["weight_decay"] for g in own) == [0.0, 0.05]  # bias / weight
+def test_lr_scale_gives_modules_groups_of_their_own(r18):
+    groups = param_groups(r18, 0.05, lr=1e-3, lr_scale={"level2": 0.1, "classifier": 30})
+    by_lr = {}
+    for g in groups:
+        by_lr.setdefault(round(g.get("lr", 1e-3), 9), set()).update(id(p) for p in g["params"])
+    assert by_lr[1e-4] == {id(p) for p in r18.level2.parameters()}
+    assert by_lr[3e-2] == {id(p) for p in r18.classifier.parameters()}
     assert sum(len(g["params"]) for g in groups) == len(list(r18.parameters()))
-    assert all("lr" not in g for g in param_groups(r18, 0.05, lr=1e-3))  # scale 1: as before
+    level2 = [g for g in groups if g["params"][0] is r18.level2.weight]
+    assert [g["weight_decay"] for g in level2] == [0.05]  # decay rules unchanged
+    assert all("lr" not in g for g in param_groups(r18, 0.05, lr=1e-3))  # no scale: as before
+    with pytest.raises(ValueError, match=r"optim.lr_scale: no module \['head'\].*classifier"):
+        param_groups(r18, 0.05, lr=1e-3, lr_scale={"head": 2})
 
 
 def test_level2_norm_normalises_u_in_sims_and_embeddings():

@@ -184,6 +184,9 @@ class SynthOptions:
     imbalance: float = 1.0  # ratio of the most to the least frequent class (geometric in between)
     workers: int = 1
     fundus_per_class: int | None = None  # fundus train images per class (None: per_class)
+    # Multiplies every finding's fundus opacity (FUNDUS_OPACITY, capped at 1): how faint the
+    # fundus signal is. 1 = calibrated for long runs; short CPU runs (the demo) need more.
+    fundus_visibility: float = 1.0
 
     def __post_init__(self) -> None:
         if self.per_class < 1:
@@ -194,6 +197,8 @@ class SynthOptions:
             raise ValueError(f"--image-size {self.image_size}: must be >= 32")
         if self.imbalance < 1:
             raise ValueError(f"--imbalance {self.imbalance}: must be >= 1")
+        if self.fundus_visibility <= 0:
+            raise ValueError(f"--fundus-visibility {self.fundus_visibility}: must be > 0")
 
 
 def class_counts(options: SynthOptions, split: str, modality: str = "oct") -> list[int]:
@@ -237,7 +242,12 @@ def _blend(arr: np.ndarray, mask: np.ndarray, colour, opacity: float) -> None:
 
 
 def fundus_image(
-    rng: np.random.Generator, findings: tuple[int, ...], size: int, *, noise: bool = True
+    rng: np.random.Generator,
+    findings: tuple[int, ...],
+    size: int,
+    *,
+    noise: bool = True,
+    visibility: float = 1.0,
 ) -> Image.Image:
     """A colour fundus photograph with the given findings drawn faintly (``noise=False``: the
     same picture without its noise, for tests and figures)."""
@@ -277,7 +287,7 @@ def fundus_image(
     for k in findings:
         g, name = lesion_rngs[k], FINDINGS[k].name
         sev = g.uniform(0.5, 1.0)
-        alpha = FUNDUS_OPACITY[name] * sev
+        alpha = min(1.0, FUNDUS_OPACITY[name] * visibility) * sev
         if name == "drusen":
             n = int(6 + 10 * sev)
             pts = place(g) + g.normal(0, r * 0.15, (n, 2))
@@ -444,11 +454,13 @@ def _generators(seed: int, modality: str, split: str, index: int):
     return np.random.default_rng([*key, 0]), np.random.default_rng([*key, 1])
 
 
-def _draw(job: tuple[str, str, int, tuple[int, ...], int, int, str]) -> None:
-    modality, split, index, findings, seed, size, path = job
+def _draw(job: tuple[str, str, int, tuple[int, ...], int, int, float, str]) -> None:
+    modality, split, index, findings, seed, size, visibility, path = job
     _, rng = _generators(seed, modality, split, index)
-    draw = fundus_image if modality == "fundus" else oct_image
-    img = draw(rng, findings, size)
+    if modality == "fundus":
+        img = fundus_image(rng, findings, size, visibility=visibility)
+    else:
+        img = oct_image(rng, findings, size)
     # Whole or absent even if the user interrupts the run (the rename does that). No fsync: only a
     # power loss needs it, the set is regenerable, and one per image adds ~15% to drawing it on a
     # local disk (more on network file systems).
@@ -484,7 +496,16 @@ def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]
                     rng, _ = _generators(options.seed, modality, split, index)
                     findings = sample_findings(rng, label)
                     jobs.append(
-                        (modality, split, index, findings, options.seed, options.image_size, path)
+                        (
+                            modality,
+                            split,
+                            index,
+                            findings,
+                            options.seed,
+                            options.image_size,
+                            options.fundus_visibility,
+                            path,
+                        )
                     )
                     lines.append(f"{name} {label}\n")
                     sidecar.append(f"{name} {format_findings(findings)}\n")
