@@ -259,11 +259,20 @@ class OctCoda(Objective):
                 variant=c.variant, contrastive_scope=c.contrastive_scope, check_labels=False,
             )  # fmt: skip
         terms = _distill_terms(out)
+        # Diagnostic (not in the total): the scale of the student's level-2 similarities, which
+        # distillation alone drives (README, "Keeping distillation in scale").
+        s2 = (to_sims(emb, _module(model).concepts) if fused else sims)[:, 1].detach().float()
+        terms["level2_rms"] = s2.pow(2).mean().sqrt()
         if c.control == "gate-never":
             # Same graph and terms, nothing of distillation in the total (its gradient is 0).
             terms["gate_open"] = torch.zeros_like(terms["gate_open"])
             return out.cls + (out.total - out.cls) * 0.0, terms
         return out.total, terms
+
+
+def to_sims(emb: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """Similarities [B, 2, K] from the embeddings [B, 2, D] that the fused path works on."""
+    return emb @ concepts.to(emb.dtype).t()
 
 
 def derangement(n: int, seed: int) -> tuple[int, ...]:

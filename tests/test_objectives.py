@@ -113,8 +113,9 @@ def test_octcoda_objective_is_the_octcoda_loss_on_student_and_teacher(variant):
     zo, so = teacher(batch.partner_image)
     ref = octcoda_loss(zf, sf, batch.label, zo, so, batch.partner_label, variant=variant)
     assert total.item() == pytest.approx(ref.total.item(), rel=1e-6)
-    assert list(terms) == ["cls", "prototype", "contrastive", "gate_open"]
+    assert list(terms) == ["cls", "prototype", "contrastive", "gate_open", "level2_rms"]
     assert terms["gate_open"].item() == float(bool(ref.gated))
+    assert terms["level2_rms"].item() == pytest.approx(sf[:, 1].pow(2).mean().sqrt().item())
     assert all(t.device == CPU and t.ndim == 0 for t in terms.values())
 
 
