@@ -816,6 +816,133 @@ def _namespace_values(entry: Any) -> dict[str, Any]:
     }
 
 
+def _read_release(path: Path, role: str) -> tuple[CheckpointDict, dict[str, Tensor], ImportSummary]:
+    """(the checkpoint as read, its state dict without a ``module.`` prefix, a new summary);
+    an error unless it holds ``flair_model.``'s vision projection (a release checkpoint)."""
+    sd0 = read_checkpoint(path)
+    sd = _strip_module(sd0)
+    summary = ImportSummary(
+        source=path,
+        kind=f"OCT-CoDA {role}",
+        loader=sd0.loader,
+        other=dict(sd0.other),
+        replaced=sd0.replaced,
+    )
+    if f"{RELEASE_FLAIR}{FLAIR_VISION_PROJ}" not in sd:
+        hint = " (FLAIR's own file: use `import flair`)" if FLAIR_VISION_PROJ in sd else ""
+        raise CheckpointImportError(
+            f"{path}: no {RELEASE_FLAIR + FLAIR_VISION_PROJ!r}: not a released OCT-CoDA "
+            f"checkpoint{hint}"
+        )
+    return sd0, sd, summary
+
+
+def _check_release_keys(sd: Mapping[str, Tensor], path: Path, role: str) -> bool:
+    """The head's keys (those outside ``flair_model.``): errors for an unexpected key, a
+    missing classifier key, and a missing level-2 key in a student or in a teacher that has
+    some. Returns whether the level-2 branch (``project_4.*``) is to be mapped from the
+    checkpoint (a student, or a teacher that has it)."""
+    head = {k for k in sd if not k.startswith(RELEASE_FLAIR)}
+    known = set(RELEASE_CLASSIFIER) | set(RELEASE_LEVEL2) | set(RELEASE_BANK_KEYS)
+    unexpected = head - known
+    if unexpected:
+        raise CheckpointImportError(
+            f"{path}: unexpected key(s) for an OCT-CoDA {role}: {_name_keys(unexpected)}"
+        )
+    for key in RELEASE_CLASSIFIER:
+        if key not in sd:
+            raise CheckpointImportError(f"{path}: missing {key} (the concept classifier)")
+    level2_present = [k for k in RELEASE_LEVEL2 if k in sd]
+    map_level2 = role == "student" or bool(level2_present)
+    if map_level2:
+        for key in RELEASE_LEVEL2:
+            if key not in sd:
+                raise CheckpointImportError(f"{path}: missing {key} (the level-2 branch W_4)")
+    return map_level2
+
+
+def _check_release_dims(
+    sd: Mapping[str, Tensor], path: Path, c: Tensor, bank_from: str, d_proj: int
+) -> None:
+    """``concept_classifier.weight`` is ``[NUM_CLASSES, K]`` with K the concept bank's, and
+    FLAIR's vision projection (to ``d_proj``) matches the bank's D."""
+    from multieye_dist.data.classes import NUM_CLASSES
+
+    k, d = int(c.shape[0]), int(c.shape[1])
+    w_c = sd[RELEASE_CLASSIFIER[0]]
+    if w_c.ndim != 2:
+        raise CheckpointImportError(
+            f"{path}: {RELEASE_CLASSIFIER[0]} has shape {list(_shape(w_c))}, expected [9, K]"
+        )
+    if w_c.shape[1] != k:
+        raise CheckpointImportError(
+            f"{path}: {RELEASE_CLASSIFIER[0]} reads K={w_c.shape[1]} concepts but the concept "
+            f"bank ({bank_from}) has K={k}"
+        )
+    if w_c.shape[0] != NUM_CLASSES:
+        raise CheckpointImportError(
+            f"{path}: {RELEASE_CLASSIFIER[0]} has {w_c.shape[0]} classes, expected {NUM_CLASSES}"
+        )
+    if d_proj != d:
+        raise CheckpointImportError(
+            f"{path}: {RELEASE_FLAIR + FLAIR_VISION_PROJ} projects to D={d_proj} but the concept "
+            f"bank ({bank_from}) has D={d}"
+        )
+
+
+def _map_release_head(
+    sd: Mapping[str, Tensor],
+    path: Path,
+    summary: ImportSummary,
+    ours: dict[str, Tensor],
+    level2_shape: tuple[int, int] | None,
+) -> None:
+    """``concept_classifier.*`` -> ``classifier.*`` and, unless ``level2_shape`` (``(D, F)``)
+    is None, ``project_4.*`` -> ``level2.*``, shapes checked; adds them to ``ours``."""
+    from multieye_dist.data.classes import NUM_CLASSES
+
+    _check_shape(path, RELEASE_CLASSIFIER[1], sd[RELEASE_CLASSIFIER[1]], (NUM_CLASSES,), "bias")
+    ours["classifier.weight"] = sd[RELEASE_CLASSIFIER[0]].detach().float()
+    ours["classifier.bias"] = sd[RELEASE_CLASSIFIER[1]].detach().float()
+    for src, dst in zip(RELEASE_CLASSIFIER, ("classifier.weight", "classifier.bias"), strict=True):
+        summary.mapped.append((src, dst, _shape(sd[src])))
+    if level2_shape is None:
+        return
+    d, nf = level2_shape
+    _check_shape(path, RELEASE_LEVEL2[0], sd[RELEASE_LEVEL2[0]], (d, nf), "level2.weight")
+    _check_shape(path, RELEASE_LEVEL2[1], sd[RELEASE_LEVEL2[1]], (d,), "level2.bias")
+    for src, dst in zip(RELEASE_LEVEL2, ("level2.weight", "level2.bias"), strict=True):
+        ours[dst] = sd[src].detach().float()
+        summary.mapped.append((src, dst, _shape(sd[src])))
+
+
+def _release_extra(
+    path: Path,
+    sd0: CheckpointDict,
+    role: str,
+    bank_from: str,
+    level2: str,
+    args: dict[str, Any],
+) -> dict[str, Any]:
+    """The export's ``extra`` metadata: where the weights, the bank and ``level2`` came from,
+    the release's epoch and ``args``."""
+    extra = {
+        "modality": "oct" if role == "teacher" else "fundus",
+        "source": "xmed-lab/MultiEYE release",
+        "role": role,
+        "source_file": path.name,
+        "source_sha256": _sha256(path),
+        "concept_bank": bank_from,
+        "level2": level2,
+        "release_epoch": sd0.entries.get("epoch")
+        if isinstance(sd0.entries.get("epoch"), int)
+        else None,
+        "release_args": args,
+    }
+    json.dumps(extra)  # everything above is JSON-safe by construction
+    return extra
+
+
 def import_release(
     ckpt: str | os.PathLike,
     out: str | os.PathLike,
@@ -842,82 +969,25 @@ def import_release(
     if role not in ("student", "teacher"):
         raise CheckpointImportError(f"role must be 'student' or 'teacher', got {role!r}")
     path, out = Path(ckpt), Path(out)
-    sd0 = read_checkpoint(path)
-    sd = _strip_module(sd0)
-    summary = ImportSummary(
-        source=path,
-        kind=f"OCT-CoDA {role}",
-        loader=sd0.loader,
-        other=dict(sd0.other),
-        replaced=sd0.replaced,
-    )
-    if f"{RELEASE_FLAIR}{FLAIR_VISION_PROJ}" not in sd:
-        hint = " (FLAIR's own file: use `import flair`)" if FLAIR_VISION_PROJ in sd else ""
-        raise CheckpointImportError(
-            f"{path}: no {RELEASE_FLAIR + FLAIR_VISION_PROJ!r}: not a released OCT-CoDA "
-            f"checkpoint{hint}"
-        )
+    sd0, sd, summary = _read_release(path, role)
     ours = _map_flair_vision(sd, RELEASE_FLAIR, backbone, path, summary)
     _report_flair_rest(sd, RELEASE_FLAIR, path, summary, _NOT_USED_TEXT + "; bank from --bank")
-
-    head = {k for k in sd if not k.startswith(RELEASE_FLAIR)}
-    known = set(RELEASE_CLASSIFIER) | set(RELEASE_LEVEL2) | set(RELEASE_BANK_KEYS)
-    unexpected = head - known
-    if unexpected:
-        raise CheckpointImportError(
-            f"{path}: unexpected key(s) for an OCT-CoDA {role}: {_name_keys(unexpected)}"
-        )
-    for key in RELEASE_CLASSIFIER:
-        if key not in sd:
-            raise CheckpointImportError(f"{path}: missing {key} (the concept classifier)")
-    level2_present = [k for k in RELEASE_LEVEL2 if k in sd]
-    if role == "student" or level2_present:
-        for key in RELEASE_LEVEL2:
-            if key not in sd:
-                raise CheckpointImportError(f"{path}: missing {key} (the level-2 branch W_4)")
+    map_level2 = _check_release_keys(sd, path, role)
 
     c, sents, bank_key, bank_from = _release_bank(sd, path, bank)
     if bank_key is not None:
         summary.report("used: the concept bank", bank_key)
-    k, d = int(c.shape[0]), int(c.shape[1])
-    w_c = sd[RELEASE_CLASSIFIER[0]]
-    if w_c.ndim != 2:
-        raise CheckpointImportError(
-            f"{path}: {RELEASE_CLASSIFIER[0]} has shape {list(_shape(w_c))}, expected [9, K]"
-        )
-    if w_c.shape[1] != k:
-        raise CheckpointImportError(
-            f"{path}: {RELEASE_CLASSIFIER[0]} reads K={w_c.shape[1]} concepts but the concept "
-            f"bank ({bank_from}) has K={k}"
-        )
-    if w_c.shape[0] != NUM_CLASSES:
-        raise CheckpointImportError(
-            f"{path}: {RELEASE_CLASSIFIER[0]} has {w_c.shape[0]} classes, expected {NUM_CLASSES}"
-        )
-    d_proj = int(ours["proj.weight"].shape[0])
-    if d_proj != d:
-        raise CheckpointImportError(
-            f"{path}: {RELEASE_FLAIR + FLAIR_VISION_PROJ} projects to D={d_proj} but the concept "
-            f"bank ({bank_from}) has D={d}"
-        )
+    _check_release_dims(sd, path, c, bank_from, int(ours["proj.weight"].shape[0]))
 
     cfg = ModelConfig(backbone=backbone, weights=None, num_classes=NUM_CLASSES)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ConceptModel(cfg, c, load_weights=False)
     own = model.state_dict()
-    nf = model.num_features
-    _check_shape(path, RELEASE_CLASSIFIER[1], sd[RELEASE_CLASSIFIER[1]], (NUM_CLASSES,), "bias")
-    ours["classifier.weight"] = sd[RELEASE_CLASSIFIER[0]].detach().float()
-    ours["classifier.bias"] = sd[RELEASE_CLASSIFIER[1]].detach().float()
-    for src, dst in zip(RELEASE_CLASSIFIER, ("classifier.weight", "classifier.bias"), strict=True):
-        summary.mapped.append((src, dst, _shape(sd[src])))
-    if level2_present or role == "student":
-        _check_shape(path, RELEASE_LEVEL2[0], sd[RELEASE_LEVEL2[0]], (d, nf), "level2.weight")
-        _check_shape(path, RELEASE_LEVEL2[1], sd[RELEASE_LEVEL2[1]], (d,), "level2.bias")
-        for src, dst in zip(RELEASE_LEVEL2, ("level2.weight", "level2.bias"), strict=True):
-            ours[dst] = sd[src].detach().float()
-            summary.mapped.append((src, dst, _shape(sd[src])))
+    level2_shape = (int(c.shape[1]), model.num_features) if map_level2 else None
+    _map_release_head(sd, path, summary, ours, level2_shape)
+    # summary.warn attributes its warning to this function's caller: warn here, not in a helper.
+    if map_level2:
         level2 = "from the checkpoint (project_4)"
     else:
         level2 = f"random init (seed {seed}): project_4.weight, project_4.bias absent"
@@ -938,20 +1008,7 @@ def import_release(
             f"{path}: the release trained at input_size={args['input_size']} but the export "
             f"records image_size={image_size} (--image-size)"
         )
-    extra = {
-        "modality": "oct" if role == "teacher" else "fundus",
-        "source": "xmed-lab/MultiEYE release",
-        "role": role,
-        "source_file": path.name,
-        "source_sha256": _sha256(path),
-        "concept_bank": bank_from,
-        "level2": level2,
-        "release_epoch": sd0.entries.get("epoch")
-        if isinstance(sd0.entries.get("epoch"), int)
-        else None,
-        "release_args": args,
-    }
-    json.dumps(extra)  # everything above is JSON-safe by construction
+    extra = _release_extra(path, sd0, role, bank_from, level2, args)
     _check_complete(sd, summary, path)
     export_inference(
         out, model, cfg, concept_sentences=list(sents), image_size=image_size, extra=extra
