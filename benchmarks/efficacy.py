@@ -114,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--jobs", type=int, default=2, help="student runs at once (1 thread each)")
     p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDE[,OVERRIDE]",
+        help="an extra arm 'OCT-CoDA NAME': OCT-CoDA with these overrides (repeatable), e.g. "
+        "--option norm=model.level2_norm=true",
+    )
+    p.add_argument(
         "--reuse-pretrained",
         action="store_true",
         help="keep a setting's data, alignment and teacher from an earlier run under --out "
@@ -123,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = args.settings.split(",")
     arms = args.arms.split(",")
-    unknown = [a for a in arms if a not in ARMS] + [
+    arm_overrides = dict(ARMS)
+    for text in args.option:
+        name, eq, over = text.partition("=")
+        if not (eq and name and over):
+            p.error(f"--option {text!r}: expected NAME=OVERRIDE[,OVERRIDE]")
+        arm_overrides[f"OCT-CoDA {name}"] = (*ARMS["OCT-CoDA"], *over.split(","))
+        arms.append(f"OCT-CoDA {name}")
+    unknown = [a for a in arms if a not in arm_overrides] + [
         s for s in settings if s not in ("scarce", "full")
     ]
     if unknown:
@@ -156,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             for arm in arms:
                 seeded = [*common, f"train.seed={seed}", f"data.seed={seed}"]
                 run_dir = out / "students" / f"{arm.replace(' ', '-')}-seed{seed}"
-                tasks.append((arm, str(run_dir), student_overrides(arm, pre, seeded)))
+                tasks.append(
+                    (arm, str(run_dir), student_overrides(arm_overrides[arm], pre, seeded))
+                )
                 keys.append((arm, seed))
         print(f"[{setting}] {len(tasks)} student runs, {args.jobs} at a time")
         with process_pool(args.jobs) as pool:

@@ -141,11 +141,11 @@ def pretrain(out: Path, common: list[str], quiet: bool = False, reuse: bool = Fa
     )
 
 
-def student_overrides(arm: str, pre: Pretrained, common: list[str]) -> list[str]:
-    """The distill stage of ``arm`` from the aligned fundus init (the teacher where it reads
-    one): every arm of one seed differs in these overrides only."""
-    over = ["train.stage=distill", f"model.weights={pre.fundus_init}", *ARMS[arm], *common]
-    if "loss.name=octcoda" in ARMS[arm]:
+def student_overrides(arm: tuple[str, ...], pre: Pretrained, common: list[str]) -> list[str]:
+    """The distill stage of an arm (its overrides, e.g. ``ARMS[name]``) from the aligned fundus
+    init (the teacher where it reads one): every arm of one seed differs in these only."""
+    over = ["train.stage=distill", f"model.weights={pre.fundus_init}", *arm, *common]
+    if "loss.name=octcoda" in arm:
         over.append(f"teacher.checkpoint={pre.teacher}")
     return over
 
@@ -205,7 +205,7 @@ def run_demo(
     students = {}
     for arm in DEMO_ARMS:
         key = ARMS[arm][0].split("=")[1]
-        students[arm] = train_stage(arm, out / key, student_overrides(arm, pre, common))
+        students[arm] = train_stage(arm, out / key, student_overrides(ARMS[arm], pre, common))
         rows.append((arm, "fundus", students[arm]))
     table = comparison_table(rows)
     diff = paired_difference(students["OCT-CoDA"], students["fundus-only"])
