@@ -52,7 +52,6 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -68,6 +67,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from multieye_dist.data.shards import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -404,14 +405,6 @@ class ImportSummary:
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _strip_module(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop a DataParallel/DDP ``module.`` prefix carried by every key."""
     if sd and all(k.startswith("module.") for k in sd):
@@ -582,7 +575,7 @@ def import_flair(
         "format": INIT_FORMAT,
         "source": "FLAIR",
         "source_file": path.name,
-        "source_sha256": _sha256(path),
+        "source_sha256": sha256_file(path),
         "backbone": backbone,
         "concept_dim": str(d),
         "keys": "backbone.* (timm names), proj.weight",
@@ -931,7 +924,7 @@ def _release_extra(
         "source": "xmed-lab/MultiEYE release",
         "role": role,
         "source_file": path.name,
-        "source_sha256": _sha256(path),
+        "source_sha256": sha256_file(path),
         "concept_bank": bank_from,
         "level2": level2,
         "release_epoch": sd0.entries.get("epoch")
