@@ -212,6 +212,9 @@ class TrainConfig(_Section):
     out_dir: str = "runs/default"
     eval_every_epochs: int = 1
     checkpoint_every_steps: int = 500
+    # Keep only the newest N checkpoints (0 = keep all): a ResNet-50 checkpoint is ~300 MB
+    # with its optimizer state, written every checkpoint_every_steps and at every epoch end.
+    keep_checkpoints: int = 0
     resume: str = "auto"  # "auto" (latest in out_dir), "never", or a checkpoint path
     log_every_steps: int = 10
     seed: int = 0
@@ -229,6 +232,7 @@ class TrainConfig(_Section):
         if self.stop_after_steps is not None:
             self._check(self.stop_after_steps >= 1, "stop_after_steps", ">= 1 or null")
         self._check(self.seed >= 0, "seed", ">= 0")
+        self._check(self.keep_checkpoints >= 0, "keep_checkpoints", ">= 0 (0: keep all)")
         self._check(bool(self.out_dir), "out_dir", "a non-empty path")
         self._check(bool(self.resume), "resume", '"auto", "never" or a checkpoint path')
 

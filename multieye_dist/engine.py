@@ -164,8 +164,10 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict[str, Any]) -> Path:
-    """Collective: every rank writes its part; `latest` moves to `tag` once all are done."""
+def save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict[str, Any], keep: int = 0) -> Path:
+    """Collective: every rank writes its part; `latest` moves to `tag` once all are done. With
+    ``keep`` > 0, rank 0 then deletes all but the newest ``keep`` complete checkpoints (by
+    step; `latest` is always among them): a run's disk use stays bounded."""
     ckpt_dir = Path(ckpt_dir)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={}, save_latest=False)
     barrier()
@@ -173,8 +175,26 @@ def save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict[str, Any]) -> 
         write_text(ckpt_dir / tag / STATE_FILE, json.dumps(state, indent=1))
         write_text(ckpt_dir / LATEST, tag)
         logger.info("checkpoint %s saved (step %s)", ckpt_dir / tag, state.get("step"))
+        if keep > 0:
+            prune_checkpoints(ckpt_dir, keep)
     barrier()
     return ckpt_dir / tag
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints under ``ckpt_dir`` (ordered by
+    their trainer state's step; the one `latest` names is never deleted). Returns the deleted."""
+    import shutil
+
+    latest = (ckpt_dir / LATEST).read_text(encoding="utf-8").strip()
+    done = [d for d in ckpt_dir.iterdir() if (d / STATE_FILE).is_file()]
+    steps = {d: json.loads((d / STATE_FILE).read_text(encoding="utf-8"))["step"] for d in done}
+    old = sorted(done, key=steps.__getitem__, reverse=True)[keep:]
+    old = [d for d in old if d.name != latest]
+    for d in old:
+        shutil.rmtree(d)
+        logger.info("checkpoint %s deleted (train.keep_checkpoints=%d)", d, keep)
+    return old
 
 
 def find_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:

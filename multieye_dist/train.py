@@ -473,7 +473,11 @@ def _write_json(path: Path, obj: Any) -> None:
 def save(job: Job, state: TrainState) -> None:
     D.average_batchnorm_stats(job.engine.module)
     E.save_checkpoint(
-        job.engine, job.run_dir / "checkpoints", f"step{state.step:08d}", asdict(state)
+        job.engine,
+        job.run_dir / "checkpoints",
+        f"step{state.step:08d}",
+        asdict(state),
+        keep=job.cfg.train.keep_checkpoints,
     )
 
 

@@ -121,3 +121,23 @@ def test_deepspeed_config_follows_the_sections():
     assert E.ds_config(optim, DeepSpeedConfig(), "bf16", 8, 1)["bf16"] == {"enabled": True}
     fp32 = E.ds_config(optim, DeepSpeedConfig(), "fp32", 8, 1)
     assert "bf16" not in fp32 and "torch_autocast" not in fp32
+
+
+def test_prune_checkpoints_keeps_the_newest_and_latest(tmp_path):
+    import json
+
+    from multieye_dist.engine import LATEST, STATE_FILE, prune_checkpoints
+
+    for step in (5, 8, 16, 100):
+        d = tmp_path / f"step{step:08d}"
+        d.mkdir()
+        (d / "model.pt").write_bytes(b"x")
+        (d / STATE_FILE).write_text(json.dumps({"step": step}))
+    (tmp_path / "step00000200").mkdir()  # incomplete (no trainer state): never counted
+    (tmp_path / LATEST).write_text("step00000008")  # e.g. a resume from an older one
+    deleted = prune_checkpoints(tmp_path, keep=2)
+    assert [d.name for d in deleted] == ["step00000005"]  # 100 and 16 are newest, 8 is latest
+    left = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert left == ["step00000008", "step00000016", "step00000100", "step00000200"]
+    (tmp_path / LATEST).write_text("step00000100")
+    assert [d.name for d in prune_checkpoints(tmp_path, keep=1)] == ["step00000016", "step00000008"]

@@ -114,8 +114,13 @@ def test_resume_after_a_stop_reproduces_the_uninterrupted_run(
     assert first.returncode == 0, first.stderr[-4000:]
     assert (out / "checkpoints" / "latest").read_text() == "step00000005"
     run_id = (out / RUN_ID_FILE).read_text().strip()
-    second = launch("distill", _overrides(shards, out, teacher_ckpt), wandb_home)
+    second = launch(
+        "distill", _overrides(shards, out, teacher_ckpt, "train.keep_checkpoints=1"), wandb_home
+    )
     assert second.returncode == 0, second.stderr[-4000:]
+    # keep_checkpoints=1: the step-5 and epoch-1 checkpoints were deleted, the last one kept
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert kept == [f"step{2 * STEPS_PER_EPOCH:08d}"], kept
 
     expected, got = train_losses(full_run), train_losses(out)
     assert sorted(got) == sorted(expected)  # no step lost or repeated
