@@ -171,7 +171,7 @@ def comparison_table(rows: list[tuple[str, str, dict]]) -> str:
 def paired_difference(a: dict, b: dict) -> str:
     """``a - b`` on every test metric (same seed, steps and fundus batches)."""
     cells = "".join(f"{100 * (a[f'test/best/{k}'] - b[f'test/best/{k}']):>+9.2f}" for k in METRICS)
-    return f"{'OCT-CoDA - fundus-only':<22}{'fundus':<9}{cells}"
+    return f"{'OCT-CoDA - fundus-only':<22} {'fundus':<8}{cells}"
 
 
 def run_demo(
