@@ -235,7 +235,8 @@ def test_synthetic_images_and_label_files_mode_and_clean(tmp_path, umask):
 
     generate(tmp_path / "raw", SynthOptions(per_class=1, image_size=32, workers=1))
     files = _all_files(tmp_path / "raw")
-    assert {p.suffix for p in files} == {".png", ".txt"}
+    # images, label files and findings sidecars, the findings' names (findings.json)
+    assert {p.suffix for p in files} == {".png", ".txt", ".json"}
     assert {_mode(p) for p in files} == {0o666 & ~umask}
     _no_temp_files(tmp_path / "raw")
 
