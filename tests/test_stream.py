@@ -15,7 +15,7 @@ import torch
 from helpers import run_ranks
 
 from multieye_dist.config import DataConfig
-from multieye_dist.data.layout import label_file
+from multieye_dist.data.layout import findings_file, label_file
 from multieye_dist.data.preprocess import Preprocess
 from multieye_dist.data.shards import ConvertOptions, convert
 from multieye_dist.data.stream import (
@@ -244,7 +244,14 @@ def test_class_without_oct_gets_a_random_partner_and_is_counted(synth_root, tmp_
     root = tmp_path / "raw"
     shutil.copytree(synth_root, root)
     lf = label_file(root, "oct", "train")
-    lf.write_text("".join(ln + "\n" for ln in lf.read_text().splitlines() if not ln.endswith(" 3")))
+    kept = [ln for ln in lf.read_text().splitlines() if not ln.endswith(" 3")]
+    lf.write_text("".join(ln + "\n" for ln in kept))
+    # the findings sidecar lists exactly the label file's names
+    names = {ln.split()[0] for ln in kept}
+    ff = findings_file(root, "oct", "train")
+    ff.write_text(
+        "".join(ln + "\n" for ln in ff.read_text().splitlines() if ln.split()[0] in names)
+    )
     d = _convert(root, tmp_path / "shards")
     batches = _train_batches(d, CFG, 0, 1, 0)
     f = torch.cat([b.label for b in batches])
