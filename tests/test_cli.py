@@ -59,3 +59,13 @@ def test_version(capsys):
 )
 def test_parse_size(text, value):
     assert parse_size(text) == value
+
+
+def test_convert_help_names_the_size_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["shards", "convert", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-size PX" in text and "--image-size PX" in text
+    assert "keep each image's size, never upscale" in text
+    assert "not with --image-size" in text

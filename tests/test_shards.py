@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -599,3 +600,123 @@ def test_verify_catches_bad_findings(synth_root, tmp_path, bad):
     assert len(report.problems) == 1, report.problems
     assert "not a sorted list of distinct non-negative integers" in report.problems[0]
     assert samples[0]["__key__"] in report.problems[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Output sizes: keep (default), --max-size, --image-size
+# --------------------------------------------------------------------------------------------
+
+MIXED = [(20, 30), (48, 48), (64, 40), (100, 100), (30, 12)]
+FUNDUS_DEV = ConvertOptions(modalities=("fundus",), splits=("dev",), shard_samples=7, workers=1)
+
+
+def _mix_sizes(root: Path) -> dict[str, tuple[int, int]]:
+    """Resize the fundus dev images to a cycle of sizes; returns name -> (width, height)."""
+    samples, _ = read_layout(root, ("fundus",), ("dev",))[("fundus", "dev")]
+    sizes = {}
+    for i, s in enumerate(samples):
+        sizes[s.name] = MIXED[i % len(MIXED)]
+        with Image.open(s.path) as img:
+            img.resize(sizes[s.name], Image.Resampling.BILINEAR).save(s.path)
+    return sizes
+
+
+def _sizes(out: Path, modality: str = "fundus", split: str = "dev") -> dict[str, tuple]:
+    """name -> size of the stored image."""
+    got = {}
+    for s in _read_group(out, modality, split):
+        with Image.open(io.BytesIO(s["png"])) as img:
+            got[json.loads(s["json"])["name"]] = img.size
+    return got
+
+
+def _size_cli(root: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "shards", "convert", "--root", str(root), "--out", str(out), "--modality", "fundus",
+            "--splits", "dev", "--shard-samples", "7", "--workers", "1", "--no-progress", *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_default_keeps_each_size_padded_to_square(fresh_root, tmp_path):
+    sizes = _mix_sizes(fresh_root)
+    assert Preprocess() == Preprocess(image_size=None, max_size=None)  # keep is the default
+    out = tmp_path / "s"
+    convert(fresh_root, out, replace(FUNDUS_DEV, modalities=("fundus", "oct")), progress=False)
+    assert _sizes(out) == {n: (max(w, h),) * 2 for n, (w, h) in sizes.items()}
+    assert set(_sizes(out, "oct").values()) == {(48, 48)}  # 48 x 36 B-scans: padded, not resized
+    for s in _read_group(out, "fundus", "dev"):
+        meta = json.loads(s["json"])
+        w, h = sizes[meta["name"]]
+        assert meta["original_size"] == [w, h]
+        source = np.asarray(Image.open(image_path(fresh_root, "fundus", meta["name"])))
+        with Image.open(io.BytesIO(s["png"])) as img:
+            stored = np.asarray(img)
+        side = max(w, h)
+        x0, y0 = (side - w) // 2, (side - h) // 2
+        assert (stored[y0 : y0 + h, x0 : x0 + w] == source).all()  # not resampled at all
+        assert stored.sum() == source.sum()  # and the padding is zeros
+    manifest = json.loads((out / "fundus-dev.manifest.json").read_text())
+    assert manifest["preprocessing"]["image_size"] is None
+    assert manifest["preprocessing"]["max_size"] is None
+    assert verify(out).ok
+
+
+def test_max_size_shrinks_only_larger_images(fresh_root, tmp_path):
+    sizes = _mix_sizes(fresh_root)
+    out = tmp_path / "s"
+    assert _size_cli(fresh_root, out, "--max-size", "50") == 0
+    assert _sizes(out) == {n: (min(max(w, h), 50),) * 2 for n, (w, h) in sizes.items()}
+    manifest = json.loads((out / "fundus-dev.manifest.json").read_text())
+    assert manifest["preprocessing"]["max_size"] == 50
+    assert manifest["preprocessing"]["image_size"] is None
+
+
+def test_image_size_resizes_every_image_up_or_down(fresh_root, tmp_path):
+    _mix_sizes(fresh_root)
+    out = tmp_path / "s"
+    assert _size_cli(fresh_root, out, "--image-size", "40") == 0
+    assert set(_sizes(out).values()) == {(40, 40)}  # 30 -> 40 up, 48/64/100 -> 40 down
+    assert (
+        json.loads((out / "fundus-dev.manifest.json").read_text())["preprocessing"]["image_size"]
+        == 40
+    )
+    assert Preprocess(40) == Preprocess(image_size=40)  # positional callers keep their meaning
+
+
+def test_image_size_and_max_size_together_are_an_error(synth_root, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _size_cli(synth_root, out, "--image-size", "40", "--max-size", "50") == 2
+    err = capsys.readouterr().err
+    assert "--image-size 40 and --max-size 50: give at most one" in err, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="--image-size 40 and --max-size 50"):
+        Preprocess(image_size=40, max_size=50)
+    assert _size_cli(synth_root, out, "--max-size", "4") == 2
+    assert "--max-size 4: must be at least 8 pixels" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--image-size 7: must be at least 8"):
+        Preprocess(image_size=7)
+
+
+def test_changed_size_options_redo_the_shards(fresh_root, tmp_path):
+    _mix_sizes(fresh_root)
+    out = tmp_path / "s"
+
+    def run(**pp):
+        opts = replace(FUNDUS_DEV, preprocess=Preprocess(**pp))
+        return convert(fresh_root, out, opts, progress=False)
+
+    first = run()
+    assert first.kept == 0 and first.written == 3
+    assert run().kept == 3  # same options: kept
+    capped = run(max_size=50)
+    assert capped.kept == 0 and capped.written == 3
+    assert max(side for side, _ in _sizes(out).values()) == 50
+    assert run(max_size=50).kept == 3
+    assert run(max_size=60).kept == 0
+    assert run(image_size=40).kept == 0
+    assert set(_sizes(out).values()) == {(40, 40)}
+    assert run(image_size=40).kept == 3
+    assert run().kept == 0  # back to keep: redone again
+    assert verify(out).ok

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,34 @@ def test_synth_help_names_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["synth", "--help"])
     text = capsys.readouterr().out
-    for option in ("--per-class", "--fundus-per-class", "--imbalance", "--seed", "--workers"):
+    for option in (
+        "--per-class",
+        "--fundus-per-class",
+        "--imbalance",
+        "--seed",
+        "--workers",
+        "--oct-image-size",
+    ):
         assert option in text
     assert "findings" in text
+
+
+def test_oct_image_size_sets_the_oct_resolution_only(tmp_path):
+    base = SynthOptions(per_class=1, image_size=32, workers=1)
+    generate(tmp_path / "a", base)
+    generate(tmp_path / "b", replace(base, oct_image_size=32))
+    a = _digest(tmp_path / "a")
+    assert _digest(tmp_path / "b") == a  # None means the same as image_size
+    out = tmp_path / "c"
+    argv = ["synth", "--out", str(out), "--per-class", "1", "--image-size", "32"]
+    assert main([*argv, "--oct-image-size", "48"]) == 0
+    layout = read_layout(out, ("fundus", "oct"), SPLITS)
+    for (modality, _), (samples, _) in layout.items():
+        for s in samples:
+            with Image.open(s.path) as img:
+                assert img.size == ((48, 36) if modality == "oct" else (32, 32))
+    c = _digest(out)
+    fundus = [k for k in a if k.startswith("assemble/")]
+    assert fundus and all(c[k] == a[k] for k in fundus)  # fundus pictures unchanged
+    with pytest.raises(ValueError, match="--oct-image-size 16: must be >= 32"):
+        SynthOptions(oct_image_size=16)

@@ -1,4 +1,10 @@
-"""Image preprocessing for conversion: zero-pad to square, resize, optional CLAHE / median filter.
+"""Image preprocessing for conversion: zero-pad to square, optional resize, CLAHE, median filter.
+
+Sizes: by default an image keeps its size (its square's side is its longer side) and is never
+upscaled: MultiEYE ships fundus at 224 px and OCT at 448 px, and upscaling to the training input
+would store and decode several times the bytes for no information (the training and evaluation
+transforms resize anyway). `max_size` only shrinks larger images; `image_size` resizes every
+image to exactly that side, up or down.
 
 Everything here is deterministic for a given Pillow/OpenCV build, which is what makes a rerun of
 the conversion byte-identical.
@@ -23,21 +29,33 @@ class BadImageError(ValueError):
 @dataclass(frozen=True)
 class Preprocess:
     """Per-image preprocessing. CLAHE applies to fundus only, the median filter to OCT only:
-    the release ships both already applied, hence off by default."""
+    the release ships both already applied, hence off by default.
 
-    image_size: int = 512
+    After zero-padding to square: `image_size` None (default) keeps the side, `max_size` set
+    downscales (bicubic) squares larger than it to it and never upscales; `image_size` set
+    resizes to exactly that side, up or down. At most one of the two may be set."""
+
+    image_size: int | None = None  # first field: Preprocess(512) still means --image-size 512
     fmt: str = "png"
     quality: int = 95  # jpg and webp only
     clahe: bool = False
     clahe_clip: float = 2.0
     clahe_tiles: int = 8
     median: int = 0  # OCT median filter kernel size, 0 = off (odd sizes only)
+    max_size: int | None = None  # cap on the square's side (downscale only); None = no cap
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise ValueError(f"--format {self.fmt!r}: choose one of {', '.join(FORMATS)}")
-        if self.image_size < 8:
-            raise ValueError(f"--image-size {self.image_size}: must be at least 8 pixels")
+        if self.image_size is not None and self.max_size is not None:
+            raise ValueError(
+                f"--image-size {self.image_size} and --max-size {self.max_size}: give at most "
+                "one (--image-size resizes every image to PX, up or down; --max-size only "
+                "shrinks images larger than PX; neither keeps each image's size)"
+            )
+        for option, value in (("--image-size", self.image_size), ("--max-size", self.max_size)):
+            if value is not None and value < 8:
+                raise ValueError(f"{option} {value}: must be at least 8 pixels")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"--quality {self.quality}: must be in 1..100")
         if self.median and (self.median < 3 or self.median % 2 == 0):
@@ -103,6 +121,16 @@ def process_image(path: Path, modality: str, pp: Preprocess) -> tuple[bytes, tup
     if modality == "oct" and pp.median:
         img = img.filter(ImageFilter.MedianFilter(pp.median))
     img = pad_to_square(img)
-    if img.size != (pp.image_size, pp.image_size):
-        img = img.resize((pp.image_size, pp.image_size), Image.Resampling.BICUBIC)
+    side = output_side(img.size[0], pp)
+    if img.size != (side, side):
+        img = img.resize((side, side), Image.Resampling.BICUBIC)
     return encode(img, pp.fmt, pp.quality), original
+
+
+def output_side(side: int, pp: Preprocess) -> int:
+    """The stored side of an image whose zero-padded square has side `side`."""
+    if pp.image_size is not None:
+        return pp.image_size
+    if pp.max_size is not None:
+        return min(side, pp.max_size)
+    return side

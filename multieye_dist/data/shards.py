@@ -118,9 +118,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _preprocess_key(pp: Preprocess) -> dict:
+    """The preprocessing options as they enter the fingerprint. `max_size` came later: unset, it
+    is left out, so shards written before it existed (same effective options) are kept."""
+    key = pp.to_dict()
+    if key["max_size"] is None:
+        del key["max_size"]
+    return key
+
+
 def _fingerprint(modality: str, split: str, index: int, start: int, samples, options) -> str:
     h = hashlib.sha256()
-    head = {"v": __version__, "pp": options.preprocess.to_dict(), "m": modality, "s": split}
+    head = {"v": __version__, "pp": _preprocess_key(options.preprocess), "m": modality, "s": split}
     h.update(json.dumps({**head, "i": index, "start": start}, sort_keys=True).encode())
     for s in samples:
         st = s.path.stat()  # a changed source image invalidates the shard holding it

@@ -180,13 +180,16 @@ def bayes_accuracy(priors: np.ndarray | None = None) -> float:
 class SynthOptions:
     per_class: int = 40  # train images per class and modality; dev and test get a quarter
     seed: int = 0
-    image_size: int = 128
+    image_size: int = 128  # fundus side; OCT width too unless oct_image_size is set
     imbalance: float = 1.0  # ratio of the most to the least frequent class (geometric in between)
     workers: int = 1
     fundus_per_class: int | None = None  # fundus train images per class (None: per_class)
     # Multiplies every finding's fundus opacity (FUNDUS_OPACITY, capped at 1): how faint the
     # fundus signal is. 1 = calibrated for long runs; short CPU runs (the demo) need more.
     fundus_visibility: float = 1.0
+    # OCT B-scan width (height 3/4 of it; zero-padded to this square at conversion). None: the
+    # same as image_size. The release ships fundus at 224 px and OCT at 448 px.
+    oct_image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.per_class < 1:
@@ -195,10 +198,19 @@ class SynthOptions:
             raise ValueError(f"--fundus-per-class {self.fundus_per_class}: must be >= 1")
         if self.image_size < 32:
             raise ValueError(f"--image-size {self.image_size}: must be >= 32")
+        if self.oct_image_size is not None and self.oct_image_size < 32:
+            raise ValueError(f"--oct-image-size {self.oct_image_size}: must be >= 32")
         if self.imbalance < 1:
             raise ValueError(f"--imbalance {self.imbalance}: must be >= 1")
         if self.fundus_visibility <= 0:
             raise ValueError(f"--fundus-visibility {self.fundus_visibility}: must be > 0")
+
+
+def picture_size(options: SynthOptions, modality: str) -> int:
+    """The side of a modality's pictures (OCT: the B-scan's width)."""
+    if modality == "oct" and options.oct_image_size is not None:
+        return options.oct_image_size
+    return options.image_size
 
 
 def class_counts(options: SynthOptions, split: str, modality: str = "oct") -> list[int]:
@@ -502,7 +514,7 @@ def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]
                             index,
                             findings,
                             options.seed,
-                            options.image_size,
+                            picture_size(options, modality),
                             options.fundus_visibility,
                             path,
                         )
