@@ -68,7 +68,17 @@ def _add_synth(sub) -> None:
         help="multiplier of the findings' fundus opacity (default 1: faint, for long runs)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=128, help="side in pixels (default 128)")
+    p.add_argument(
+        "--image-size", type=int, default=128, help="fundus side and OCT width (default 128)"
+    )
+    p.add_argument(
+        "--oct-image-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="OCT B-scan width (height 3/4 of it; default: --image-size); the release's "
+        "resolutions are --image-size 224 --oct-image-size 448",
+    )
     p.add_argument(
         "--imbalance",
         type=float,
@@ -94,7 +104,22 @@ def add_convert_options(p: argparse.ArgumentParser) -> None:
         default=0,
         help="target shard size (e.g. 256MB); overrides --shard-samples",
     )
-    p.add_argument("--image-size", type=int, default=512, help="output side after padding")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="resize every image to PX x PX after zero-padding to square, up or down (default: "
+        "keep each image's size, never upscale; the training transforms resize anyway)",
+    )
+    p.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="shrink (bicubic) images whose padded square is larger than PX to PX; smaller "
+        "ones keep their size (not with --image-size)",
+    )
     p.add_argument("--format", dest="fmt", choices=("png", "jpg", "webp"), default="png")
     p.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
     p.add_argument("--clahe", action="store_true", help="apply CLAHE to fundus (release: applied)")
@@ -120,6 +145,7 @@ def convert_options(args: argparse.Namespace):
     modalities = ("fundus", "oct") if args.modality == "both" else (args.modality,)
     pp = Preprocess(
         image_size=args.image_size,
+        max_size=args.max_size,
         fmt=args.fmt,
         quality=args.quality,
         clahe=args.clahe,
@@ -249,7 +275,11 @@ def _add_train(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score an inference checkpoint on a shard split")
     p.add_argument("--checkpoint", type=Path, required=True, help="inference .safetensors")
-    p.add_argument("--shards", type=Path, required=True, help="directory of converted shards")
+    p.add_argument(
+        "--shards",
+        required=True,
+        help="directory of converted shards, or a URL prefix (http(s)://, file:, pipe:...{name})",
+    )
     p.add_argument("--split", default="test", choices=("train", "dev", "test"))
     p.add_argument(
         "--modality", choices=("fundus", "oct"), help="default: the one the model was trained on"
@@ -362,6 +392,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         per_class=args.per_class,
         seed=args.seed,
         image_size=args.image_size,
+        oct_image_size=args.oct_image_size,
         imbalance=args.imbalance,
         workers=args.workers,
         fundus_per_class=args.fundus_per_class,

@@ -46,6 +46,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from multieye_dist.atomic import write_text
+from multieye_dist.data.remote import location_problem
 from multieye_dist.model import ModelConfig
 from multieye_dist.sections import SECRET_PARTS, ConfigError, is_section
 from multieye_dist.sections import Section as _Section
@@ -78,7 +79,9 @@ __all__ = [
 @dataclass(frozen=True)
 class DataConfig(_Section):
     _key: ClassVar[str] = "data"
-    shards: str = "runs/demo/shards"  # directory of WebDataset shards
+    # Where the WebDataset shards and their manifests are: a directory, or a URL prefix
+    # (http(s)://host/path, file:/abs/dir, pipe:CMD with {name}: multieye_dist/data/remote.py).
+    shards: str = "runs/demo/shards"
     image_size: int = 512
     batch_size: int = 64  # per rank
     samples_per_epoch: int = 36000  # class-balanced draws per epoch (all ranks together)
@@ -90,6 +93,11 @@ class DataConfig(_Section):
     # The release's training augmentation (random resized crop, flip, RandAugment, erasing);
     # false = evaluation transform only (tiny CPU runs on position-coded synthetic data).
     augment: bool = True
+    # Where the augmentation (or, without it, the resize and centre crop) runs. device: loader
+    # workers only decode, to uint8 at the stored size, and draw each sample's parameters; the
+    # ops run batched where the model runs (multieye_dist.data.device_augment). cpu: timm's
+    # per-image transforms in the workers, as released.
+    augment_on: Literal["device", "cpu"] = "device"
 
     def _validate(self) -> None:
         for name in ("image_size", "batch_size", "samples_per_epoch", "pool_size"):
@@ -97,6 +105,8 @@ class DataConfig(_Section):
         self._check(self.num_workers >= 0, "num_workers", ">= 0")
         self._check(self.seed >= 0, "seed", ">= 0")
         self._check(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "in [0, 1]")
+        problem = location_problem(self.shards)
+        self._check(problem is None, "shards", problem or "")
 
 
 @dataclass(frozen=True)

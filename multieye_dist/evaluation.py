@@ -8,6 +8,7 @@ them. No DeepSpeed: the ``eval`` command and the trainer share this code.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from multieye_dist.data.classes import CLASS_NAMES
-from multieye_dist.data.stream import EvalStream, ShardSet, gather_records, make_loader
+from multieye_dist.data.prepare import BatchPreparer
+from multieye_dist.data.stream import Batch, EvalStream, ShardSet, gather_records, make_loader
 from multieye_dist.metrics import evaluate
 from multieye_dist.model import param_dtype
 
@@ -36,9 +38,12 @@ def predict(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "eval",
+    prepare: Callable[[Batch], Batch] | None = None,
 ) -> tuple[list[dict], int]:
     """Records {key, label, probs} for every sample the loader yields, and the number of
-    undecodable samples (each worker's counters are cumulative: keep the last per worker)."""
+    undecodable samples (each worker's counters are cumulative: keep the last per worker).
+    `prepare` turns a batch on the device into model input (uint8 batches of
+    ``data.augment_on=device``: :class:`~multieye_dist.data.prepare.BatchPreparer`)."""
     was_training = model.training
     model.eval()
     dtype = param_dtype(model)  # bf16 weights take bf16 inputs
@@ -49,7 +54,10 @@ def predict(
             per_worker[batch.stats.worker] = batch.stats.bad
             if not len(batch):
                 continue
-            x = batch.image.to(device, dtype=dtype, non_blocking=True)
+            batch = batch.to(device, non_blocking=True)
+            if prepare is not None:
+                batch = prepare(batch)
+            x = batch.image.to(dtype=dtype)
             with _autocast(device, autocast_dtype):
                 logits, _ = model(x)
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
@@ -62,7 +70,7 @@ def predict(
 
 def evaluate_split(
     model: nn.Module,
-    shard_dir: Path,
+    shard_dir: str | Path,
     modality: str,
     split: str,
     *,
@@ -73,12 +81,15 @@ def evaluate_split(
     autocast_dtype: torch.dtype | None = None,
     max_bad_fraction: float = 0.01,
     progress: bool = False,
+    augment_on: str = "device",
 ) -> dict | None:
     """Metrics of `model` on `modality`-`split` (on rank 0; None on other ranks). The result is
     :func:`metrics.evaluate`'s dict plus ``split``, ``modality`` and ``bad`` (undecodable
     samples that could not be scored)."""
-    shards = ShardSet.from_manifest(Path(shard_dir), modality, split)
-    stream = EvalStream(shards, image_size, batch_size, max_bad_fraction=max_bad_fraction)
+    shards = ShardSet.from_manifest(shard_dir, modality, split)  # a directory or a URL prefix
+    stream = EvalStream(
+        shards, image_size, batch_size, max_bad_fraction=max_bad_fraction, augment_on=augment_on
+    )
     records, bad = predict(
         model,
         make_loader(stream, num_workers),
@@ -86,6 +97,7 @@ def evaluate_split(
         autocast_dtype=autocast_dtype,
         progress=progress,
         desc=f"eval {modality}-{split}",
+        prepare=BatchPreparer(image_size) if augment_on == "device" else None,
     )
     # The bad count rides along as one extra record per rank.
     gathered = gather_records(records + [{"key": "~bad", "bad": bad}])

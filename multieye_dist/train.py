@@ -33,6 +33,8 @@ from multieye_dist.checkpoint import export_inference, load_inference
 from multieye_dist.concepts import load_bank
 from multieye_dist.config import Config, save_resolved, to_dict
 from multieye_dist.data.prefetch import DevicePrefetcher
+from multieye_dist.data.prepare import BatchPreparer
+from multieye_dist.data.remote import resolve_shards
 from multieye_dist.data.stream import (
     Batch,
     PairedTrainStream,
@@ -114,6 +116,7 @@ class Job:
     tracker: Tracker
     sentences: list[str]
     objective: Objective  # what the stage reads, trains and evaluates, and its loss
+    prepare: BatchPreparer  # uint8 loader batches -> model input, on the device
     usable_batches: int  # per epoch and rank: a multiple of grad_accum
 
     @property
@@ -191,6 +194,7 @@ def train_step(job: Job, batch: Batch, stop: bool = False) -> tuple[Terms | None
     torch.manual_seed(_step_seed(job, engine.global_steps))  # dropout etc.: a function of step
     job.objective.set_step(engine.global_steps)
     batch = batch.to(job.device, non_blocking=True)  # no-op when the prefetcher moved it
+    batch = job.prepare(batch)  # augmentation on the device (data.augment_on=device)
     total, terms = job.objective(engine, job.teacher, batch)
     finite, stop = D.step_flags(total, stop)
     if not finite:
@@ -309,6 +313,7 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
         tracker,
         sentences,
         objective,
+        BatchPreparer(cfg.data.image_size),
         usable_batches=steps_per_epoch * cfg.optim.grad_accum,
     )
     logger.info(
@@ -338,7 +343,7 @@ def resolve_path(path: str) -> Path:
 def build_stream(cfg: Config, env: D.DistEnv, objective: Objective) -> PairedTrainStream:
     """The objective's primary modality, with partners when it reads them (the fundus-only
     baseline reads fundus alone: decoding partners it would not use costs half the loader)."""
-    shard_dir = resolve_path(cfg.data.shards)
+    shard_dir = resolve_shards(cfg.data.shards)  # a directory or a URL prefix
     primary = ShardSet.from_manifest(shard_dir, objective.modality, "train")
     partner = None
     if objective.partner is not None:
@@ -450,7 +455,7 @@ def _evaluate(job: Job, model: torch.nn.Module, split: str) -> dict | None:
     d = job.cfg.data
     return evaluate_split(
         model,
-        resolve_path(d.shards),
+        resolve_shards(d.shards),
         job.objective.modality,
         split,
         image_size=d.image_size,
@@ -460,6 +465,7 @@ def _evaluate(job: Job, model: torch.nn.Module, split: str) -> dict | None:
         autocast_dtype=job.autocast_dtype,
         max_bad_fraction=d.max_bad_fraction,
         progress=job.env.is_main and job.cfg.train.progress,
+        augment_on=d.augment_on,
     )
 
 

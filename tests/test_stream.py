@@ -30,8 +30,16 @@ from multieye_dist.data.synth import SynthOptions, generate
 from multieye_dist.data.tario import iter_samples, write_samples
 
 SIZE = 32
+# augment_on=cpu: float batches from the workers, as released (tests/test_device_stream.py has
+# the device path).
 CFG = StreamConfig.from_data(
-    DataConfig(), samples_per_epoch=256, batch_size=16, image_size=SIZE, pool_size=8, augment=False
+    DataConfig(),
+    samples_per_epoch=256,
+    batch_size=16,
+    image_size=SIZE,
+    pool_size=8,
+    augment=False,
+    augment_on="cpu",
 )
 
 
@@ -176,9 +184,10 @@ def test_unpaired_stream_for_the_teacher_stage(shard_dir):
 def test_augmentation_is_the_release_recipe(shard_dir):
     cfg = replace(CFG, augment=True)
     ds = PairedTrainStream(*_sets(shard_dir), cfg, rank=0, world=1)
-    names = [type(t).__name__ for t in ds.transform.transforms]
+    transforms = ds.images.transform.transforms
+    names = [type(t).__name__ for t in transforms]
     assert names[0] == "RandomResizedCropAndInterpolation" and "RandAugment" in names
-    assert names[-1] == "RandomErasing" and ds.transform.transforms[-1].probability == 0.25
+    assert names[-1] == "RandomErasing" and transforms[-1].probability == 0.25
     batch = next(iter(make_loader(ds, 0)))
     assert batch.image.dtype == torch.float32 and batch.image.min() < 0  # normalised
 

@@ -31,7 +31,6 @@ padded; ranks may get different numbers of batches (evaluation has no per-batch 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -45,14 +44,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from multieye_dist.data import schema
+from multieye_dist.data import remote, schema
 from multieye_dist.data.classes import NUM_CLASSES
+from multieye_dist.data.decode import decode_pil, decode_uint8, stack_native
 
 if TYPE_CHECKING:
     from multieye_dist.config import DataConfig
+    from multieye_dist.data.device_augment import AugmentParams, TrainAugment
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +76,30 @@ class ShardSet:
     image_ext: str
 
     @classmethod
-    def from_manifest(cls, shard_dir: Path, modality: str, split: str) -> ShardSet:
-        path = Path(shard_dir) / f"{modality}-{split}.manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no manifest {path}: convert the {modality} {split} split")
-        m = json.loads(path.read_text())
-        urls = tuple(str(Path(shard_dir) / s["name"]) for s in m["shards"])
-        for url in urls:
-            if not Path(url).is_file():
-                raise FileNotFoundError(f"shard {url} listed in {path} is missing")
+    def from_manifest(cls, location: str | Path, modality: str, split: str) -> ShardSet:
+        """The shards that ``<modality>-<split>.manifest.json`` at `location` lists. `location`
+        is a directory (or ``file:`` URL): every shard must exist; or a remote prefix
+        (``http(s)://``, ``pipe:...{name}...``, :mod:`multieye_dist.data.remote`): the manifest
+        is read from it and a shard is only checked when a worker reads it."""
+        where = remote.parse(location)
+        name = f"{modality}-{split}.manifest.json"
+        if where.is_local:
+            shard_dir = where.path
+            path = Path(shard_dir) / name
+            if not path.is_file():
+                raise FileNotFoundError(f"no manifest {path}: convert the {modality} {split} split")
+            m = json.loads(path.read_text())
+            urls = tuple(str(Path(shard_dir) / s["name"]) for s in m["shards"])
+            for url in urls:
+                if not Path(url).is_file():
+                    raise FileNotFoundError(f"shard {url} listed in {path} is missing")
+        else:
+            text = remote.read_text(where, name)
+            try:
+                m = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"manifest {where.member(name)} is not JSON: {exc}") from None
+            urls = tuple(where.member(s["name"]) for s in m["shards"])
         return cls(
             modality,
             split,
@@ -215,9 +230,14 @@ class Batch:
     record from its shard (:mod:`multieye_dist.data.schema`). ``stats`` are the cumulative
     counters of the worker that made the batch. An evaluation batch may be empty (it then only
     carries the stats of a worker whose last samples were undecodable).
+
+    With ``data.augment_on=device`` the loader sends images as decoded, uint8 at their stored
+    size (grey kept to one channel), and ``aug``/``partner_aug`` carry each sample's random
+    augmentation parameters (None: evaluation transform); :mod:`multieye_dist.data.prepare`
+    turns them into the normalised model input on the device.
     """
 
-    image: torch.Tensor  # [B, 3, S, S] float32, normalised
+    image: torch.Tensor  # [B, 3, S, S] float32 normalised, or uint8 [B, C, H, W] (see aug)
     label: torch.Tensor  # [B] int64, in [0, NUM_CLASSES): checked where the sample was read
     keys: list[str]
     meta: list[dict[str, Any]]
@@ -225,6 +245,8 @@ class Batch:
     partner_image: torch.Tensor | None = None
     partner_label: torch.Tensor | None = None
     partner_keys: list[str] | None = None
+    aug: AugmentParams | None = None
+    partner_aug: AugmentParams | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -239,12 +261,17 @@ class Batch:
         def f(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else fn(t)
 
+        def a(p: AugmentParams | None) -> AugmentParams | None:
+            return None if p is None else p.map_tensors(fn)
+
         return replace(
             self,
             image=fn(self.image),
             label=fn(self.label),
             partner_image=f(self.partner_image),
             partner_label=f(self.partner_label),
+            aug=a(self.aug),
+            partner_aug=a(self.partner_aug),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
@@ -253,11 +280,6 @@ class Batch:
     def pin_memory(self) -> Batch:
         # The DataLoader's pin-memory thread calls this on any batch object that has it.
         return self.map_tensors(lambda t: t.pin_memory())
-
-
-def decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
 
 
 def _check_bad(stats: StreamStats, max_bad_fraction: float, final: bool = False) -> None:
@@ -269,6 +291,9 @@ def _check_bad(stats: StreamStats, max_bad_fraction: float, final: bool = False)
             f"{stats.bad} of {seen} samples could not be decoded (> {max_bad_fraction:.1%}), "
             f"e.g. {'; '.join(stats.bad_examples[:3])}"
         )
+
+
+AUG_SEED = 0xA06  # the device augmentation's draws: their own stream of the batch's seed
 
 
 def _seed(*parts: int) -> int:
@@ -299,6 +324,64 @@ def new_rng_state(seed: int) -> dict:
         "np": np.random.RandomState(seed % 2**32).get_state(),
         "torch": gen.get_state(),
     }
+
+
+# ---------------------------------------------------------------- image pipelines
+
+AUGMENT_ON = ("device", "cpu")
+
+
+class HostImages:
+    """``augment_on=cpu``: PIL decode and the per-image transform in the worker; float batches."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        return self.transform(decode_pil(data))
+
+    def collate(self, images: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, None]:
+        return (torch.stack(images) if images else torch.empty(0)), None
+
+
+class DeviceImages:
+    """``augment_on=device``: the worker decodes to uint8 at the stored size and draws each
+    sample's augmentation parameters (from `seed`: a function of the batch, for resume); the
+    device applies them (:class:`~multieye_dist.data.prepare.BatchPreparer`). Without an
+    augmentation (evaluation, ``data.augment=false``) the device resizes and centre-crops."""
+
+    def __init__(self, augment: TrainAugment | None):
+        self.augment = augment
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        return decode_uint8(data)
+
+    def collate(
+        self, images: list[torch.Tensor], seed: int
+    ) -> tuple[torch.Tensor, AugmentParams | None]:
+        if not images:
+            return torch.empty(0, dtype=torch.uint8), None
+        x = stack_native(images)
+        if self.augment is None:
+            return x, None
+        sizes = [(x.shape[2], x.shape[3])] * len(images)
+        return x, self.augment.draw(np.random.default_rng(seed), sizes)
+
+
+def image_pipeline(augment_on: str, image_size: int, augment: bool, transform=None):
+    """The worker side of ``data.augment_on`` (`transform` replaces the CPU path's default)."""
+    from multieye_dist.data.transforms import eval_transform, train_transform
+
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"data.augment_on={augment_on!r}: choose one of {', '.join(AUGMENT_ON)}")
+    if transform is not None:
+        return HostImages(transform)
+    if augment_on == "device":
+        from multieye_dist.data.device_augment import TrainAugment
+
+        return DeviceImages(TrainAugment(image_size) if augment else None)
+    default = train_transform if augment else eval_transform
+    return HostImages(transform or default(image_size))
 
 
 # ---------------------------------------------------------------- per-class pools
@@ -378,6 +461,7 @@ class StreamConfig:
     pool_size: int
     max_bad_fraction: float
     augment: bool
+    augment_on: str  # "device": uint8 batches + parameters; "cpu": augmented in the worker
 
     @classmethod
     def from_data(cls, data: DataConfig, **changes: Any) -> StreamConfig:
@@ -406,8 +490,6 @@ class PairedTrainStream(IterableDataset):
         world: int | None = None,
         partner_classes: tuple[int, ...] | None = None,
     ):
-        from multieye_dist.data.transforms import eval_transform, train_transform
-
         self.fundus, self.oct, self.cfg = fundus, oct, cfg
         # partner_classes[c]: the OCT class to pair a fundus sample of class c with (None: c
         # itself, as released). A permutation pairs every class with another one's OCT (the
@@ -417,9 +499,11 @@ class PairedTrainStream(IterableDataset):
                 f"partner_classes={partner_classes}: must be a permutation of 0..{NUM_CLASSES - 1}"
             )
         self.partner_classes = partner_classes
-        default = train_transform if cfg.augment else eval_transform
-        self.transform = transform or default(cfg.image_size)
-        self.oct_transform = oct_transform or self.transform
+        # `transform`/`oct_transform` replace the per-image transforms of augment_on=cpu.
+        self.images = image_pipeline(cfg.augment_on, cfg.image_size, cfg.augment, transform)
+        self.oct_images = self.images
+        if oct_transform is not None:
+            self.oct_images = HostImages(oct_transform)
         self.rank, self.world = rank_world(rank, world)
         self.epoch = 0
         self.skip = 0
@@ -478,10 +562,14 @@ class PairedTrainStream(IterableDataset):
             decode_it = b >= n_skip
             with rng_scope(new_rng_state(_seed(seed, b))):
                 f_imgs, f_s = self._draw_fundus(rng, weights, f_pools, f_stream, stats, decode_it)
-            batch = _collate(f_imgs, f_s, stats) if decode_it else None
+            batch = None
+            if decode_it:
+                batch = _collate(f_imgs, f_s, stats, self.images, _seed(seed, b, AUG_SEED))
             if partner is not None:
                 with rng_scope(new_rng_state(_seed(p_seed, b))):
-                    batch = self._add_partners(batch, f_s, partner, stats, decode_it)
+                    batch = self._add_partners(
+                        batch, f_s, partner, stats, decode_it, _seed(p_seed, b, AUG_SEED)
+                    )
             if decode_it:
                 yield batch
 
@@ -510,7 +598,7 @@ class PairedTrainStream(IterableDataset):
         pools: ClassPools,
         stream,
         stats: StreamStats,
-        transform,
+        images: HostImages | DeviceImages,
         weights: np.ndarray,
         cls: int | None = None,
         decode_it: bool = True,
@@ -535,13 +623,13 @@ class PairedTrainStream(IterableDataset):
             if not decode_it:
                 return None, s
             try:
-                img = decode(s.data)
+                img = images.decode(s.data)
             except Exception:  # any decoder failure: count, report, draw again
                 pools.discard(s)
                 stats.record_bad(s, "skipped", self.cfg.max_bad_fraction)
                 continue
             stats.decoded += 1
-            return transform(img), s
+            return img, s
 
     def _draw_fundus(
         self, rng, weights, f_pools, f_stream, stats, decode_it: bool
@@ -549,14 +637,14 @@ class PairedTrainStream(IterableDataset):
         f_imgs, f_s = [], []
         for _ in range(self.cfg.batch_size):
             x, fs = self._pick(
-                rng, f_pools, f_stream, stats, self.transform, weights, decode_it=decode_it
+                rng, f_pools, f_stream, stats, self.images, weights, decode_it=decode_it
             )
             f_imgs.append(x)
             f_s.append(fs)
         return f_imgs, f_s
 
     def _add_partners(
-        self, batch: Batch | None, f_s: list[RawSample], partner, stats, decode_it: bool
+        self, batch: Batch | None, f_s: list[RawSample], partner, stats, decode_it: bool, seed: int
     ) -> Batch | None:
         """Each fundus sample's OCT partner. As released: the same label when OCT has that class
         (or the class ``partner_classes`` maps it to), else a random OCT sample with its own
@@ -567,16 +655,18 @@ class PairedTrainStream(IterableDataset):
         for fs in f_s:
             want = fs.label if self.partner_classes is None else self.partner_classes[fs.label]
             y, os_ = self._pick(
-                rng, o_pools, o_stream, stats, self.oct_transform, o_uniform, want, decode_it
+                rng, o_pools, o_stream, stats, self.oct_images, o_uniform, want, decode_it
             )
             stats.unmatched_oct += int(os_.label != want)
             o_imgs.append(y)
             o_s.append(os_)
         if not decode_it:
             return None
+        image, aug = self.oct_images.collate(o_imgs, seed)
         return replace(
             batch,
-            partner_image=torch.stack(o_imgs),
+            partner_image=image,
+            partner_aug=aug,
             partner_label=_labels(o_s),
             partner_keys=[s.key for s in o_s],
             stats=stats.snapshot(),
@@ -598,11 +688,11 @@ class EvalStream(IterableDataset):
         rank: int | None = None,
         world: int | None = None,
         max_bad_fraction: float = 0.01,
+        augment_on: str = "cpu",
     ):
-        from multieye_dist.data.transforms import eval_transform
-
         self.shards, self.batch_size = shards, batch_size
-        self.transform = eval_transform(image_size)
+        # device: uint8 at the stored size; the resize and crop run where the model does.
+        self.images = image_pipeline(augment_on, image_size, augment=False)
         self.rank, self.world = rank_world(rank, world)
         self.max_bad_fraction = max_bad_fraction
 
@@ -613,28 +703,36 @@ class EvalStream(IterableDataset):
         for unit in units:
             for s in read_unit(unit, self.shards.image_ext):
                 try:
-                    img = decode(s.data)
+                    img = self.images.decode(s.data)
                 except Exception:  # any decoder failure: count, report, go on
                     stats.record_bad(s, "not scored", self.max_bad_fraction)
                     continue
                 stats.decoded += 1
-                images.append(self.transform(img))
+                images.append(img)
                 samples.append(s)
                 if len(samples) == self.batch_size:
-                    yield _collate(images, samples, stats)
+                    yield _collate(images, samples, stats, self.images, 0)
                     images, samples = [], []
         _check_bad(stats, self.max_bad_fraction, final=True)
         if samples or stats.bad:
-            yield _collate(images, samples, stats)
+            yield _collate(images, samples, stats, self.images, 0)
 
 
 def _labels(samples: list[RawSample]) -> torch.Tensor:
     return torch.tensor([s.label for s in samples], dtype=torch.long)
 
 
-def _collate(images: list[torch.Tensor], samples: list[RawSample], stats: StreamStats) -> Batch:
+def _collate(
+    images: list[torch.Tensor],
+    samples: list[RawSample],
+    stats: StreamStats,
+    pipeline: HostImages | DeviceImages,
+    seed: int,
+) -> Batch:
+    image, aug = pipeline.collate(images, seed)
     return Batch(
-        image=torch.stack(images) if images else torch.empty(0),
+        image=image,
+        aug=aug,
         label=_labels(samples),
         keys=[s.key for s in samples],
         meta=[s.metadata() for s in samples],
