@@ -96,8 +96,9 @@ class DataConfig(_Section):
     # Where the augmentation (or, without it, the resize and centre crop) runs. device: loader
     # workers only decode, to uint8 at the stored size, and draw each sample's parameters; the
     # ops run batched where the model runs (multieye_dist.data.device_augment). cpu: timm's
-    # per-image transforms in the workers, as released.
-    augment_on: Literal["device", "cpu"] = "device"
+    # per-image transforms in the workers, as released. auto: device on a GPU, else cpu (on a
+    # CPU the batched ops in the training process cost more than timm's in the workers).
+    augment_on: Literal["auto", "device", "cpu"] = "auto"
 
     def _validate(self) -> None:
         for name in ("image_size", "batch_size", "samples_per_epoch", "pool_size"):

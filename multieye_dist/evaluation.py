@@ -81,7 +81,7 @@ def evaluate_split(
     autocast_dtype: torch.dtype | None = None,
     max_bad_fraction: float = 0.01,
     progress: bool = False,
-    augment_on: str = "device",
+    augment_on: str = "auto",
 ) -> dict | None:
     """Metrics of `model` on `modality`-`split` (on rank 0; None on other ranks). The result is
     :func:`metrics.evaluate`'s dict plus ``split``, ``modality`` and ``bad`` (undecodable
@@ -97,7 +97,7 @@ def evaluate_split(
         autocast_dtype=autocast_dtype,
         progress=progress,
         desc=f"eval {modality}-{split}",
-        prepare=BatchPreparer(image_size) if augment_on == "device" else None,
+        prepare=BatchPreparer(image_size),  # float batches (augment_on=cpu) pass through
     )
     # The bad count rides along as one extra record per rank.
     gathered = gather_records(records + [{"key": "~bad", "bad": bad}])

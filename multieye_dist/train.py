@@ -42,6 +42,7 @@ from multieye_dist.data.stream import (
     StreamConfig,
     StreamStats,
     make_loader,
+    resolve_augment_on,
 )
 from multieye_dist.evaluation import evaluate_split
 from multieye_dist.metrics import format_table
@@ -317,7 +318,8 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
         usable_batches=steps_per_epoch * cfg.optim.grad_accum,
     )
     logger.info(
-        "%s: %d rank(s) on %s, %d steps/epoch x %d epochs, precision %s, ZeRO %d, from step %d",
+        "%s: %d rank(s) on %s, %d steps/epoch x %d epochs, precision %s, ZeRO %d, from step %d, "
+        "augmentation on the %s",
         objective.describe(),
         env.world,
         device,
@@ -326,6 +328,7 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
         cfg.train.precision,
         cfg.deepspeed.zero_stage,
         state.step,
+        resolve_augment_on(cfg.data.augment_on),
     )
     return job, state
 

@@ -328,7 +328,16 @@ def new_rng_state(seed: int) -> dict:
 
 # ---------------------------------------------------------------- image pipelines
 
-AUGMENT_ON = ("device", "cpu")
+AUGMENT_ON = ("auto", "device", "cpu")
+
+
+def resolve_augment_on(augment_on: str) -> str:
+    """``auto``: ``device`` where a GPU will run the ops, else ``cpu``."""
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"data.augment_on={augment_on!r}: choose one of {', '.join(AUGMENT_ON)}")
+    if augment_on == "auto":
+        return "device" if torch.cuda.is_available() else "cpu"
+    return augment_on
 
 
 class HostImages:
@@ -372,8 +381,7 @@ def image_pipeline(augment_on: str, image_size: int, augment: bool, transform=No
     """The worker side of ``data.augment_on`` (`transform` replaces the CPU path's default)."""
     from multieye_dist.data.transforms import eval_transform, train_transform
 
-    if augment_on not in AUGMENT_ON:
-        raise ValueError(f"data.augment_on={augment_on!r}: choose one of {', '.join(AUGMENT_ON)}")
+    augment_on = resolve_augment_on(augment_on)
     if transform is not None:
         return HostImages(transform)
     if augment_on == "device":
@@ -688,7 +696,7 @@ class EvalStream(IterableDataset):
         rank: int | None = None,
         world: int | None = None,
         max_bad_fraction: float = 0.01,
-        augment_on: str = "cpu",
+        augment_on: str = "auto",
     ):
         self.shards, self.batch_size = shards, batch_size
         # device: uint8 at the stored size; the resize and crop run where the model does.
