@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from multieye_dist.data.preprocess import open_image
 from multieye_dist.data.transforms import eval_transform
 from multieye_dist.model import ConceptModel
 
@@ -58,11 +58,10 @@ def explain_images(
     tf = eval_transform(image_size)
     out = []
     for path in paths:
-        try:
-            with Image.open(path) as img:
-                x = tf(img.convert("RGB")).unsqueeze(0)
-        except OSError as exc:
-            raise ValueError(f"cannot read image {path}: {exc}") from exc
+        # open_image: the bomb limit and 16-bit scaling as in conversion; a BadImageError
+        # (a ValueError) names the file
+        with open_image(path, str(path)) as img:
+            x = tf(img.convert("RGB")).unsqueeze(0)
         logits, sims = model(x)
         probs = logits.softmax(-1)[0]
         pred = int(probs.argmax())

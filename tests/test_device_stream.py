@@ -16,7 +16,7 @@ from PIL import Image
 from multieye_dist.config import DataConfig, load_config
 from multieye_dist.data.decode import decode_pil, decode_uint8, stack_native
 from multieye_dist.data.prepare import BatchPreparer
-from multieye_dist.data.preprocess import Preprocess
+from multieye_dist.data.preprocess import BadImageError, Preprocess
 from multieye_dist.data.shards import ConvertOptions, convert
 from multieye_dist.data.stream import (
     EvalStream,
@@ -137,7 +137,7 @@ def test_decode_uint8_keeps_grey_and_matches_pil():
         want = torch.from_numpy(np.asarray(ref).copy())
         want = want[None] if want.ndim == 2 else want.permute(2, 0, 1)
         assert torch.equal(x, want), (img.mode, fmt)
-    with pytest.raises(OSError):  # PIL's UnidentifiedImageError / truncated-file errors
+    with pytest.raises(BadImageError, match="cannot decode image"):
         decode_uint8(b"\x89PNG\r\n\x1a\n broken")
 
 

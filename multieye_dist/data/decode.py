@@ -7,9 +7,14 @@ Two paths, chosen by ``data.augment_on``:
   the device (:mod:`multieye_dist.data.device_augment`). The decoder is PIL's (libpng,
   libjpeg-turbo): torchvision.io gives identical pixels at about the same speed
   (benchmarks/bench_loader.py measures both) but its decoders are deprecated since torchvision
-  0.29, and simplejpeg was within 10% of PIL on JPEG, not worth a dependency. Anything other
-  than 8-bit grey or RGB (palette, alpha, 16-bit) is converted to RGB, as the CPU path does.
+  0.29, and simplejpeg was within 10% of PIL on JPEG, not worth a dependency.
 - ``cpu``: PIL decode to RGB, then timm's per-image transform (the release's path).
+
+Both read through :func:`multieye_dist.data.preprocess.open_image`, as conversion does: anything
+other than 8-bit grey or RGB (palette, alpha, 16-bit, as shards of other tools may hold) is made
+8-bit by the same rules, and an image over PIL's decompression-bomb limit (either tier) raises
+BadImageError; the streams count and report it with its shard and key like any undecodable
+sample.
 """
 
 from __future__ import annotations
@@ -21,17 +26,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from multieye_dist.data.preprocess import open_image
 
-def decode_pil(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+SAMPLE = "(shard sample)"  # what a decode error names; the stream adds the shard and key
 
 
-def decode_uint8(data: bytes) -> torch.Tensor:
-    """Encoded image -> uint8 ``[C, H, W]``, C = 1 for 8-bit grey images and 3 otherwise."""
-    with Image.open(io.BytesIO(data)) as img:
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGB")
+def decode_pil(data: bytes, what: str = SAMPLE) -> Image.Image:
+    with open_image(io.BytesIO(data), what) as img:
+        return img.convert("RGB")  # a copy: open_image closes its image
+
+
+def decode_uint8(data: bytes, what: str = SAMPLE) -> torch.Tensor:
+    """Encoded image -> uint8 ``[C, H, W]``, C = 1 for grey images and 3 otherwise."""
+    with open_image(io.BytesIO(data), what) as img:
         x = torch.from_numpy(np.array(img))  # np.asarray would give a read-only view
     return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -34,6 +35,45 @@ LAYOUT: dict[str, tuple[str, str]] = {
 IMAGE_SUFFIX = ".png"
 FINDINGS_FILE = "findings.txt"  # per split, next to the label file
 FINDINGS_JSON = "findings.json"  # at the root: {"findings": [{"index", "name", "caption"}, ...]}
+
+
+# Fields are separated by ASCII blanks only, and labels and finding indices are ASCII digits:
+# str.split() would also split on no-break and other Unicode spaces, and int() would also take
+# '+3', '3_0', ' 3' and other scripts' digits ('٣'), none of them what a label file means.
+_BLANKS = " \t\r\f\v"
+_FIELD_SEP = re.compile(f"[{_BLANKS}]+")
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _fields(text: str) -> list[str]:
+    stripped = text.strip(_BLANKS)
+    return _FIELD_SEP.split(stripped) if stripped else []
+
+
+def _ascii_int(raw: str) -> int | None:
+    """The value of an optionally negative run of ASCII digits, else None. A leading '-' makes
+    any value (-0 too) negative, which callers report as out of range."""
+    if not _INTEGER.fullmatch(raw):
+        return None
+    digits = raw.lstrip("-").lstrip("0") or "0"
+    # int() refuses over 4300 digits; any label or index that long is out of range anyway
+    value = int(digits) if len(digits) <= 100 else 10**100
+    return -max(value, 1) if raw.startswith("-") else value
+
+
+def _shown(raw: str) -> str:
+    return raw if len(raw) <= 20 else raw[:20] + "..."
+
+
+def _read_lines(path: Path) -> list[str]:
+    """A text file's lines, numbered as an editor shows them. A UTF-8 byte-order mark (which
+    Windows editors write) is dropped; lines split at newlines only (str.splitlines() would
+    also split at form feeds and Unicode separators, shifting every later line number)."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="strict") as fh:
+            return fh.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise LayoutError(f"{path}: not UTF-8 text ({exc})") from exc
 
 
 class LayoutError(ValueError):
@@ -100,17 +140,16 @@ def check_root(root: Path, modalities: tuple[str, ...]) -> None:
 
 def _parse_line(text: str) -> tuple[str, int] | str:
     """Returns (name, label) or the reason the line is malformed."""
-    fields = text.split()
+    fields = _fields(text)
     if len(fields) != 2:
         got = len(fields)
         return f"malformed line {text.strip()!r}: expected 'name label' (2 fields, got {got})"
     name, raw = fields
-    try:
-        label = int(raw)
-    except ValueError:
-        return f"malformed line: label {raw!r} is not an integer"
+    label = _ascii_int(raw)
+    if label is None:
+        return f"malformed line: label {raw!r} is not an integer (ASCII digits)"
     if not 0 <= label < NUM_CLASSES:
-        return f"label {label} outside 0..{NUM_CLASSES - 1}"
+        return f"label {_shown(raw)} outside 0..{NUM_CLASSES - 1}"
     parts = PurePosixPath(name).parts
     if name.startswith("/") or ".." in parts:
         return f"image name {name!r} must be relative and stay inside the image directory"
@@ -135,17 +174,12 @@ def read_split(
         raise LayoutError(f"missing label file {path}")
     samples: list[SourceSample] = []
     bad: list[BadSample] = []
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        try:
-            lines = fh.read().splitlines()
-        except UnicodeDecodeError as exc:
-            raise LayoutError(f"{path}: not UTF-8 text ({exc})") from exc
-    for lineno, text in enumerate(lines, start=1):
-        if not text.strip():
+    for lineno, text in enumerate(_read_lines(path), start=1):
+        if not _fields(text):
             continue  # blank lines (a trailing newline, say) carry no sample
         parsed = _parse_line(text)
         if isinstance(parsed, str):
-            first = text.split()[0] if text.split() else ""
+            first = _fields(text)[0]
             bad.append(BadSample(str(path), lineno, first, parsed))
             continue
         name, label = parsed
@@ -204,7 +238,7 @@ def finding_names(root: Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))["findings"]
+        entries = json.loads(path.read_text(encoding="utf-8-sig"))["findings"]
         names = [e["name"] for e in entries]
         if [e["index"] for e in entries] != list(range(len(entries))):
             raise ValueError("indices are not 0, 1, 2, ... in order")
@@ -217,7 +251,7 @@ def finding_names(root: Path) -> list[str] | None:
 
 def _parse_findings(text: str, limit: int | None) -> tuple[str, tuple[int, ...]] | str:
     """(name, sorted indices) of one sidecar line, or the reason it is malformed."""
-    fields = text.split()
+    fields = _fields(text)
     if len(fields) != 2:
         got = len(fields)
         return f"malformed line {text.strip()!r}: expected 'name i,j,k' or 'name -' ({got} fields)"
@@ -226,14 +260,14 @@ def _parse_findings(text: str, limit: int | None) -> tuple[str, tuple[int, ...]]
         return name, ()
     indices = []
     for item in raw.split(","):
-        try:
-            index = int(item)
-        except ValueError:
-            return f"malformed line: finding index {item!r} is not an integer"
+        index = _ascii_int(item)
+        if index is None:
+            return f"malformed line: finding index {item!r} is not an integer (ASCII digits)"
         if index < 0:
-            return f"finding index {index} is negative"
+            return f"finding index {_shown(item)} is negative"
         if limit is not None and index >= limit:
-            return f"finding index {index} outside 0..{limit - 1} ({FINDINGS_JSON} lists {limit})"
+            listed = f"{FINDINGS_JSON} lists {limit}"
+            return f"finding index {_shown(item)} outside 0..{limit - 1} ({listed})"
         if index in indices:
             return f"finding index {index} listed twice"
         indices.append(index)
@@ -252,19 +286,16 @@ def read_findings(
     if not path.is_file():
         return None, []
     limit = len(names) if (names := finding_names(root)) is not None else None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise LayoutError(f"{path}: not UTF-8 text ({exc})") from exc
+    lines = _read_lines(path)
     found: dict[str, tuple[int, ...]] = {}
     where: dict[str, int] = {}
     bad: list[BadSample] = []
     for lineno, text in enumerate(lines, start=1):
-        if not text.strip():
+        if not _fields(text):
             continue
         parsed = _parse_findings(text, limit)
         if isinstance(parsed, str):
-            bad.append(BadSample(str(path), lineno, text.split()[0], parsed))
+            bad.append(BadSample(str(path), lineno, _fields(text)[0], parsed))
             continue
         name, findings = parsed
         if name in where:
