@@ -18,7 +18,14 @@ from tqdm import tqdm
 
 from multieye_dist.data.classes import CLASS_NAMES
 from multieye_dist.data.prepare import BatchPreparer
-from multieye_dist.data.stream import Batch, EvalStream, ShardSet, gather_records, make_loader
+from multieye_dist.data.stream import (
+    Batch,
+    DataError,
+    EvalStream,
+    ShardSet,
+    gather_records,
+    make_loader,
+)
 from multieye_dist.metrics import evaluate
 from multieye_dist.model import param_dtype
 
@@ -84,8 +91,10 @@ def evaluate_split(
     augment_on: str = "auto",
 ) -> dict | None:
     """Metrics of `model` on `modality`-`split` (on rank 0; None on other ranks). The result is
-    :func:`metrics.evaluate`'s dict plus ``split``, ``modality`` and ``bad`` (undecodable
-    samples that could not be scored)."""
+    :func:`metrics.evaluate`'s dict plus ``split``, ``modality``, ``listed`` (the manifest's
+    sample count), ``scored`` and ``bad`` (samples that could not be scored: undecodable,
+    mislabelled or missing from their shard, up to `max_bad_fraction`). Every listed sample is
+    scored or counted bad: a result on part of a split without saying so is a DataError."""
     shards = ShardSet.from_manifest(shard_dir, modality, split)  # a directory or a URL prefix
     stream = EvalStream(
         shards, image_size, batch_size, max_bad_fraction=max_bad_fraction, augment_on=augment_on
@@ -105,12 +114,24 @@ def evaluate_split(
         return None
     bad = sum(r["bad"] for r in gathered if r["key"] == "~bad")
     rows = [r for r in gathered if r["key"] != "~bad"]
+    if len(rows) + bad != shards.listed:  # never a silently smaller split
+        raise DataError(
+            f"{modality}-{split} ({shard_dir}): {len(rows)} samples scored and {bad} bad, but "
+            f"its manifest lists {shards.listed}; check the shards with multieye-dist shards verify"
+        )
     if not rows:
         raise ValueError(f"{shard_dir}: no sample of {modality}-{split} could be scored")
     labels = np.array([r["label"] for r in rows])
     probs = np.array([r["probs"] for r in rows])
     result = evaluate(labels, probs, CLASS_NAMES)
-    result.update(split=split, modality=modality, bad=bad)
+    result.update(split=split, modality=modality, listed=shards.listed, scored=len(rows), bad=bad)
     if bad:
-        logger.warning("%s-%s: %d undecodable sample(s) were not scored", modality, split, bad)
+        logger.warning(
+            "%s-%s: %d of %d listed sample(s) were not scored (undecodable, mislabelled or "
+            "missing from their shard)",
+            modality,
+            split,
+            bad,
+            shards.listed,
+        )
     return result

@@ -13,11 +13,17 @@ The shard writer (:mod:`multieye_dist.data.shards`), the verifier
 (:mod:`multieye_dist.data.stream`) all go through this module, so a new member is added here and
 nowhere else. Parsing a label checks its range: a bad label is an error naming the shard and the
 sample where the sample is read, once, instead of a check on every training step.
+
+The manifest (``<modality>-<split>.manifest.json``, written last by ``shards convert``) is checked
+here too (:func:`check_manifest`), for the verifier and the streams alike: a malformed one is an
+error naming the file and the field, never a KeyError or TypeError deep inside a reader.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 from multieye_dist.data.classes import NUM_CLASSES
@@ -89,3 +95,130 @@ def check_findings(meta: dict[str, Any], where: str) -> list[int] | None:
             "non-negative integers"
         )
     return value
+
+
+def check_label(meta: dict[str, Any], label: int, where: str, required: bool = True) -> None:
+    """The json record's ``label`` equals the ``.cls`` label (a record without one: an error only
+    when `required`; records of other tools may lack it)."""
+    if "label" not in meta and not required:
+        return
+    value = meta.get("label")
+    if type(value) is not int or value != label:
+        raise SampleError(f"{where}: .{META} label {value!r} != .{LABEL} {label}")
+
+
+# ---------------------------------------------------------------- manifests
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ValueError):
+    """A manifest that is not what ``shards convert`` writes; the message names file and field."""
+
+
+def _nonneg_int(value: Any) -> bool:
+    return type(value) is int and value >= 0  # bool is an int subclass: refused
+
+
+def _counts(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == NUM_CLASSES and all(map(_nonneg_int, value))
+
+
+def _plain_name(value: Any) -> bool:
+    # Joined to the shard directory: a name must not leave it.
+    plain = isinstance(value, str) and value not in ("", ".", "..")
+    return plain and not re.search(r"[/\\]", value)
+
+
+_FIELDS = {  # top-level field -> (test, what it must be)
+    "modality": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "split": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "image_ext": (lambda v: v in IMAGE_FORMATS, f"one of {', '.join(IMAGE_FORMATS)}"),
+    "num_samples": (_nonneg_int, "a non-negative integer"),
+    "num_skipped": (_nonneg_int, "a non-negative integer"),
+    "class_counts": (_counts, f"an array of {NUM_CLASSES} non-negative integers"),
+    "shards": (lambda v: isinstance(v, list), "an array"),
+}
+_SHARD_FIELDS = {  # per shard entry
+    "name": (_plain_name, "a plain file name"),
+    "samples": (_nonneg_int, "a non-negative integer"),
+    "class_counts": (_counts, f"an array of {NUM_CLASSES} non-negative integers"),
+    "sha256": (lambda v: isinstance(v, str) and bool(_SHA256_RE.match(v)), "64 hex digits"),
+}
+
+
+_REMEDY = "restore the manifest or reconvert the split (multieye-dist shards convert)"
+_JSON_TYPES = {
+    dict: "object", list: "array", str: "string", int: "integer", float: "number",
+    bool: "boolean", type(None): "null",
+}  # fmt: skip
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _field_error(where: str, name: str, problem: str) -> ManifestError:
+    return ManifestError(f"{where}: field {name!r} {problem}; {_REMEDY}")
+
+
+def _check_fields(obj: dict, spec: dict, where: str, prefix: str = "") -> None:
+    for name, (ok, what) in spec.items():
+        if name not in obj:
+            raise _field_error(where, prefix + name, "is missing")
+        if not ok(obj[name]):
+            shown = repr(obj[name])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            kind = _json_type(obj[name])
+            raise _field_error(where, prefix + name, f"is {shown} ({kind}), expected {what}")
+
+
+def check_manifest(
+    manifest: Any, where: str, modality: str | None = None, split: str | None = None
+) -> dict[str, Any]:
+    """`manifest` (parsed JSON) if it has every field the readers use, with the right types and
+    consistent totals, and (when given) the expected modality and split; else a ManifestError
+    naming `where` and the field."""
+    if not isinstance(manifest, dict):
+        raise ManifestError(
+            f"{where}: a JSON {_json_type(manifest)}, not a manifest (a JSON object); {_REMEDY}"
+        )
+    _check_fields(manifest, _FIELDS, where)
+    for name, want in (("modality", modality), ("split", split)):
+        if want is not None and manifest[name] != want:
+            raise _field_error(where, name, f"is {manifest[name]!r}, expected {want!r}")
+    seen: set[str] = set()
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict):
+            raise _field_error(where, f"shards[{i}]", f"is a {_json_type(entry)}, not an object")
+        _check_fields(entry, _SHARD_FIELDS, where, f"shards[{i}].")
+        if entry["name"] in seen:
+            raise _field_error(where, f"shards[{i}].name", f"{entry['name']!r} is listed twice")
+        seen.add(entry["name"])
+        if sum(entry["class_counts"]) != entry["samples"]:
+            problem = f"sums to {sum(entry['class_counts'])}, not samples={entry['samples']}"
+            raise _field_error(where, f"shards[{i}].class_counts", problem)
+    total = sum(e["samples"] for e in manifest["shards"])
+    if manifest["num_samples"] != total:
+        problem = f"is {manifest['num_samples']}, but the shards list {total} samples"
+        raise _field_error(where, "num_samples", problem)
+    per_class = [sum(e["class_counts"][c] for e in manifest["shards"]) for c in range(NUM_CLASSES)]
+    if manifest["class_counts"] != per_class:
+        problem = f"is {manifest['class_counts']}, but the shards sum to {per_class}"
+        raise _field_error(where, "class_counts", problem)
+    return manifest
+
+
+def load_manifest(path: Path, modality: str | None = None, split: str | None = None) -> dict:
+    """The manifest at `path`, read, parsed and checked (:func:`check_manifest`); whatever is
+    wrong with its content is a ManifestError naming the file (and the field). An OSError
+    (unreadable file) is left to the caller, as for any other file."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: the manifest is not UTF-8 text ({exc}); {_REMEDY}") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: the manifest is not JSON ({exc}); {_REMEDY}") from None
+    return check_manifest(manifest, str(path), modality, split)

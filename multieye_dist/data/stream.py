@@ -27,6 +27,15 @@ the same order, with the same augmentation (tests/test_stream.py compares their 
 Evaluation. Units in a fixed order, each sample exactly once across ranks and workers, nothing
 padded; ranks may get different numbers of batches (evaluation has no per-batch collective) and
 `gather_records` brings everything to rank 0 sorted by sample key.
+
+Integrity. Every read of a shard is held to its manifest (:func:`read_unit`): as many samples
+as listed, with the positional keys ``shards convert`` gives them, in order. A shard that ends
+early (an interrupted copy ends at a member boundary, which the tar reader takes for a clean
+end) or holds other samples (another shard copied over it) never passes as a smaller split: it
+is a DataError naming the shard and the counts, or, where the run tolerates bad samples
+(``data.max_bad_fraction``), its missing samples count as bad ones, up to that limit. So does a
+sample whose ``.cls`` and ``.json`` labels differ. Evaluation checks that every listed sample
+was scored or counted bad (:func:`multieye_dist.evaluation.evaluate_split`).
 """
 
 from __future__ import annotations
@@ -74,6 +83,11 @@ class ShardSet:
     samples: tuple[int, ...]
     class_counts: tuple[tuple[int, ...], ...]  # per shard
     image_ext: str
+    # The manifest's total (None: the shards' sum) and its count of skipped samples: keys are
+    # positional (`shards convert`), so with none skipped a shard's keys are known exactly, and
+    # each skip widens the window a shard's keys may fall in by one (None: keys not checked).
+    num_samples: int | None = None
+    key_slack: int | None = None
 
     @classmethod
     def from_manifest(cls, location: str | Path, modality: str, split: str) -> ShardSet:
@@ -88,7 +102,7 @@ class ShardSet:
             path = Path(shard_dir) / name
             if not path.is_file():
                 raise FileNotFoundError(f"no manifest {path}: convert the {modality} {split} split")
-            m = json.loads(path.read_text())
+            m = schema.load_manifest(path, modality, split)  # an error names file and field
             urls = tuple(str(Path(shard_dir) / s["name"]) for s in m["shards"])
             for url in urls:
                 if not Path(url).is_file():
@@ -107,11 +121,54 @@ class ShardSet:
             tuple(s["samples"] for s in m["shards"]),
             tuple(tuple(s["class_counts"]) for s in m["shards"]),
             m["image_ext"],
+            _int_or_none(m.get("num_samples")),
+            _int_or_none(m.get("num_skipped")),
         )
 
     @property
     def total_class_counts(self) -> np.ndarray:
         return np.asarray(self.class_counts, dtype=np.int64).reshape(-1, NUM_CLASSES).sum(0)
+
+    @property
+    def listed(self) -> int:
+        """Samples the manifest lists for the split."""
+        return sum(self.samples) if self.num_samples is None else self.num_samples
+
+    def expected(self) -> list[ShardExpect]:
+        """What reading each shard must give: its sample count and the window of its keys."""
+        prefix = f"{self.modality}-{self.split}-" if self.key_slack is not None else None
+        out, lo = [], 0
+        for n in self.samples:
+            out.append(ShardExpect(n, prefix, lo, lo + n + (self.key_slack or 0)))
+            lo += n
+        return out
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if type(value) is int and value >= 0 else None
+
+
+@dataclass(frozen=True)
+class ShardExpect:
+    """One shard as its manifest lists it: `samples` samples whose keys are ``prefix`` + nine
+    digits, strictly increasing, in [lo, hi) (prefix None: keys not checked)."""
+
+    samples: int
+    prefix: str | None
+    lo: int
+    hi: int
+
+    def key_number(self, key: str) -> int | None:
+        """The key's position if it has the shard's prefix and nine ASCII digits, else None."""
+        digits = key[len(self.prefix) :] if key.startswith(self.prefix) else ""
+        if len(digits) != 9 or not (digits.isascii() and digits.isdigit()):
+            return None
+        return int(digits)
+
+    def window(self) -> str:
+        if self.prefix is None:
+            return ""
+        return f" (keys {self.prefix}{self.lo:09d} to {self.prefix}{self.hi - 1:09d})"
 
 
 @dataclass(frozen=True)
@@ -120,6 +177,14 @@ class Unit:
     offset: int
     stride: int
     class_counts: tuple[float, ...]  # expected, for strided units
+    expect: ShardExpect | None = None  # the whole shard's, as its manifest lists it
+
+    @property
+    def share(self) -> int | None:
+        """Samples of the shard this unit must yield (None: unknown)."""
+        if self.expect is None:
+            return None
+        return len(range(self.offset, self.expect.samples, self.stride))
 
 
 def make_units(shards: ShardSet, workers: int) -> list[Unit]:
@@ -128,8 +193,10 @@ def make_units(shards: ShardSet, workers: int) -> list[Unit]:
         return []
     m = math.ceil(workers / n)
     return [
-        Unit(url, j, m, tuple(c / m for c in counts))
-        for url, counts in zip(shards.urls, shards.class_counts, strict=True)
+        Unit(url, j, m, tuple(c / m for c in counts), expect)
+        for url, counts, expect in zip(
+            shards.urls, shards.class_counts, shards.expected(), strict=True
+        )
         for j in range(m)
     ]
 
@@ -157,40 +224,152 @@ class RawSample:
     label: int
     data: bytes
     url: str
-    meta: bytes | None = None  # the encoded .json record, parsed only for samples emitted
+    meta: bytes | None = None  # the encoded .json record
+    # Parsed once where the sample is read (its label is checked against .cls there).
+    parsed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def metadata(self) -> dict[str, Any]:
-        return schema.parse_meta(self.meta, f"{self.url}:{self.key}")
+        if self.parsed is None:
+            self.parsed = schema.parse_meta(self.meta, f"{self.url}:{self.key}")
+        return dict(self.parsed)  # a copy: a sample drawn twice must not share one record
 
 
-def read_unit(unit: Unit, ext: str) -> Iterator[RawSample]:
+_ADVICE = "truncated, or replaced by another shard? restore it or reconvert the split"
+_warned_shards: set[str] = set()  # shards already named in a warning by this process
+
+
+class _ShardRead:
+    """One read of a shard against what its manifest lists (`unit.expect`): samples with an
+    expected key are admitted in order and numbered; the rest are foreign (another shard's, a
+    repeat, or more than listed) and never yielded. Bad samples of a strict read are kept here,
+    to be reported with the counts when the shard ends."""
+
+    def __init__(self, unit: Unit):
+        self.unit, self.exp = unit, unit.expect
+        self.admitted = 0
+        self.last = -1  # number of the last admitted key
+        self.foreign: list[str] = []
+        self.problems: list[str] = []
+
+    def admit(self, key: str) -> bool:
+        exp = self.exp
+        ok = exp is None or self.admitted < exp.samples
+        if ok and exp is not None and exp.prefix is not None:
+            num = exp.key_number(key)
+            ok = num is not None and max(exp.lo, self.last + 1) <= num < exp.hi
+            self.last = num if ok else self.last
+        if ok:
+            self.admitted += 1
+        else:
+            self.foreign.append(key)
+        return ok
+
+    def mine(self) -> bool:
+        """Whether the sample just admitted belongs to this unit (position modulo stride)."""
+        return (self.admitted - 1) % self.unit.stride == self.unit.offset
+
+    def _counts(self) -> str:
+        """What was read against what is listed, or "" when they agree."""
+        exp = self.exp
+        if exp is None or (self.admitted == exp.samples and not self.foreign):
+            return ""
+        what = f"{self.admitted} of the {exp.samples} samples its manifest lists{exp.window()}"
+        what += " were read"
+        if self.foreign:
+            what += f", {len(self.foreign)} it does not list (e.g. {self.foreign[0]}) ignored"
+        return what
+
+    def finish(self, stats: StreamStats | None, max_bad_fraction: float) -> None:
+        """At the end of the shard. Strict (no `stats`): a difference or a bad sample is a
+        DataError. Tolerant: this unit's share of the missing samples is counted as bad and the
+        shard is named in a warning (once per process)."""
+        url, counts = self.unit.url, self._counts()
+        if stats is None:
+            if not (counts or self.problems):
+                return
+            bad = self.problems[0] if self.problems else ""
+            if len(self.problems) > 1:
+                bad += f" (and {len(self.problems) - 1} more bad sample(s))"
+            if counts:
+                detail = f"{counts}{'; ' + bad if bad else ''} ({_ADVICE})"
+            else:
+                detail = f"{bad}; fix the shard or tolerate bad samples (data.max_bad_fraction)"
+            raise DataError(f"shard {url}: {detail}")
+        if not counts:
+            return
+        if url not in _warned_shards:
+            _warned_shards.add(url)
+            missing = self.exp.samples - self.admitted
+            logger.warning(
+                "shard %s: %s; %d missing counted as bad (%s)", url, counts, missing, _ADVICE
+            )
+        mine = self.unit.share - len(range(self.unit.offset, self.admitted, self.unit.stride))
+        if mine:
+            stats.record_missing(url, mine, max_bad_fraction)
+
+
+def _parse_sample(s: dict[str, Any], ext: str, url: str) -> tuple[RawSample | None, str]:
+    """(sample, "") or (None, why it is bad: "sample KEY ..."). A label outside 0..8 is a
+    DataError naming the shard: a broken writer, not a damaged sample."""
+    key = s.get(schema.KEY)
+    where = f"sample {key}"
+    missing = [m for m in schema.missing_members(s, ext) if m != schema.META]
+    if missing:
+        return None, f"{where} lacks {', '.join('.' + m for m in missing)}"
+    try:
+        label = schema.parse_label(s[schema.LABEL], where)
+    except schema.SampleError as exc:
+        raise DataError(f"{url}: {exc}") from None
+    sample = RawSample(key, label, s[ext], url, s.get(schema.META))
+    try:
+        # Parsed once, here: the label check needs it and batches carry it. Other tools'
+        # records may lack a label; ours always have one.
+        sample.parsed = schema.parse_meta(sample.meta, where)
+        schema.check_label(sample.parsed, label, where, required=False)
+    except schema.SampleError as exc:
+        return None, str(exc)
+    return sample, ""
+
+
+def read_unit(
+    unit: Unit, ext: str, stats: StreamStats | None = None, max_bad_fraction: float = 0.0
+) -> Iterator[RawSample]:
     """Samples of one unit, in shard order, through webdataset's tar reader (which also takes
-    pipe: and remote URLs). A truncated or unreadable shard, or a sample without its image or a
-    valid label, is an error naming the shard and the sample."""
+    pipe: and remote URLs). The shard must give exactly the samples its manifest lists: their
+    number, and for positional keys their window and order (``unit.expect``). Samples it does
+    not list, and bad ones (without their image or label, or whose .cls and .json labels
+    differ), are never yielded.
+
+    Strict (no `stats`, or `max_bad_fraction` 0): a truncated or unreadable shard, samples
+    missing or not listed, or a bad sample is a DataError naming the shard, the counts and the
+    sample, when the shard ends. Tolerant: bad samples and this unit's share of the missing ones
+    are counted in `stats` and named in warnings, up to `max_bad_fraction`. A label outside 0..8
+    is an error at once."""
     import webdataset as wds
 
+    tolerant = stats is not None and max_bad_fraction > 0
+    check = _ShardRead(unit)
     try:
         # Splitting across nodes and workers is ours (units); webdataset's own splitters would
         # hand this single shard to worker 0 only.
         stream = wds.WebDataset(
             unit.url, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
         )
-        for i, s in enumerate(stream):
-            if i % unit.stride == unit.offset:
-                key = s.get(schema.KEY)
-                where = f"{unit.url}: sample {key}"
-                missing = [m for m in schema.missing_members(s, ext) if m != schema.META]
-                if missing:
-                    raise DataError(f"{where} lacks {', '.join('.' + m for m in missing)}")
-                try:
-                    label = schema.parse_label(s[schema.LABEL], where)
-                except schema.SampleError as exc:
-                    raise DataError(str(exc)) from None
-                yield RawSample(key, label, s[ext], unit.url, s.get(schema.META))
+        for s in stream:
+            if not check.admit(s.get(schema.KEY)) or not check.mine():
+                continue  # foreign samples: reported by check.finish
+            sample, problem = _parse_sample(s, ext, unit.url)
+            if sample is not None:
+                yield sample
+            elif tolerant:
+                stats.record_problem(unit.url, s.get(schema.KEY), problem, max_bad_fraction)
+            else:
+                check.problems.append(problem)
     except DataError:
         raise
     except Exception as exc:  # tarfile.ReadError, OSError, ...: name the shard
         raise DataError(f"cannot read shard {unit.url}: {type(exc).__name__}: {exc}") from exc
+    check.finish(stats if tolerant else None, max_bad_fraction)
 
 
 # ---------------------------------------------------------------- decoding, RNG, stats
@@ -202,16 +381,31 @@ class StreamStats:
 
     worker: int = 0  # the (logical) loader worker whose counts these are
     decoded: int = 0
-    bad: int = 0
+    bad: int = 0  # undecodable, mislabelled or incomplete samples, and missing ones
     unmatched_oct: int = 0
     bad_examples: list[str] = field(default_factory=list)
+    missing: int = 0  # of `bad`: listed in a manifest but not in the shard
 
     def record_bad(self, s: RawSample, consequence: str, max_bad_fraction: float) -> None:
         """Count and log an undecodable sample; stop the run past `max_bad_fraction`."""
-        self.bad += 1
-        if len(self.bad_examples) < 10:  # the list travels with every batch: keep it short
-            self.bad_examples.append(f"{s.url}:{s.key}")
         logger.warning("undecodable sample %s in shard %s: %s", s.key, s.url, consequence)
+        self._count(f"{s.url}:{s.key}", 1, max_bad_fraction)
+
+    def record_problem(self, url: str, key: str, problem: str, max_bad_fraction: float) -> None:
+        """Count and log a sample of shard `url` that is bad as read (`problem`: "sample KEY
+        ..."); it is skipped."""
+        logger.warning("bad sample in shard %s, skipped: %s", url, problem)
+        self._count(f"{url}:{key}", 1, max_bad_fraction)
+
+    def record_missing(self, url: str, n: int, max_bad_fraction: float) -> None:
+        """Count `n` samples that shard `url` lists but did not give (the caller warns)."""
+        self.missing += n
+        self._count(f"{url}: {n} missing", n, max_bad_fraction)
+
+    def _count(self, example: str, n: int, max_bad_fraction: float) -> None:
+        self.bad += n
+        if len(self.bad_examples) < 10:  # the list travels with every batch: keep it short
+            self.bad_examples.append(example)
         _check_bad(self, max_bad_fraction)
 
     def snapshot(self) -> StreamStats:
@@ -288,8 +482,9 @@ def _check_bad(stats: StreamStats, max_bad_fraction: float, final: bool = False)
     seen = stats.decoded + stats.bad
     if stats.bad and (final or seen >= 50) and stats.bad / seen > max_bad_fraction:
         raise DataError(
-            f"{stats.bad} of {seen} samples could not be decoded (> {max_bad_fraction:.1%}), "
-            f"e.g. {'; '.join(stats.bad_examples[:3])}"
+            f"{stats.bad} of {seen} samples could not be decoded (or were mislabelled or "
+            f"missing; > data.max_bad_fraction={max_bad_fraction:.1%}), e.g. "
+            f"{'; '.join(stats.bad_examples[:3])}; check them with multieye-dist shards verify"
         )
 
 
@@ -423,8 +618,16 @@ class ClassPools:
             pool.remove(s)
 
 
-def cycle_units(units: list[Unit], ext: str, rng: np.random.Generator, resampled: bool):
-    """Endless samples: `units` in a fresh random order each pass, or drawn with replacement."""
+def cycle_units(
+    units: list[Unit],
+    ext: str,
+    rng: np.random.Generator,
+    resampled: bool,
+    stats: StreamStats | None = None,
+    max_bad_fraction: float = 0.0,
+):
+    """Endless samples: `units` in a fresh random order each pass, or drawn with replacement.
+    Bad and missing samples are counted in `stats` (:func:`read_unit`)."""
     if not units:
         raise DataError("no shard units to read")
     while True:
@@ -433,7 +636,7 @@ def cycle_units(units: list[Unit], ext: str, rng: np.random.Generator, resampled
         )
         n = 0
         for i in order:
-            for s in read_unit(units[int(i)], ext):
+            for s in read_unit(units[int(i)], ext, stats, max_bad_fraction):
                 n += 1
                 yield s
         if n == 0:  # never spin on empty shards
@@ -555,7 +758,10 @@ class PairedTrainStream(IterableDataset):
         local = np.sum([u.class_counts for u in mine], axis=0)
         # Release weights 1/count_c, applied to the samples this worker can see.
         weights = np.where(global_counts > 0, local / np.maximum(global_counts, 1), 0.0)
-        f_stream = cycle_units(mine, self.fundus.image_ext, rng, cfg.resampled)
+        stats = StreamStats(worker=worker)  # from the first read: missing samples count
+        f_stream = cycle_units(
+            mine, self.fundus.image_ext, rng, cfg.resampled, stats, cfg.max_bad_fraction
+        )
         f_pools = ClassPools(cfg.pool_size, rng)
         fill(f_pools, f_stream, weights > 0, limit=int(local.sum()) + cfg.pool_size)
         weights = weights * f_pools.present()
@@ -564,8 +770,7 @@ class PairedTrainStream(IterableDataset):
         weights = weights / weights.sum()
         # The partners' own generator: drawing them leaves the fundus draws untouched.
         p_seed = _seed(seed, 0x0C7)
-        partner = self._partner_pools(p_seed, global_counts, announce=g == 0)
-        stats = StreamStats(worker=worker)
+        partner = self._partner_pools(p_seed, global_counts, g == 0, stats)
         for b in range(n_batches):
             decode_it = b >= n_skip
             with rng_scope(new_rng_state(_seed(seed, b))):
@@ -581,13 +786,17 @@ class PairedTrainStream(IterableDataset):
             if decode_it:
                 yield batch
 
-    def _partner_pools(self, seed: int, fundus_counts: np.ndarray, announce: bool):
+    def _partner_pools(
+        self, seed: int, fundus_counts: np.ndarray, announce: bool, stats: StreamStats
+    ):
         """(generator, pools, stream) of OCT partners, or None without an OCT split."""
         if self.oct is None:
             return None
         rng = np.random.default_rng(seed)
         o_units = make_units(self.oct, 1)
-        o_stream = cycle_units(o_units, self.oct.image_ext, rng, resampled=True)
+        o_stream = cycle_units(
+            o_units, self.oct.image_ext, rng, True, stats, self.cfg.max_bad_fraction
+        )
         o_pools = ClassPools(self.cfg.pool_size, rng)
         o_global = self.oct.total_class_counts
         fill(o_pools, o_stream, o_global > 0, limit=int(o_global.sum()) + self.cfg.pool_size)
@@ -709,7 +918,7 @@ class EvalStream(IterableDataset):
         units = make_units(self.shards, world * workers)[rank * workers + worker :: world * workers]
         stats, images, samples = StreamStats(worker=worker), [], []
         for unit in units:
-            for s in read_unit(unit, self.shards.image_ext):
+            for s in read_unit(unit, self.shards.image_ext, stats, self.max_bad_fraction):
                 try:
                     img = self.images.decode(s.data)
                 except Exception:  # any decoder failure: count, report, go on

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,8 +45,13 @@ def _check_sample(sample: dict, ext: str, where: str) -> tuple[int | None, list[
         return None, [*problems, str(exc)]
     try:
         meta = schema.parse_meta(sample[schema.META], where)
-        if meta.get("label") != label:
-            problems.append(f"{where}: json label {meta.get('label')} != cls {label}")
+    except schema.SampleError as exc:
+        return label, [*problems, str(exc)]
+    try:
+        schema.check_label(meta, label, where)
+    except schema.SampleError as exc:
+        problems.append(str(exc))
+    try:
         schema.check_findings(meta, where)
     except schema.SampleError as exc:
         problems.append(str(exc))
@@ -99,16 +103,16 @@ class VerifyReport:
 
 
 def _load_manifests(root: Path, problems: list[str]) -> list[tuple[Path, dict]]:
+    """Every manifest of `root` that parses and has the fields the checks use; each one that
+    does not is a problem naming it and the field (never a traceback)."""
     manifests = []
     for path in sorted(root.glob("*.manifest.json")):
+        modality, dash, split = path.name.removesuffix(".manifest.json").partition("-")
         try:
-            m = json.loads(path.read_text())
-            for key in ("modality", "split", "shards", "num_samples", "class_counts", "image_ext"):
-                if key not in m:
-                    raise ValueError(f"missing key {key!r}")
+            m = schema.load_manifest(path, modality if dash else None, split if dash else None)
             manifests.append((path, m))
-        except ValueError as exc:
-            problems.append(f"{path}: not a valid manifest ({exc})")
+        except schema.ManifestError as exc:
+            problems.append(str(exc))
     if not manifests and not problems:
         problems.append(f"{root}: no *.manifest.json found (conversion incomplete or wrong dir)")
     return manifests
