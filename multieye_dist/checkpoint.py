@@ -50,8 +50,13 @@ def load_inference(path: Path) -> tuple[ConceptModel, dict]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory, not an inference .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    # Unreadable (permission, I/O error): the OS error itself, not "not a safetensors file".
+    with path.open("rb") as fh:
+        fh.read(1)
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = fh.metadata() or {}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import re
 import sys
 import time
@@ -23,6 +25,35 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 100MB or 1GiB")
     power = " kmgt".index(m.group(2).lower() or " ")
     return int(float(m.group(1)) * 1024**power)
+
+
+def bounded(kind: type, low: float, *, strict: bool = False, text: str = ""):
+    """An argparse ``type=`` for `kind` (int or float) values >= `low` (> with `strict`); NaN
+    and infinities are refused too. argparse puts the option's name before the message."""
+
+    def parse(arg: str):
+        try:
+            value = kind(arg)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{arg!r} is not {text}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{arg}: must be {text}")
+        return value
+
+    return parse
+
+
+positive_int = bounded(int, 1, text="a positive integer")
+nonneg_int = bounded(int, 0, text="an integer >= 0")
+positive_float = bounded(float, 0, strict=True, text="a number > 0")
+
+
+def positive_size(text: str) -> int:
+    """parse_size, at least one byte."""
+    size = parse_size(text)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1 byte")
+    return size
 
 
 def _csv(choices: tuple[str, ...]):
@@ -49,25 +80,25 @@ def _add_synth(sub) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument(
         "--per-class",
-        type=int,
+        type=positive_int,
         default=40,
         help="train images per class and modality (default 40); dev and test get a quarter "
         "(at least 2)",
     )
     p.add_argument(
         "--fundus-per-class",
-        type=int,
+        type=positive_int,
         default=None,
         help="fundus train images per class (default: --per-class); scarce fundus labels, "
         "OCT train and dev/test unchanged",
     )
     p.add_argument(
         "--fundus-visibility",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="multiplier of the findings' fundus opacity (default 1: faint, for long runs)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument(
         "--image-size", type=int, default=128, help="fundus side and OCT width (default 128)"
     )
@@ -81,11 +112,11 @@ def _add_synth(sub) -> None:
     )
     p.add_argument(
         "--imbalance",
-        type=float,
+        type=bounded(float, 1, text="a number >= 1"),
         default=1.0,
         help="most/least frequent class ratio (default 1: balanced)",
     )
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=positive_int, default=1, help="processes (default 1)")
     p.set_defaults(func=cmd_synth)
 
 
@@ -97,10 +128,10 @@ def add_convert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory for the shards")
     p.add_argument("--modality", choices=("fundus", "oct", "both"), default="both")
     p.add_argument("--splits", type=_csv(SPLITS), default=SPLITS, help="e.g. train,dev")
-    p.add_argument("--shard-samples", type=int, default=1000, help="samples per shard")
+    p.add_argument("--shard-samples", type=positive_int, default=1000, help="samples per shard")
     p.add_argument(
         "--shard-bytes",
-        type=parse_size,
+        type=positive_size,
         default=0,
         help="target shard size (e.g. 256MB); overrides --shard-samples",
     )
@@ -129,7 +160,7 @@ def add_convert_options(p: argparse.ArgumentParser) -> None:
         default=0,
         help="OCT median filter kernel size (release: applied; default 0 = off)",
     )
-    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.add_argument("--workers", type=nonneg_int, default=0, help="processes (default 0: all cores)")
     p.add_argument(
         "--skip-bad",
         action="store_true",
@@ -172,7 +203,9 @@ def _add_shards(sub) -> None:
     conv.set_defaults(func=cmd_convert)
     ver = ssub.add_parser("verify", help="re-read every shard and check it against its manifest")
     ver.add_argument("--shards", type=Path, required=True)
-    ver.add_argument("--workers", type=int, default=0)
+    ver.add_argument(
+        "--workers", type=nonneg_int, default=0, help="processes (default 0: all cores)"
+    )
     ver.set_defaults(func=cmd_verify)
 
 
@@ -180,24 +213,29 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default (synthetic, CPU)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument(
-        "--per-class", type=int, default=100, help="train images per class (OCT; fundus too)"
+        "--per-class",
+        type=positive_int,
+        default=100,
+        help="train images per class (OCT; fundus too)",
     )
     p.add_argument(
         "--fundus-per-class",
-        type=int,
+        type=positive_int,
         default=30,
         help="fundus train images per class (default 30: scarce labels)",
     )
     p.add_argument(
         "--fundus-visibility",
-        type=float,
+        type=positive_float,
         default=None,
         help="multiplier of the synthetic findings' fundus opacity (default: the demo's, "
         "learnable in a short CPU run)",
     )
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data-tool processes (0 = all cores)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument(
+        "--workers", type=nonneg_int, default=0, help="data-tool processes (0 = all cores)"
+    )
     p.add_argument(
         "overrides", nargs="*", help="dotted overrides for every training stage (train.epochs=2)"
     )
@@ -238,9 +276,9 @@ def _add_import(sub) -> None:
     r.add_argument("--out", type=Path, required=True, help="inference .safetensors")
     r.add_argument("--role", choices=("student", "teacher"), required=True)
     r.add_argument("--bank", type=Path, help="concept bank file (the release saves none)")
-    r.add_argument("--image-size", type=int, default=512, help="default: %(default)s")
+    r.add_argument("--image-size", type=positive_int, default=512, help="default: %(default)s")
     r.add_argument("--backbone", default="resnet50", help="timm name (default: %(default)s)")
-    r.add_argument("--seed", type=int, default=0, help="a teacher's random level-2 init")
+    r.add_argument("--seed", type=nonneg_int, default=0, help="a teacher's random level-2 init")
     r.set_defaults(func=cmd_import)
 
 
@@ -248,7 +286,7 @@ def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="predict and explain fundus images by concept")
     p.add_argument("--checkpoint", type=Path, required=True, help="inference .safetensors")
     p.add_argument("images", type=Path, nargs="+")
-    p.add_argument("--topk", type=int, default=5, help="concepts listed per image")
+    p.add_argument("--topk", type=positive_int, default=5, help="concepts listed per image")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.set_defaults(func=cmd_explain)
 
@@ -284,8 +322,13 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--modality", choices=("fundus", "oct"), help="default: the one the model was trained on"
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="loader worker processes")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument(
+        "--workers",
+        type=nonneg_int,
+        default=0,
+        help="loader worker processes (default 0: load in this process)",
+    )
     p.add_argument("--json", type=Path, help="also write the full result here")
     p.set_defaults(func=cmd_eval)
 
@@ -442,7 +485,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multieye-dist", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="multieye-dist", description=__doc__, epilog=EXIT_STATUS_HELP
+    )
     parser.add_argument("--version", action="version", version=f"multieye-dist {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -455,6 +500,72 @@ def build_parser() -> argparse.ArgumentParser:
     _add_concepts(sub)
     _add_import(sub)
     return parser
+
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_IOERR = 1, 2, 74  # 74: sysexits.h EX_IOERR
+EXIT_STATUS_HELP = (
+    "exit status: 0 done; 1 failed (verify found problems, training stopped, bad data, a "
+    "checkpoint that cannot be saved or resumed from); 2 usage, configuration or input error, "
+    "or a named file that does not exist; 74 an operating-system error reading or writing a "
+    "file (disk full, read-only file system, permission denied, a path that is a file): one "
+    "line on stderr names the path and the operation."
+)
+# What failed, by the innermost function of the traceback (the error itself does not say).
+_OPERATIONS = {
+    "mkdir": "create the directory",
+    "makedirs": "create the directory",
+    "open": "open",
+    "read_text": "read",
+    "read_bytes": "read",
+    "write_text": "write",
+    "write_bytes": "write",
+    "touch": "create",
+    "unlink": "remove",
+    "remove": "remove",
+    "rmdir": "remove",
+    "rmtree": "remove",
+    "rename": "rename",
+    "replace": "rename",
+    "copyfile": "copy",
+    "copy2": "copy",
+    "copytree": "copy",
+    "chmod": "change the mode of",
+    "stat": "read",
+    "iterdir": "list",
+    "scandir": "list",
+    "listdir": "list",
+}
+_OS_HINTS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOTDIR: "a parent of that path is a file",
+    errno.EEXIST: "a file is in the way",
+    errno.EACCES: "check the owner and mode, or choose another place",
+    errno.EPERM: "check the owner and mode, or choose another place",
+}
+
+
+def _os_error_text(exc: OSError) -> str:
+    """One line for the user: ``cannot OPERATION PATH: REASON (HINT)``. Our writers' errors
+    carry their own text (``cannot write PATH: ...``, see multieye_dist.atomic); an error a
+    worker process re-raised has the original on its last line."""
+    if exc.filename is None:
+        text = exc.strerror if exc.errno is not None and exc.strerror else str(exc)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else type(exc).__name__
+    else:
+        # The outermost file operation on the way to the error: mkdir(exist_ok=True) fails in
+        # the stat it makes after the refused mkdir, and that is still "create the directory".
+        op, tb = "access", exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name in _OPERATIONS:
+                op = _OPERATIONS[tb.tb_frame.f_code.co_name]
+                break
+            tb = tb.tb_next
+        target = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else f"{exc.filename}"
+        text = f"cannot {op} {target}: {exc.strerror}"
+    hint = _OS_HINTS.get(exc.errno)
+    return f"{text} ({hint})" if hint else text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,17 +586,29 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (LayoutError, ConversionError, ValueError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:  # a path given that is not there: usage, as before
+        text = str(exc) if exc.errno is None else _os_error_text(exc)
+        print(f"multieye-dist: error: {text}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # disk full, read-only, permission, a path that is a file...
+        print(f"multieye-dist: error: {_os_error_text(exc)}", file=sys.stderr)
+        return EXIT_IOERR
+    except (LayoutError, ConversionError, ValueError) as exc:
         print(f"multieye-dist: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except DataError as exc:
         print(f"multieye-dist: data error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except RuntimeError as exc:
+        from multieye_dist.engine import CheckpointError
+
+        if isinstance(exc, CheckpointError):
+            print(f"multieye-dist: error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         if type(exc).__name__ != "TrainingError":
             raise
         print(f"multieye-dist: training stopped: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

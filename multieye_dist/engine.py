@@ -11,25 +11,40 @@ Precision (``train.precision``):
 
 Checkpoints: ``<out_dir>/checkpoints/<tag>/`` holds DeepSpeed's files and our
 ``trainer_state.json``; ``<out_dir>/checkpoints/latest`` names the newest *complete* one. Every
-state file is written through :mod:`multieye_dist.atomic` (DeepSpeed's plain copies of its
-``zero_to_fp32.py`` recovery scripts aside), ``latest`` is replaced only after every rank has
+state file, and DeepSpeed's ``zero_to_fp32.py`` recovery scripts, are written through
+:mod:`multieye_dist.atomic`, ``latest`` is replaced only after every rank has
 finished writing, and loading uses ``torch.load(weights_only=True)`` with exactly the DeepSpeed
 classes its optimizer state holds allow-listed (no arbitrary unpickling).
+
+Faults: a save that fails on any rank (disk full...) raises on every rank, the failing rank's
+error naming the file, with `latest` and the earlier checkpoints untouched and the incomplete
+tag directory removed. ``trainer_state.json`` records each DeepSpeed file's size; resuming
+("auto") checks them, and the zip files' CRCs, before loading, and falls back, with a warning
+naming the damaged checkpoint, to the newest whole one before it (also when loading fails).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
+import zipfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from multieye_dist.atomic import open_atomic, write_text
+from multieye_dist.atomic import (
+    is_temp_name,
+    open_atomic,
+    remove_temp_files,
+    write_bytes,
+    write_text,
+)
 from multieye_dist.config import DeepSpeedConfig, OptimConfig, merge_dicts
-from multieye_dist.distributed import DistEnv, backend_for, barrier, export
+from multieye_dist.distributed import DistEnv, backend_for, export, initialized, world_size
 from multieye_dist.model import param_groups
 from multieye_dist.schedule import lr_at
 
@@ -111,6 +126,8 @@ def build_engine(
         config=ds_config(optim, ds, precision, micro_batch, world),
     )
     engine.checkpoint_engine = _safe_checkpoint_engine(engine.checkpoint_engine)
+    if hasattr(engine.checkpoint_engine, "deferred"):  # ours, not a user-chosen engine
+        _install_atomic_recovery_scripts(engine)
     if precision == "bf16":
         # DeepSpeed casts parameters, not buffers: BatchNorm's fp32 running statistics beside
         # bf16 weights make batch_norm fail on CPU ("expected scalar type BFloat16").
@@ -126,6 +143,18 @@ def current_lr(engine) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+# In trainer_state.json: the size of every file DeepSpeed wrote into the tag directory, so that
+# a truncated or missing file is found before anything is loaded (see checkpoint_problem).
+FILES_KEY = "files"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip format; the legacy pickle format is not checked
+_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # DeepSpeed 0.19's, in utils/
+# find_checkpoint("auto") -> the checkpoints load_checkpoint tries, in order, if its choice fails.
+_FALLBACKS: dict[Path, list[Path]] = {}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or resumed from; the message names it and why."""
+
 
 def _safe_checkpoint_engine(current):
     """DeepSpeed's torch checkpoint engine with atomic saves and weights-only loads."""
@@ -138,13 +167,26 @@ def _safe_checkpoint_engine(current):
         return current
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        # A list while save_checkpoint runs DeepSpeed's save: this rank's write errors are kept
+        # there, not raised, so that it still reaches DeepSpeed's closing barrier with the others.
+        deferred: list[Exception] | None = None
+
+        def makedirs(self, path, exist_ok=False) -> None:
+            try:
+                super().makedirs(path, exist_ok=exist_ok)
+            except OSError as exc:
+                _defer(self, exc)
+
         def save(self, state_dict, path: str) -> None:
             # DeepSpeed writes every model, optimizer and ZeRO state file through this method:
             # torch.save streams into the atomic writer's file, so no rank leaves half a file.
-            with open_atomic(path, "wb") as fh:
-                torch.save(
-                    state_dict, fh, _use_new_zipfile_serialization=self.zipfile_serialization
-                )
+            try:
+                with open_atomic(path, "wb") as fh:
+                    torch.save(
+                        state_dict, fh, _use_new_zipfile_serialization=self.zipfile_serialization
+                    )
+            except Exception as exc:
+                _defer(self, exc)
 
         def load(self, path: str, map_location=None):
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):
@@ -153,6 +195,42 @@ def _safe_checkpoint_engine(current):
     safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
     safe.__dict__.update(current.__dict__)
     return safe
+
+
+def _defer(checkpoint_engine, exc: Exception) -> None:
+    """Keep `exc` for save_checkpoint while DeepSpeed saves; raise it at any other time."""
+    errors = getattr(checkpoint_engine, "deferred", None)
+    if errors is None:
+        raise exc
+    errors.append(exc)
+
+
+def _install_atomic_recovery_scripts(engine) -> None:
+    """DeepSpeed copies its zero_to_fp32.py recovery scripts into the checkpoint directory with
+    a plain copyfile at every save, over the previous copies: a full disk would leave half a
+    script. Write them atomically instead, only when missing or different, errors deferred
+    like those of the state files."""
+    import deepspeed
+
+    source = Path(deepspeed.__file__).parent / "utils"
+
+    def copy(save_path: str) -> None:
+        for name in _RECOVERY_SCRIPTS:
+            src, dst = source / name, Path(save_path) / name
+            try:
+                data = src.read_bytes()
+                if dst.is_file() and dst.read_bytes() == data:
+                    continue
+                write_bytes(dst, data)
+                os.chmod(dst, dst.stat().st_mode | stat.S_IXUSR)  # as DeepSpeed does
+            except FileNotFoundError as exc:
+                if exc.filename == str(src):
+                    continue  # a DeepSpeed without this script
+                _defer(engine.checkpoint_engine, exc)
+            except OSError as exc:
+                _defer(engine.checkpoint_engine, exc)
+
+    engine._copy_recovery_script = copy
 
 
 def _deepspeed_safe_globals() -> list:
@@ -164,70 +242,305 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
+def _any_rank(failed: bool, device: torch.device) -> bool:
+    """Collective: whether `failed` is true on some rank (every rank gets the same answer)."""
+    if not (initialized() and world_size() > 1):
+        return failed
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if failed else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _raise_first(errors: list[Exception], what: str) -> None:
+    """This rank's first error (an OS error names the file), or, if another rank failed, an
+    error saying so: every rank stops together."""
+    if errors:
+        raise errors[0]
+    raise CheckpointError(f"{what}: failed on another rank (its error says why)")
+
+
 def save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict[str, Any], keep: int = 0) -> Path:
     """Collective: every rank writes its part; `latest` moves to `tag` once all are done. With
     ``keep`` > 0, rank 0 then deletes all but the newest ``keep`` complete checkpoints (by
-    step; `latest` is always among them): a run's disk use stays bounded."""
+    step; `latest` is always among them): a run's disk use stays bounded.
+
+    A failure on any rank (disk full, read-only file system...) raises on every rank: the
+    failing rank's own error, naming the file; `latest` and the previous checkpoints are left
+    as they were, and the incomplete tag directory is removed (it has no trainer state)."""
     ckpt_dir = Path(ckpt_dir)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={}, save_latest=False)
-    barrier()
+    path = ckpt_dir / tag
+    ce = engine.checkpoint_engine
+    errors: list[Exception] = []
+    if hasattr(ce, "deferred"):
+        ce.deferred = errors
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={}, save_latest=False)
+    except Exception as exc:  # not one of ours: DeepSpeed's own (the others may be waiting)
+        errors.append(exc)
+    finally:
+        if hasattr(ce, "deferred"):
+            ce.deferred = None
+    if _any_rank(bool(errors), engine.device):
+        if engine.global_rank == 0:
+            _remove_incomplete(path)
+        _raise_first(errors, f"saving checkpoint {path}")
     if engine.global_rank == 0:
-        write_text(ckpt_dir / tag / STATE_FILE, json.dumps(state, indent=1))
-        write_text(ckpt_dir / LATEST, tag)
-        logger.info("checkpoint %s saved (step %s)", ckpt_dir / tag, state.get("step"))
-        if keep > 0:
-            prune_checkpoints(ckpt_dir, keep)
-    barrier()
-    return ckpt_dir / tag
+        try:
+            _commit(ckpt_dir, tag, state, keep)
+        except Exception as exc:
+            errors.append(exc)
+            _remove_incomplete(path)
+    if _any_rank(bool(errors), engine.device):
+        _raise_first(errors, f"saving checkpoint {path}")
+    return path
+
+
+def _commit(ckpt_dir: Path, tag: str, state: dict[str, Any], keep: int) -> None:
+    """Rank 0, once every rank's files are written: the trainer state (with the files' sizes;
+    its presence marks the checkpoint complete), then `latest`, then pruning."""
+    path = ckpt_dir / tag
+    files = {
+        p.name: p.stat().st_size
+        for p in sorted(path.iterdir())
+        if p.is_file() and p.name != STATE_FILE and not is_temp_name(p.name)
+    }
+    write_text(path / STATE_FILE, json.dumps({**state, FILES_KEY: files}, indent=1))
+    write_text(ckpt_dir / LATEST, tag)
+    logger.info("checkpoint %s saved (step %s)", path, state.get("step"))
+    if keep > 0:
+        prune_checkpoints(ckpt_dir, keep)
+
+
+def _remove_incomplete(path: Path) -> None:
+    """Delete the tag directory of a failed save, unless a complete checkpoint (one with a
+    trainer state: the same tag saved earlier) is there."""
+    import shutil
+
+    if path.is_dir() and not (path / STATE_FILE).is_file():
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("removed the incomplete checkpoint %s", path)
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    """The trainer state of the checkpoint at `path`, or None if it is missing or damaged."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _step(state: dict[str, Any] | None) -> int | None:
+    step = None if state is None else state.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` complete checkpoints under ``ckpt_dir`` (ordered by
-    their trainer state's step; the one `latest` names is never deleted). Returns the deleted."""
+    their trainer state's step; the one `latest` names is never deleted, nor one whose trainer
+    state is damaged). Returns the deleted. A deletion that fails is a warning: the checkpoints
+    kept are whole, only the disk use grows."""
     import shutil
 
-    latest = (ckpt_dir / LATEST).read_text(encoding="utf-8").strip()
-    done = [d for d in ckpt_dir.iterdir() if (d / STATE_FILE).is_file()]
-    steps = {d: json.loads((d / STATE_FILE).read_text(encoding="utf-8"))["step"] for d in done}
+    latest_file = ckpt_dir / LATEST
+    latest = latest_file.read_text(encoding="utf-8").strip() if latest_file.is_file() else None
+    steps = {d: _step(_read_state(d)) for d in ckpt_dir.iterdir() if d.is_dir()}
+    done = [d for d, step in steps.items() if step is not None]
     old = sorted(done, key=steps.__getitem__, reverse=True)[keep:]
     old = [d for d in old if d.name != latest]
     for d in old:
-        shutil.rmtree(d)
+        try:
+            shutil.rmtree(d)
+        except OSError as exc:
+            logger.warning(
+                "checkpoint %s not deleted (train.keep_checkpoints=%d): %s", d, keep, exc
+            )
+            continue
         logger.info("checkpoint %s deleted (train.keep_checkpoints=%d)", d, keep)
     return old
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, found without loading it, or None
+    if it looks whole: its trainer state parses, every file it lists is there at its saved
+    size, and each torch zip file reads with every CRC-32 right (:func:`_zip_problem`).
+    Checkpoints saved before the sizes were recorded get the zip check of their ``*.pt`` files
+    only."""
+    state = _read_state(path)
+    if state is None:
+        if not (path / STATE_FILE).is_file():
+            return f"{STATE_FILE} is missing (an incomplete save)"
+        return f"{STATE_FILE} is damaged (not a JSON object)"
+    files = state.get(FILES_KEY)
+    if files is None:
+        files = {p.name: None for p in sorted(path.glob("*.pt"))}
+    if not isinstance(files, dict) or not all(isinstance(n, str) for n in files):
+        return f"{STATE_FILE}: {FILES_KEY!r} is not a mapping of file names to sizes"
+    for name, size in files.items():
+        try:
+            actual = (path / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as exc:
+            return f"{name} cannot be read ({exc.strerror})"
+        if size is not None and actual != size:
+            return f"{name} is {actual} bytes, {size} when saved (truncated or overwritten)"
+        problem = _zip_problem(path / name)
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
+def _zip_problem(path: Path) -> str | None:
+    """What is wrong with a torch zip file: no central directory (truncated), or a member
+    whose CRC-32 differs (torch.load does not check them: damaged tensor bytes would load as
+    wrong weights). One read of the file, about 1 GB/s; loading then reads it from the cache."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != _ZIP_MAGIC:
+                return None
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        return f"is not a whole torch file ({exc})"
+    return None if bad is None else f"is damaged (member {bad} fails its CRC check)"
+
+
 def find_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
     """`resume`: "auto" (the latest complete one under ckpt_dir, if any), "never", or a path to a
-    checkpoint tag directory. A named checkpoint that is not there is an error."""
+    checkpoint tag directory. A named checkpoint that is not there, or damaged, is an error.
+
+    "auto" checks the one `latest` names (:func:`checkpoint_problem`); if it is
+    damaged (or `latest` is), it warns, naming it and why, and takes the newest whole one
+    before it; if none is whole, that is an error. The older ones stay candidates should
+    loading fail (:func:`load_checkpoint`). Temporary files that a killed save left in
+    ckpt_dir are deleted here, before this run writes there (every rank does it, before the
+    process group exists: no save of this job can be running)."""
+    ckpt_dir = Path(ckpt_dir)
+    _remove_stale_temps(ckpt_dir)
     if resume == "never":
         return None
-    if resume == "auto":
-        latest = Path(ckpt_dir) / LATEST
-        if not latest.is_file():
-            return None
-        tag = latest.read_text(encoding="utf-8").strip()
-        path = Path(ckpt_dir) / tag
+    if resume != "auto":
+        path = Path(resume)
         if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{latest} names {tag!r} but {path / STATE_FILE} is missing")
+            raise FileNotFoundError(
+                f"train.resume={resume!r}: not a checkpoint directory (no {STATE_FILE}); use "
+                "'auto', 'never' or a path like <out_dir>/checkpoints/<tag>"
+            )
+        problem = checkpoint_problem(path)
+        if problem:
+            raise FileNotFoundError(
+                f"train.resume={resume!r}: the checkpoint is damaged: {problem}; name another "
+                "one, or use 'auto' or 'never'"
+            )
         return path
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
-            f"train.resume={resume!r}: not a checkpoint directory (no {STATE_FILE}); use 'auto', "
-            "'never' or a path like <out_dir>/checkpoints/<tag>"
-        )
-    return path
-
-
-def load_checkpoint(engine, path: Path) -> dict[str, Any]:
-    """Restore weights, optimizer, schedule and DeepSpeed's counters; return our trainer state."""
-    path = Path(path)
-    loaded, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    candidates, why_not = _auto_candidates(ckpt_dir)
+    skipped: list[str] = [] if why_not is None else [why_not]
+    for i, path in enumerate(candidates):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if skipped:
+                logger.warning("resuming from %s: %s", path, "; ".join(skipped))
+            _FALLBACKS[path.resolve()] = candidates[i + 1 :]
+            return path
+        skipped.append(f"{path} is damaged: {problem}")
+    if not skipped:
+        return None  # nothing saved yet
+    raise FileNotFoundError(
+        f"no whole checkpoint to resume from in {ckpt_dir}: {'; '.join(skipped)}; "
+        "remove the damaged ones, or start over with train.resume=never"
     )
-    if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+
+
+def _auto_candidates(ckpt_dir: Path) -> tuple[list[Path], str | None]:
+    """The checkpoints "auto" may resume from, best first: the one `latest` names, then the
+    complete ones older than it by step, newest first (all of them if its step is unknown);
+    and what is wrong with `latest` itself, if anything."""
+    latest = ckpt_dir / LATEST
+    tag = latest.read_text(encoding="utf-8", errors="replace").strip() if latest.is_file() else ""
+    steps = {d: _step(_read_state(d)) for d in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else ())}
+    named = ckpt_dir / tag if tag and "/" not in tag and tag not in (".", "..") else None
+    if named is not None and not named.is_dir():
+        named = None
+    why_not = None
+    if named is None and latest.is_file():
+        why_not = f"{latest} is damaged (it names {tag[:80]!r}, not a checkpoint directory)"
+    elif named is None and any(s is not None for s in steps.values()):
+        why_not = f"{latest} is missing"
+    limit = steps.get(named) if named is not None else None
+    older = sorted(
+        (d for d, s in steps.items() if s is not None and d != named),
+        key=steps.__getitem__,
+        reverse=True,
+    )
+    older = [d for d in older if limit is None or steps[d] < limit]
+    return ([named] if named is not None else []) + older, why_not
+
+
+def _remove_stale_temps(ckpt_dir: Path) -> None:
+    if not ckpt_dir.is_dir():
+        return
+    remove_temp_files(ckpt_dir)
+    for d in ckpt_dir.iterdir():
+        if d.is_dir():
+            remove_temp_files(d)
+
+
+def load_checkpoint(engine, path: Path, fallbacks: list[Path] | None = None) -> dict[str, Any]:
+    """Restore weights, optimizer, schedule and DeepSpeed's counters; return our trainer state.
+
+    If loading fails on any rank, every rank warns and moves on together to the next whole
+    checkpoint of `fallbacks` (default: those find_checkpoint("auto") left for `path`; none
+    for a checkpoint named explicitly); if none is left, :class:`CheckpointError`."""
+    path = Path(path)
+    queue = list(_FALLBACKS.pop(path.resolve(), []) if fallbacks is None else fallbacks)
+    while True:
+        error = _try_load(engine, path)
+        if not _any_rank(error is not None, engine.device):
+            break
+        reason = _first_line(error) if error is not None else "failed on another rank"
+        following = _next_whole(queue)
+        if following is None:
+            raise CheckpointError(
+                f"cannot resume from {path}: {reason}; name another checkpoint with "
+                "train.resume=<dir>, or start over with train.resume=never"
+            )
+        logger.warning(
+            "checkpoint %s does not load (%s): resuming from %s", path, reason, following
+        )
+        path = following
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    state.pop(FILES_KEY, None)
     logger.info("resumed from %s (step %s)", path, state.get("step"))
     return state
+
+
+def _try_load(engine, path: Path) -> Exception | None:
+    try:
+        loaded, _ = engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    except Exception as exc:  # torch's reader, DeepSpeed's checks, a missing key...
+        return exc
+    return None if loaded is not None else CheckpointError("DeepSpeed found no model file")
+
+
+def _next_whole(queue: list[Path]) -> Path | None:
+    """Pop checkpoints off `queue` until one passes checkpoint_problem (warning for the others)."""
+    while queue:
+        path = queue.pop(0)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s is damaged: %s", path, problem)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")

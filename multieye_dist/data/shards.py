@@ -9,6 +9,13 @@ Design (why it is safe to kill, rerun and parallelise):
   and the fingerprint of its inputs and options) is written the same way.
 - A rerun keeps a shard whose record matches the plan's fingerprint and whose bytes still hash to
   the recorded sha256, and redoes the rest. The manifest is written last, from the records.
+- A rerun over a complete conversion (a group whose manifest exists) keeps that manifest and its
+  shards usable until it succeeds: a redone shard is *staged* (written to ``.progress/NAME.tar``,
+  recorded like any other), and only once every shard of the plan is done are the staged ones
+  renamed into place, the shards left over from the old plan removed and the manifest rewritten.
+  A rerun that fails on newly bad input leaves the old manifests and shards as they were (the
+  staged shards wait for the next run); the price is disk room for the redone shards twice.
+  Temporary files of killed runs are removed when the next run starts (``prepare_out``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multieye_dist import __version__
-from multieye_dist.atomic import open_atomic, temp_files, write_text
+from multieye_dist.atomic import move_into_place, open_atomic, remove_temp_files, write_text
 from multieye_dist.data import schema
 from multieye_dist.data.classes import CLASS_NAMES, NUM_CLASSES
 from multieye_dist.data.layout import (
@@ -243,44 +250,60 @@ def _record_path(out: Path, name: str) -> Path:
     return out / PROGRESS_DIR / f"{name}.json"
 
 
-def load_done(out: Path, task: ShardTask) -> dict | None:
-    """The shard's record if the shard on disk is complete and matches the plan, else None."""
-    shard, rec_path = out / task.name, _record_path(out, task.name)
-    if not (shard.is_file() and rec_path.is_file()):
+def _staged_path(out: Path, name: str) -> Path:
+    """Where a redone shard of a group that has a manifest waits to be published."""
+    return out / PROGRESS_DIR / name
+
+
+def _find_done(out: Path, task: ShardTask) -> tuple[dict, Path] | None:
+    """The shard's record and file if a complete shard matching the plan is on disk (staged,
+    or in place), else None."""
+    rec_path = _record_path(out, task.name)
+    if not rec_path.is_file():
         return None
     try:
         record = json.loads(rec_path.read_text())
     except (OSError, ValueError):
         return None
-    if record.get("fingerprint") != task.fingerprint:
+    if not isinstance(record, dict) or record.get("fingerprint") != task.fingerprint:
         return None
-    if sha256_file(shard) != record.get("sha256"):
-        logger.warning("%s: checksum differs from its progress record; rewriting", shard)
-        return None
-    return record
+    present = [p for p in (_staged_path(out, task.name), out / task.name) if p.is_file()]
+    for shard in present:
+        if sha256_file(shard) == record.get("sha256"):
+            return record, shard
+    if present:
+        logger.warning("%s: checksum differs from its progress record; rewriting", present[-1])
+    return None
+
+
+def load_done(out: Path, task: ShardTask) -> dict | None:
+    """The shard's record if a complete shard matching the plan is on disk, else None."""
+    found = _find_done(out, task)
+    return None if found is None else found[0]
 
 
 def run_task(task: ShardTask, out: Path, pp: Preprocess, skip_bad: bool) -> dict:
-    """Write one shard (or keep it if already done); returns its record with a 'kept' flag."""
+    """Write one shard (or keep it if already done); returns its record with a 'kept' flag.
+    In a group with a manifest the shard is staged (see the module's docstring)."""
     out = Path(out)
     record = load_done(out, task)
     if record is not None:
         return {**record, "kept": True}
-    record = _write_shard(task, out / task.name, pp, skip_bad)
+    in_use = (out / manifest_name(task.modality, task.split)).is_file()
+    target = _staged_path(out, task.name) if in_use else out / task.name
+    record = _write_shard(task, target, pp, skip_bad)
     write_text(_record_path(out, task.name), json.dumps(record, sort_keys=True))
     return {**record, "kept": False}
 
 
-def prepare_out(out: Path, plan: Plan) -> None:
-    """Create OUT, drop temporary files of killed runs, and retire the manifests we will rewrite:
-    until the new manifest lands, nobody should trust the old one."""
+def prepare_out(out: Path, plan: Plan | None = None) -> None:
+    """Create OUT and drop the temporary files of killed runs (no writer runs yet). Manifests
+    stay: they describe the previous complete conversion until write_manifests replaces them.
+    (`plan` is no longer needed; callers such as shards/convert_slurm.py still pass it.)"""
     out = Path(out)
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     for d in (out, out / PROGRESS_DIR):
-        for tmp in temp_files(d):  # no writer runs yet: these are a killed run's
-            tmp.unlink(missing_ok=True)
-    for modality, split in plan.listed:
-        (out / manifest_name(modality, split)).unlink(missing_ok=True)
+        remove_temp_files(d)
 
 
 def run_tasks(
@@ -323,17 +346,21 @@ def write_manifests(root: Path, out: Path, plan: Plan, options: ConvertOptions) 
     """Write one manifest per (modality, split) from the progress records; last step of a run.
 
     Every planned shard must be complete (a Slurm array task may have failed): otherwise this
-    raises, naming the missing shards, and writes nothing.
+    raises, naming the missing shards, and changes nothing. Then, per group, staged shards are
+    published (the old manifest is removed first: from then on it no longer describes the
+    directory; a kill here is finished by the next run) and the new manifest written.
     """
     out = Path(out)
     groups: dict[tuple[str, str], list[dict]] = {k: [] for k in plan.listed}
+    places: dict[str, Path] = {}
     missing = []
     for task in plan.tasks:
-        record = load_done(out, task)
-        if record is None:
+        found = _find_done(out, task)
+        if found is None:
             missing.append(task.name)
         else:
-            groups[(task.modality, task.split)].append(record)
+            groups[(task.modality, task.split)].append(found[0])
+            places[task.name] = found[1]
     if missing:
         raise ConversionError(
             f"{len(missing)} shard(s) not complete in {out}: {', '.join(missing[:5])}"
@@ -341,7 +368,7 @@ def write_manifests(root: Path, out: Path, plan: Plan, options: ConvertOptions) 
         )
     manifests = []
     for (modality, split), records in groups.items():
-        _remove_orphans(out, modality, split, {r["name"] for r in records})
+        _publish(out, modality, split, {r["name"]: places[r["name"]] for r in records})
         manifest = _manifest(root, modality, split, records, plan, options)
         write_text(
             out / manifest_name(modality, split),
@@ -351,13 +378,28 @@ def write_manifests(root: Path, out: Path, plan: Plan, options: ConvertOptions) 
     return manifests
 
 
-def _remove_orphans(out: Path, modality: str, split: str, keep: set[str]) -> None:
-    """Shards of this group left by an earlier run with a different plan (more shards)."""
-    for path in out.glob(f"{modality}-{split}-*.tar"):
-        if SHARD_RE.match(path.name) and path.name not in keep:
-            logger.info("removing %s: not part of the current plan", path)
-            path.unlink()
-            _record_path(out, path.name).unlink(missing_ok=True)
+def _publish(out: Path, modality: str, split: str, places: dict[str, Path]) -> None:
+    """Make the group's directory hold exactly the shards of `places` (name -> where the
+    complete shard is): staged ones renamed into place, stale staged copies and shards of an
+    earlier plan removed. The old manifest goes first if anything changes."""
+    staged = {name: p for name, p in places.items() if p != out / name}
+    stale = [p for p in (out / PROGRESS_DIR).glob(f"{modality}-{split}-*.tar") if p.is_file()]
+    stale = [p for p in stale if staged.get(p.name) != p]
+    orphans = [
+        p
+        for p in out.glob(f"{modality}-{split}-*.tar")
+        if SHARD_RE.match(p.name) and p.name not in places
+    ]
+    if staged or orphans:
+        (out / manifest_name(modality, split)).unlink(missing_ok=True)
+    for name, path in sorted(staged.items()):
+        move_into_place(path, out / name)
+    for path in stale:
+        path.unlink(missing_ok=True)  # staged by a run whose plan this one replaced
+    for path in orphans:
+        logger.info("removing %s: not part of the current plan", path)
+        path.unlink()
+        _record_path(out, path.name).unlink(missing_ok=True)
 
 
 def _manifest(root, modality, split, records, plan, options) -> dict:
@@ -449,5 +491,7 @@ def convert_range(root: Path, out: Path, options: ConvertOptions, lo: int, hi: i
 def finalize(root: Path, out: Path, options: ConvertOptions) -> ConvertSummary:
     """Final step of an array conversion: check every shard, then write the manifests."""
     plan = make_plan(root, options)
+    for d in (Path(out), Path(out) / PROGRESS_DIR):  # every array task has ended
+        remove_temp_files(d)
     manifests = write_manifests(root, out, plan, options)
     return ConvertSummary(manifests)
