@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
-from multieye_dist.cluster import SlurmOptions
+from multieye_dist.cluster import SlurmOptions, SubmissionError
+from multieye_dist.config import Config
 
 
 def add_slurm_options(p: argparse.ArgumentParser) -> None:
@@ -67,3 +72,37 @@ def slurm_options(args: argparse.Namespace, job_name: str) -> SlurmOptions:
         job_name=job_name,
         signal_delay_s=args.signal_delay,
     )
+
+
+def check_run(cfg: Config, world: int, *, in_run_dir: bool = True) -> None:
+    """What the trainer checks before it writes anything (:func:`multieye_dist.train.preflight`:
+    backbone, teacher export, concept bank, batch geometry for `world` ranks, a resume's
+    compatibility), and that no live training holds the run directory: before anything is
+    queued, so that a job is not refused only once it has waited for its allocation.
+    ``in_run_dir=False``: a config whose run directory is not known yet (an online sweep's
+    base), checked without the resume and the lock."""
+    from multieye_dist.train import preflight
+
+    preflight(cfg, world, in_run_dir=in_run_dir)
+
+
+@contextlib.contextmanager
+def undone_if_refused(root: Path) -> Iterator[None]:
+    """Around a submission into ``root``: if the scheduler refuses it, remove what the attempt
+    created there (submitit writes its batch script and pickles before it calls sbatch, and
+    makes the folders), so that a refused command leaves ``root`` as it was."""
+    existed = root.exists()
+    before = set(root.rglob("*")) if existed else set()
+    try:
+        yield
+    except SubmissionError:
+        if not existed:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            new = sorted(set(root.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True)
+            for path in new:  # deepest first: files, then the folders that held them
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise

@@ -4,8 +4,11 @@
     python launch/submit.py --config configs/distill.yaml --nodes 2 --gpus-per-node 8 \
         --partition gpu --time 720 teacher.checkpoint=runs/teacher/best.safetensors
 
-The config and overrides are resolved and checked here, before anything is submitted; the
-resolved config goes to <train.out_dir>/config.yaml and submitit's logs to <train.out_dir>/slurm/.
+The config and overrides are resolved and checked here, as the trainer checks them (backbone,
+teacher export, concept bank, batch geometry for the job's ranks, a resume's compatibility, no
+live training in the run directory), before anything is submitted; once sbatch has accepted the
+job, the resolved config goes to <train.out_dir>/config.yaml and submitit's logs to
+<train.out_dir>/slurm/. A refusal (ours or sbatch's: exit status 2) writes nothing there.
 Ranks meet through the Slurm environment (multieye_dist/cluster.py). On Slurm's warning signal
 before a time limit or preemption, every rank saves a checkpoint at the same step and the job is
 requeued (at most --max-requeues times); it resumes from that checkpoint in the same W&B run.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_slurm_options, slurm_options  # noqa: E402
+from common import add_slurm_options, check_run, slurm_options, undone_if_refused  # noqa: E402
 
 from multieye_dist.cluster import SubmissionError, TrainTask, make_executor, submit  # noqa: E402
 from multieye_dist.config import ConfigError, load_config, save_resolved  # noqa: E402
@@ -41,18 +44,20 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--config {args.config}: no such file")
         cfg = load_config(args.config, args.overrides)
         opts = slurm_options(args, job_name=f"multieye-{cfg.train.stage}")
-    except ValueError as exc:  # ConfigError is a ValueError
+        check_run(cfg, opts.nodes * opts.tasks_per_node)
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError, RunLocked are ValueErrors
         print(f"submit: error: {exc}", file=sys.stderr)
         return 2
     run_dir = Path(cfg.train.out_dir).resolve()
-    save_resolved(cfg, run_dir)
-    executor = make_executor(run_dir / "slurm", "local" if args.local else "slurm", opts)
     task = TrainTask(str(args.config.resolve()), args.overrides, args.max_requeues)
     try:
-        job = submit(executor, task)
+        with undone_if_refused(run_dir):
+            executor = make_executor(run_dir / "slurm", "local" if args.local else "slurm", opts)
+            job = submit(executor, task)
     except SubmissionError as exc:
         print(f"submit: the scheduler refused the job: {exc}", file=sys.stderr)
         return 2
+    save_resolved(cfg, run_dir)  # the trainer's rank 0 writes the same file when it starts
     print(
         f"submitted job {job.job_id}: {opts.nodes} node(s) x {opts.tasks_per_node} task(s), "
         f"stage {cfg.train.stage}"

@@ -6,8 +6,10 @@
     python launch/sweep.py --summary runs/sweeps/distill        # the runs, best first
 
 --mode offline (default; no account, or no network on the compute nodes): grid and random
-sweeps are expanded here, deterministically (--seed), every run's config is checked, and the
-array is submitted with each task's overrides; runs log offline (`wandb sync` later).
+sweeps are expanded here, deterministically (--seed), every run is checked as the trainer checks
+it (config, backbone, teacher export, concept bank, batch geometry, a resume's compatibility, no
+live training in its directory), and the array is submitted with each task's overrides; runs log
+offline (`wandb sync` later). A refused array (ours or sbatch's) writes nothing.
 --mode online: the sweep is created on the W&B server and each array task runs one agent step
 (any method, bayes included); a task's ranks share the run the agent hands to rank 0.
 Nothing is submitted unless every run resolves; the array is one sbatch (all or nothing).
@@ -32,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_slurm_options, slurm_options  # noqa: E402
+from common import add_slurm_options, check_run, slurm_options, undone_if_refused  # noqa: E402
 
 from multieye_dist import sweeps  # noqa: E402
 from multieye_dist.atomic import write_text  # noqa: E402
@@ -179,12 +181,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def plan(args: argparse.Namespace) -> tuple[dict, Path, list[dict]]:
+def plan(args: argparse.Namespace, world: int) -> tuple[dict, Path, list[dict]]:
     """The sweep spec, its directory and (offline) the checked runs; raises on bad input."""
     spec = sweeps.load_sweep(args.sweep)
     if not args.config.is_file():
         raise sweeps.SweepError(f"--config {args.config}: no such file")
-    load_config(args.config, args.overrides)  # the base itself must resolve
+    base = load_config(args.config, args.overrides)  # the base itself must resolve
     out = (args.out or Path("runs/sweeps") / args.sweep.stem).resolve()
     runs: list[dict] = []
     if args.mode == "offline":
@@ -192,15 +194,33 @@ def plan(args: argparse.Namespace) -> tuple[dict, Path, list[dict]]:
             name = f"run-{i:03d}"
             runs.append({"name": name, "params": params, "out_dir": str(out / "runs" / name)})
         sweeps.check_runs(args.config, args.overrides, [r["params"] for r in runs])
+        for r in runs:  # as its array task's trainer will check it, in its own directory
+            try:
+                check_run(load_config(args.config, run_overrides(args, r)), world)
+            except (ValueError, FileNotFoundError) as exc:
+                raise sweeps.SweepError(f"{r['name']} ({r['params']}): {exc}") from None
     elif not args.count:
         raise sweeps.SweepError("--count: how many agent runs (array tasks) to submit")
+    else:  # the controller picks each run's parameters later: the base, in no run directory
+        check_run(base, world, in_run_dir=False)
     return spec, out, runs
+
+
+def run_overrides(args: argparse.Namespace, run: Mapping[str, Any]) -> list[str]:
+    """An offline run's overrides: the base's, its parameters, its directory and its name."""
+    return [
+        *args.overrides,
+        *sweeps.overrides_for(run["params"]),
+        f"train.out_dir={run['out_dir']}",
+        f"tracking.run_name={run['name']}",
+        f"tracking.tags={json.dumps([args.sweep.stem])}",
+    ]
 
 
 def submit(args: argparse.Namespace) -> int:
     try:
-        spec, out, runs = plan(args)
         opts = slurm_options(args, job_name=f"sweep-{args.sweep.stem}")
+        spec, out, runs = plan(args, opts.nodes * opts.tasks_per_node)
     except (ValueError, FileNotFoundError) as exc:  # SweepError, ConfigError are ValueErrors
         print(f"sweep: error: {exc}", file=sys.stderr)
         return 2
@@ -215,20 +235,7 @@ def submit(args: argparse.Namespace) -> int:
     }
     cfg = str(args.config.resolve())
     if args.mode == "offline":
-        tasks = [
-            TrainTask(
-                cfg,
-                [
-                    *args.overrides,
-                    *sweeps.overrides_for(r["params"]),
-                    f"train.out_dir={r['out_dir']}",
-                    f"tracking.run_name={r['name']}",
-                    f"tracking.tags={json.dumps([args.sweep.stem])}",
-                ],
-                args.max_requeues,
-            )
-            for r in runs
-        ]
+        tasks = [TrainTask(cfg, run_overrides(args, r), args.max_requeues) for r in runs]
     else:
         base = load_config(args.config, args.overrides)
         manifest["sweep_id"] = create_sweep(spec, base.tracking)
@@ -236,9 +243,10 @@ def submit(args: argparse.Namespace) -> int:
             AgentTask(manifest["sweep_id"], cfg, args.overrides, str(out), args.max_requeues)
             for _ in range(args.count)
         ]
-    executor = make_executor(out / "slurm", "local" if args.local else "slurm", opts)
     try:
-        jobs = submit_array(executor, tasks)
+        with undone_if_refused(out):
+            executor = make_executor(out / "slurm", "local" if args.local else "slurm", opts)
+            jobs = submit_array(executor, tasks)
     except SubmissionError as exc:
         print(f"sweep: the scheduler refused the array: {exc}", file=sys.stderr)
         return 2

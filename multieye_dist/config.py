@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "TrackingConfig",
+    "check_world",
     "load_config",
     "parse_override",
     "save_resolved",
@@ -74,6 +76,12 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------- sections
+
+
+def _check_finite(section: _Section, names: tuple[str, ...]) -> None:
+    for name in names:
+        section._check(math.isfinite(getattr(section, name)), name, "a finite number")
+
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,7 @@ class LossConfig(_Section):
     control: Literal["none", "gate-never", "permuted-teacher"] = "none"
 
     def _validate(self) -> None:
+        _check_finite(self, ("alpha", "beta", "temperature"))
         self._check(self.distill_warmup_steps >= 0, "distill_warmup_steps", ">= 0")
         self._check(self.alpha >= 0.0, "alpha", ">= 0")
         self._check(self.beta >= 0.0, "beta", ">= 0")
@@ -177,6 +186,7 @@ class AlignConfig(_Section):
     probe: bool = True
 
     def _validate(self) -> None:
+        _check_finite(self, ("temperature",))
         self._check(self.temperature > 0.0, "temperature", "> 0")
 
 
@@ -199,6 +209,9 @@ class OptimConfig(_Section):
     max_nonfinite_in_row: int = 20  # stop after this many non-finite losses in a row
 
     def _validate(self) -> None:
+        # inf passes every comparison below and NaN fails them with a misleading rule: finite
+        # first (optim.lr=inf would only show up as non-finite losses, far into the run).
+        _check_finite(self, ("lr", "weight_decay", "min_lr"))
         self._check(self.lr > 0.0, "lr", "> 0")
         self._check(self.weight_decay >= 0.0, "weight_decay", ">= 0")
         self._check(all(0.0 <= b < 1.0 for b in self.betas), "betas", "in [0, 1)")
@@ -206,9 +219,12 @@ class OptimConfig(_Section):
         self._check(0.0 <= self.min_lr <= self.lr, "min_lr", f"in [0, optim.lr={self.lr}]")
         self._check(self.grad_accum >= 1, "grad_accum", ">= 1")
         self._check(
-            all(isinstance(v, int | float) and v >= 0 for v in self.lr_scale.values()),
+            all(
+                isinstance(v, int | float) and math.isfinite(v) and v >= 0
+                for v in self.lr_scale.values()
+            ),
             "lr_scale",
-            "a mapping of module name to a number >= 0",
+            "a mapping of module name to a finite number >= 0",
         )
         self._check(self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", ">= 1")
 
@@ -301,6 +317,72 @@ class Config:
                 f"loss.control={self.loss.control} controls the octcoda student; this run's "
                 f"objective is {cls.stage}/{cls.name}"
             )
+        _check_backbone(self.model.backbone)
+        _check_deepspeed_extra(self)
+
+
+def _check_backbone(name: str) -> None:
+    """The same test the model applies when it is built (timm's registry), made here so that
+    a misspelt backbone is refused before a run directory or a Slurm job exists."""
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=1)
+    hint = f"; did you mean {close[0]}?" if close else " (timm.list_models() lists them)"
+    raise ConfigError(f"model.backbone={name!r}: not a timm model{hint}")
+
+
+# DeepSpeed JSON keys the trainer derives (engine.ds_config): deepspeed.extra, merged over them,
+# may repeat them only with the same values. A different micro-batch or accumulation would make
+# DeepSpeed's batch arithmetic disagree with the stream's; a ZeRO stage there would silently win
+# over deepspeed.zero_stage.
+_DERIVED = {
+    "train_micro_batch_size_per_gpu": ("data", "batch_size"),
+    "gradient_accumulation_steps": ("optim", "grad_accum"),
+}
+
+
+def _check_deepspeed_extra(cfg: Config) -> None:
+    extra = cfg.deepspeed.extra
+    for key, (sec, name) in _DERIVED.items():
+        value = getattr(getattr(cfg, sec), name)
+        if key in extra and extra[key] != value:
+            raise ConfigError(
+                f"deepspeed.extra.{key}={extra[key]!r} contradicts {sec}.{name}={value}: "
+                f"drop it from deepspeed.extra (the trainer sets it from {sec}.{name})"
+            )
+    zero = extra.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"deepspeed.extra.zero_optimization={zero!r}: expected a mapping")
+    if "stage" in zero and zero["stage"] != cfg.deepspeed.zero_stage:
+        raise ConfigError(
+            f"deepspeed.extra.zero_optimization.stage={zero['stage']!r} contradicts "
+            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: set deepspeed.zero_stage only"
+        )
+    total, per_rank = extra.get("train_batch_size"), cfg.data.batch_size * cfg.optim.grad_accum
+    if total is not None and (
+        isinstance(total, bool) or not isinstance(total, int) or total < 1 or total % per_rank
+    ):
+        raise ConfigError(
+            f"deepspeed.extra.train_batch_size={total!r}: must be data.batch_size="
+            f"{cfg.data.batch_size} x optim.grad_accum={cfg.optim.grad_accum} x the number of "
+            "ranks; drop it from deepspeed.extra (the trainer derives it)"
+        )
+
+
+def check_world(cfg: Config, world: int) -> None:
+    """What the config can only be checked against once the number of ranks is known (the
+    trainer: from the launcher's environment; the Slurm launchers: nodes x tasks per node)."""
+    total = cfg.deepspeed.extra.get("train_batch_size")
+    per_rank = cfg.data.batch_size * cfg.optim.grad_accum
+    if total is not None and total != per_rank * world:
+        raise ConfigError(
+            f"deepspeed.extra.train_batch_size={total} but data.batch_size={cfg.data.batch_size}"
+            f" x optim.grad_accum={cfg.optim.grad_accum} x {world} rank(s) = {per_rank * world}: "
+            "drop it from deepspeed.extra (the trainer derives it) or launch "
+            f"{total // per_rank} rank(s)"
+        )
 
 
 _SECTIONS: dict[str, type] = {

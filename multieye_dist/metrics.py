@@ -59,10 +59,15 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-__all__ = ["evaluate", "format_table", "to_log_dict"]
+__all__ = ["NonFiniteError", "evaluate", "format_table", "to_log_dict"]
 
 SCALAR_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "auc", "map", "kappa")
 PER_CLASS_KEYS = ("precision", "recall", "specificity", "f1", "auc", "ap", "support")
+
+
+class NonFiniteError(ValueError):
+    """Predictions with NaN or inf: a diverged model (the trainer stops it with advice), not a
+    caller's bad input."""
 
 
 def _as_numpy(x, name: str) -> np.ndarray:
@@ -105,7 +110,8 @@ def _validate(labels, probs, class_names) -> tuple[np.ndarray, np.ndarray, list[
         raise ValueError(f"probs must be numeric, got dtype {probs.dtype}")
     probs = probs.astype(np.float64)
     if not np.all(np.isfinite(probs)):
-        raise ValueError("probs contains NaN or inf")
+        bad = int((~np.isfinite(probs)).any(axis=1).sum())
+        raise NonFiniteError(f"probs contains NaN or inf ({bad} of {n} samples)")
     if class_names is None:
         names = [str(i) for i in range(c)]
     else:

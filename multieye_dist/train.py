@@ -10,13 +10,19 @@ teacher is a :class:`FrozenTeacher` outside it. Rank 0 writes the run directory:
     <train.out_dir>/last.safetensors       inference export of the final model
     <train.out_dir>/eval/*.json            dev/test results (release metrics)
     <train.out_dir>/metrics.jsonl, summary.json, run_id.txt, ...  (multieye_dist.tracking)
+    <train.out_dir>/train.lock             held while a training runs (multieye_dist.runlock)
+
+Nothing is written there before the command is fully checked (:func:`preflight`): a refused
+command leaves a finished run's directory exactly as it was.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -29,9 +35,17 @@ from tqdm import tqdm
 from multieye_dist import distributed as D
 from multieye_dist import engine as E
 from multieye_dist.atomic import write_text
-from multieye_dist.checkpoint import export_inference, load_inference
+from multieye_dist.checkpoint import FORMAT, export_inference, load_inference
+from multieye_dist.cluster import Interrupted, StopFlag, handle_stop_signals
 from multieye_dist.concepts import load_bank
-from multieye_dist.config import Config, save_resolved, to_dict
+from multieye_dist.config import (
+    Config,
+    ConfigError,
+    check_world,
+    load_config,
+    save_resolved,
+    to_dict,
+)
 from multieye_dist.data.prefetch import DevicePrefetcher
 from multieye_dist.data.prepare import BatchPreparer
 from multieye_dist.data.remote import resolve_shards
@@ -44,15 +58,20 @@ from multieye_dist.data.stream import (
     make_loader,
     resolve_augment_on,
 )
-from multieye_dist.evaluation import evaluate_split
-from multieye_dist.metrics import format_table
+from multieye_dist.evaluation import RECORDS_SUFFIX, evaluate_split
+from multieye_dist.metrics import NonFiniteError, format_table
 from multieye_dist.model import FrozenTeacher, build_model, param_dtype
-from multieye_dist.objectives import Objective, Terms, build_objective
+from multieye_dist.objectives import Objective, Terms, build_objective, objective_class
+from multieye_dist.plots import plot_run_safely
+from multieye_dist.runlock import NoLock, RunLock, RunLocked, acquire, check_free
 from multieye_dist.tracking import OLD_RUN_ID_KEY, Tracker
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# What a stop signal of the `multieye-dist train` command ends with (SIGUSR2 is Slurm's: requeue).
+_EXIT_SIGNALS = ("SIGTERM", "SIGINT")
+_DIVERGED_ADVICE = "lower optim.lr, check the data, or try train.precision=fp32"
 
 
 class TrainingError(RuntimeError):
@@ -69,8 +88,9 @@ class TrainState:
     best_f1: float = -1.0
     best_epoch: int = -1
     nonfinite: int = 0  # skipped steps, whole run
-    nonfinite_in_row: int = 0
+    nonfinite_in_row: int = 0  # carried across epochs and resumes: the guard's count
     run_id: str | None = None  # the tracker's run, continued on resume
+    identity: dict[str, Any] | None = None  # run_identity(): what a resume must not change
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
@@ -119,6 +139,7 @@ class Job:
     objective: Objective  # what the stage reads, trains and evaluates, and its loss
     prepare: BatchPreparer  # uint8 loader batches -> model input, on the device
     usable_batches: int  # per epoch and rank: a multiple of grad_accum
+    lock: RunLock = field(default_factory=NoLock)  # the run directory's (rank 0 holds it)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -134,13 +155,36 @@ def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dic
     `stop_requested` (e.g. set by a preemption signal) is polled at every step; once it is true
     on any rank, every rank saves a checkpoint at the next optimizer step and the run returns
     ``{"stopped": True, "preempted": True, ...}``: resuming repeats and loses no step.
+
+    Without it (``multieye-dist train``), SIGTERM and SIGINT are the stop signals: every rank
+    saves at the next step as above, then :class:`~multieye_dist.cluster.Interrupted` exits the
+    process with 128 + the signal (143 for SIGTERM, 130 for SIGINT) on the signalled ranks, so
+    that ``train teacher && train distill`` does not go on; resume with the same command. A
+    second SIGINT aborts at once, saving nothing more (130). Neither prints a traceback.
     """
+    if stop_requested is not None:
+        return _run(cfg, stop_requested)
+    flag = StopFlag()
+    with handle_stop_signals(flag):
+        try:
+            summary = _run(cfg, flag)
+        except KeyboardInterrupt:
+            logger.error("aborted by a second SIGINT: nothing saved after the last checkpoint")
+            raise Interrupted(128 + signal.SIGINT) from None
+    if summary.get("signal") in _EXIT_SIGNALS:
+        raise Interrupted(128 + signal.Signals[summary["signal"]])
+    return summary
+
+
+def _run(cfg: Config, stop_requested: Callable[[], bool]) -> dict[str, Any]:
     job, state = setup(cfg)
     try:
         return _train(cfg, job, state, stop_requested)
     except BaseException:  # as torchtitan's main: the tracker's run ends failed, then the error
         job.tracker.finish(exit_code=1)
         raise
+    finally:
+        job.lock.release()
 
 
 def _train(
@@ -171,7 +215,10 @@ def _train(
                 meter = Meter()
             if stopping:
                 save(job, state)
-                return stop(job, state, "stop requested (preemption or time limit)", True)
+                name = getattr(stop_requested, "name", None)
+                if name in _EXIT_SIGNALS:
+                    return stop(job, state, f"stopped by {name}", signame=name)
+                return stop(job, state, "stop requested (preemption, time limit or a signal)", True)
             if stop_at is not None and state.step >= stop_at:
                 save(job, state)
                 return stop(job, state, f"stopped after {cfg.train.stop_after_steps} steps")
@@ -247,37 +294,51 @@ def _progress(job: Job, epoch: int, skip: int):
 
 
 def setup(cfg: Config) -> tuple[Job, TrainState]:
-    """Checks, process group, data, models, engine, resume, tracker, in that order."""
-    run_dir = Path(cfg.train.out_dir)
-    # What can be checked without the other ranks fails here, before any collective.
-    checkpoint = E.find_checkpoint(cfg.train.resume, run_dir / "checkpoints")
+    """Checks, data, process group, the run directory's lock, then (the first write into the
+    run directory) its config.yaml, models, engine, resume, tracker, in that order."""
     env = D.from_env()
+    # Whatever can refuse the command fails here, on every rank alike, before any collective
+    # and before anything is written.
+    checked = preflight(cfg, env.world)
     device = D.device_for(env)
     objective = build_objective(cfg, device)
-    if objective.needs_teacher and cfg.teacher.checkpoint is None:
-        raise ValueError(
-            "teacher.checkpoint is not set: distillation needs the teacher run's inference "
-            "export (e.g. teacher.checkpoint=runs/teacher/best.safetensors), or use "
-            "loss.name=fundus-only"
-        )
-    E.init_distributed(env, device)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    if env.is_main:
-        save_resolved(cfg, run_dir)
-    bank, sentences, _ = load_bank(resolve_path(cfg.concepts.bank))
-    stream = build_stream(cfg, env, objective)
-    # Student weights stay in the default layout: DeepSpeed broadcasts them as byte views and
-    # ZeRO keeps them as views of one flat buffer. perf.channels_last makes the inputs NHWC,
-    # which is what makes convolutions pick NHWC kernels.
-    model = build_model(cfg.model, bank).to(device)
-    objective.freeze_unreached(model)
-    teacher = build_teacher(cfg, bank, device) if objective.needs_teacher else None
+    stream = build_stream(cfg, env, objective)  # reads the manifests: a missing split fails here
     steps_per_epoch = len(stream) // cfg.optim.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(
             f"data.samples_per_epoch={cfg.data.samples_per_epoch} gives {len(stream)} batch(es) "
             f"per rank, fewer than optim.grad_accum={cfg.optim.grad_accum}: no optimizer step"
         )
+    E.init_distributed(env, device)
+    run_dir = Path(cfg.train.out_dir)
+    lock = _lock_run_dir(env, run_dir)
+    try:
+        if env.is_main:
+            save_resolved(cfg, run_dir)
+        return _build(cfg, env, device, objective, stream, checked, lock, steps_per_epoch)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build(
+    cfg: Config,
+    env: D.DistEnv,
+    device: torch.device,
+    objective: Objective,
+    stream: PairedTrainStream,
+    checked: Checked,
+    lock: RunLock,
+    steps_per_epoch: int,
+) -> tuple[Job, TrainState]:
+    """Models, engine, resume and tracker of :func:`setup`, once the run directory is ours."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    # Student weights stay in the default layout: DeepSpeed broadcasts them as byte views and
+    # ZeRO keeps them as views of one flat buffer. perf.channels_last makes the inputs NHWC,
+    # which is what makes convolutions pick NHWC kernels.
+    model = build_model(cfg.model, checked.bank).to(device)
+    objective.freeze_unreached(model)
+    teacher = build_teacher(cfg, checked.bank, device) if objective.needs_teacher else None
     engine = E.build_engine(
         model,
         optim=cfg.optim,
@@ -290,9 +351,11 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     )
     if cfg.perf.compile:
         engine.compile()  # DeepSpeed's wrapper around torch.compile of the student
-    state = resume(engine, checkpoint)
+    state = resume(engine, checked.checkpoint)
+    state.identity = checked.identity
     loader = make_loader(stream, cfg.data.num_workers)
     # The tracker last: from here on run() owns it and finishes it, failed or not.
+    run_dir = Path(cfg.train.out_dir)
     tracker = Tracker(
         cfg.tracking,
         run_dir,
@@ -312,10 +375,11 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
         stream,
         loader,
         tracker,
-        sentences,
+        checked.sentences,
         objective,
         BatchPreparer(cfg.data.image_size),
         usable_batches=steps_per_epoch * cfg.optim.grad_accum,
+        lock=lock,
     )
     logger.info(
         "%s: %d rank(s) on %s, %d steps/epoch x %d epochs, precision %s, ZeRO %d, from step %d, "
@@ -333,14 +397,173 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     return job, state
 
 
+def _lock_run_dir(env: D.DistEnv, run_dir: Path) -> RunLock:
+    """Rank 0 takes the run directory's lock (the ranks of one job must not conflict); every
+    rank learns the outcome through one broadcast, so that a refused job stops on all its ranks
+    at once instead of leaving the others waiting in a collective."""
+    lock: RunLock = NoLock()
+    error, problem = None, None
+    if env.is_main:
+        try:
+            lock = acquire(run_dir)
+        except Exception as exc:  # held, or an OS error (rank 0 raises it as it is)
+            error, problem = exc, str(exc)
+    try:
+        problem = D.broadcast_object(problem)
+    except BaseException:
+        lock.release()
+        raise
+    if error is not None:
+        raise error
+    if problem:
+        raise RunLocked(f"rank 0: {problem}")
+    return lock
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What :func:`preflight` read and the setup reuses."""
+
+    bank: torch.Tensor
+    sentences: list[str]
+    checkpoint: Path | None  # the one to resume from
+    identity: dict[str, Any]
+
+
+def preflight(cfg: Config, world: int, *, in_run_dir: bool = True) -> Checked:
+    """Every check that can refuse a training, run before anything is written (the trainer on
+    each rank, before the process group; the Slurm launchers before anything is queued): the
+    batch geometry against `world` ranks; in the run directory, that no live training holds
+    it and the checkpoint to resume from; the objective's needs, the concept bank, the init
+    weights, the teacher export; and a resume's compatibility with the checkpoint's run.
+    ``in_run_dir=False`` (a config whose run directory is not known yet: an online sweep's
+    base) leaves out the lock and the resume."""
+    check_world(cfg, world)
+    checkpoint = None
+    if in_run_dir:
+        # A probe that creates nothing, on every rank: refused here, the job stops before any
+        # collective (rank 0 takes the lock itself once the process group exists), and before
+        # find_checkpoint tidies the checkpoint directory that the holder may be saving into.
+        check_free(cfg.train.out_dir)
+        checkpoint = E.find_checkpoint(cfg.train.resume, Path(cfg.train.out_dir) / "checkpoints")
+    cls = objective_class(cfg.train.stage, cfg.loss)
+    if cls.needs_teacher and cfg.teacher.checkpoint is None:
+        raise ValueError(
+            "teacher.checkpoint is not set: distillation needs the teacher run's inference "
+            "export (e.g. teacher.checkpoint=runs/teacher/best.safetensors), or use "
+            "loss.name=fundus-only"
+        )
+    bank, sentences, _ = load_bank(resolve_path(cfg.concepts.bank))
+    if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
+        raise FileNotFoundError(f"model.weights={cfg.model.weights}: no such file")
+    if cls.needs_teacher:
+        check_teacher(cfg, bank)
+    identity = run_identity(cfg, world, bank)
+    if checkpoint is not None:
+        check_resume(checkpoint, identity)
+    return Checked(bank, sentences, checkpoint, identity)
+
+
+def check_teacher(cfg: Config, bank: torch.Tensor) -> None:
+    """teacher.checkpoint is an inference export of an OCT teacher over `bank` (its header and
+    concept tensor only: the weights are read once, by :func:`build_teacher`)."""
+    from safetensors import safe_open
+
+    path = resolve_path(cfg.teacher.checkpoint)
+    where = f"teacher.checkpoint={cfg.teacher.checkpoint}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            concepts = fh.get_tensor("concepts") if "concepts" in fh.keys() else None
+        extra = json.loads(meta.get("extra") or "{}")
+    except Exception as exc:  # safetensors' own error types for a damaged header
+        raise ValueError(f"{where}: not a readable inference export ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{where}: format {meta.get('format')!r}, not an inference export ({FORMAT!r}); "
+            "use the teacher run's best.safetensors"
+        )
+    modality = extra.get("modality") if isinstance(extra, dict) else None
+    stage = ((extra.get("config") or {}).get("train") or {}).get("stage") if modality else None
+    if modality != "oct":
+        raise ValueError(
+            f"{where}: not an OCT teacher (its export's modality is {modality!r}); use the "
+            "teacher stage's export (e.g. runs/teacher/best.safetensors)"
+        )
+    if stage == "align":
+        raise ValueError(
+            f"{where}: a concept-alignment export (an init, not a teacher): train the teacher "
+            "from it (train teacher model.weights=...) and distil from that run's export"
+        )
+    if concepts is None or concepts.shape != bank.shape or not torch.allclose(concepts, bank):
+        shape = None if concepts is None else tuple(concepts.shape)
+        raise ValueError(
+            f"{where}: its concept bank {shape} differs from concepts.bank={cfg.concepts.bank} "
+            f"{tuple(bank.shape)}; teacher and student must share one concept space"
+        )
+
+
+def run_identity(cfg: Config, world: int | None, bank: torch.Tensor | None) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the checkpoint, by the name a
+    refusal gives it: the stage, the model (its init file aside), the concept bank's content
+    and the batch geometry. Kept in every checkpoint's trainer state."""
+    identity: dict[str, Any] = {"train.stage": cfg.train.stage}
+    identity.update({f"model.{k}": v for k, v in asdict(cfg.model).items() if k != "weights"})
+    if bank is not None:
+        data = bank.detach().float().contiguous().cpu().numpy().tobytes()
+        identity["concepts.bank (content)"] = hashlib.sha256(data).hexdigest()[:16]
+    identity["data.batch_size"] = cfg.data.batch_size
+    identity["optim.grad_accum"] = cfg.optim.grad_accum
+    if world is not None:
+        identity["ranks (WORLD_SIZE)"] = world
+    return identity
+
+
+def check_resume(checkpoint: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume `checkpoint` with a different model, concept bank or batch geometry,
+    naming each difference (a checkpoint from before identities were saved is compared with
+    its run's config.yaml, on what that records)."""
+    try:
+        state = json.loads((checkpoint / E.STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{checkpoint / E.STATE_FILE}: cannot read it ({exc})") from None
+    saved = state.get("identity") if isinstance(state, dict) else None
+    if saved is None:
+        saved = _identity_from_config(checkpoint.parent.parent / "config.yaml")
+    differ = [
+        f"{k} {saved[k]!r} -> {v!r}" for k, v in identity.items() if k in saved and saved[k] != v
+    ]
+    if differ:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: {', '.join(differ)} differ from the run that "
+            "saved it; resume with its settings, or start afresh with train.resume=never or "
+            "another train.out_dir"
+        )
+
+
+def _identity_from_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        logger.warning("%s: cannot compare the resumed run with it (%s)", path, exc)
+        return {}
+    return run_identity(cfg, None, None)
+
+
 def resolve_path(path: str) -> Path:
-    """A relative path from the working directory, else from the project root (so the shipped
-    defaults such as the concept bank work from anywhere in a checkout)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    alt = Path(__file__).resolve().parents[1] / p
-    return alt if alt.exists() else p
+    """A relative path from the working directory, else the package's data of that path (so
+    the shipped defaults such as ``configs/concepts/minilm-l6.safetensors`` work from a wheel
+    installed anywhere): :func:`multieye_dist.resources.user_path`."""
+    from multieye_dist.resources import user_path
+
+    return user_path(path)
 
 
 def build_stream(cfg: Config, env: D.DistEnv, objective: Objective) -> PairedTrainStream:
@@ -363,14 +586,8 @@ def build_stream(cfg: Config, env: D.DistEnv, objective: Objective) -> PairedTra
 
 
 def build_teacher(cfg: Config, bank: torch.Tensor, device: torch.device) -> FrozenTeacher:
-    path = resolve_path(cfg.teacher.checkpoint)
+    path = resolve_path(cfg.teacher.checkpoint)  # checked by preflight (check_teacher)
     model, meta = load_inference(path)
-    if model.concepts.shape != bank.shape or not torch.allclose(model.concepts, bank.float()):
-        raise ValueError(
-            f"teacher.checkpoint={path}: its concept bank {tuple(model.concepts.shape)} differs "
-            f"from concepts.bank={cfg.concepts.bank} {tuple(bank.shape)}; teacher and student "
-            "must share one concept space"
-        )
     logger.info(
         "teacher %s (%s, %d px)", path, meta["model_config"]["backbone"], meta["image_size"]
     )
@@ -434,8 +651,24 @@ def log_train(job: Job, state: TrainState, meter: Meter, stats: StreamStats) -> 
 
 
 def evaluate_dev(job: Job, state: TrainState) -> None:
-    """Dev metrics; a new best macro-F1 is exported as best.safetensors."""
-    result = _evaluate(job, job.engine.module, "dev")
+    """Dev metrics; a new best macro-F1 is exported as best.safetensors.
+
+    Predictions that are not finite stop the run with the guard's advice, except in a streak
+    of non-finite losses (a diverged run at an epoch end): the evaluation is skipped, and the
+    guard, whose count goes on across the epoch boundary, stops the run at its limit."""
+    result, problem = _evaluate(job, job.engine.module, "dev", "dev_last")
+    if problem is not None:
+        if not state.nonfinite_in_row:
+            raise TrainingError(f"epoch {state.epoch}: {problem}; {_DIVERGED_ADVICE}")
+        logger.warning(
+            "epoch %d: dev evaluation skipped: %s, after %d non-finite losses in a row "
+            "(optim.max_nonfinite_in_row=%d stops the run)",
+            state.epoch,
+            problem,
+            state.nonfinite_in_row,
+            job.cfg.optim.max_nonfinite_in_row,
+        )
+        return
     f1 = D.broadcast_object(result["f1"] if result else None)
     if f1 > state.best_f1:
         state.best_f1, state.best_epoch = f1, state.epoch
@@ -453,9 +686,26 @@ def evaluate_dev(job: Job, state: TrainState) -> None:
         )
 
 
-def _evaluate(job: Job, model: torch.nn.Module, split: str) -> dict | None:
+def _evaluate(
+    job: Job, model: torch.nn.Module, split: str, records: str | None = None
+) -> tuple[dict | None, str | None]:
+    """(the result on rank 0, else None; what stops it being scored, on every rank: a
+    diverged model's predictions are not finite, which rank 0 finds in the metrics).
+    `records`: also keep the per-sample records as ``eval/<records>.records.json``."""
     D.average_batchnorm_stats(job.engine.module)
+    problem = None
+    try:
+        result = _evaluate_split(job, model, split, records)
+    except NonFiniteError as exc:
+        result, problem = None, f"the model's {split} predictions are not finite ({exc})"
+    return result, D.broadcast_object(problem)
+
+
+def _evaluate_split(
+    job: Job, model: torch.nn.Module, split: str, records: str | None = None
+) -> dict | None:
     d = job.cfg.data
+    keep = None if records is None else job.run_dir / "eval" / f"{records}{RECORDS_SUFFIX}"
     return evaluate_split(
         model,
         resolve_shards(d.shards),
@@ -469,6 +719,7 @@ def _evaluate(job: Job, model: torch.nn.Module, split: str) -> dict | None:
         max_bad_fraction=d.max_bad_fraction,
         progress=job.env.is_main and job.cfg.train.progress,
         augment_on=d.augment_on,
+        records_path=keep,
     )
 
 
@@ -517,10 +768,13 @@ def export(job: Job, state: TrainState, name: str) -> Path:
     return path
 
 
-def stop(job: Job, state: TrainState, reason: str, preempted: bool = False) -> dict[str, Any]:
-    logger.info("%s at step %d; resume with train.resume=auto", reason, state.step)
+def stop(
+    job: Job, state: TrainState, reason: str, preempted: bool = False, signame: str | None = None
+) -> dict[str, Any]:
+    logger.info("%s at step %d (checkpoint saved); resume: train.resume=auto", reason, state.step)
     job.tracker.finish()
-    return {"stopped": True, "preempted": preempted, "step": state.step, "reason": reason}
+    summary = {"stopped": True, "preempted": preempted, "step": state.step, "reason": reason}
+    return {**summary, "signal": signame} if signame else summary
 
 
 def finish(job: Job, state: TrainState) -> dict[str, Any]:
@@ -534,8 +788,18 @@ def finish(job: Job, state: TrainState) -> dict[str, Any]:
     }
     for name in ("best", "last"):
         path = job.run_dir / f"{name}.safetensors"
+        if name == "best" and state.best_epoch < 0:  # every dev evaluation was skipped
+            logger.warning("no best model: no dev evaluation was scored (non-finite losses)")
+            continue
         model = job.engine.module if name == "last" else load_inference(path)[0].to(job.device)
-        result = _evaluate(job, model, "test")
+        result, problem = _evaluate(job, model, "test", f"test_{name}")
+        if problem is not None:
+            streak = state.nonfinite_in_row
+            raise TrainingError(
+                f"{name} model: {problem}"
+                + (f", after {streak} non-finite losses in a row at the end" if streak else "")
+                + f"; {_DIVERGED_ADVICE}"
+            )
         if job.env.is_main:
             _write_json(job.run_dir / "eval" / f"test_{name}.json", result)
             summary.update(
@@ -544,6 +808,7 @@ def finish(job: Job, state: TrainState) -> dict[str, Any]:
             logger.info("test, %s model (%s):\n%s", name, path, format_table(result))
     if job.env.is_main:
         job.tracker.summary(summary)
+        plot_run_safely(job.run_dir)  # <run>/plots/*.png; a failure is a warning, not a failed run
     job.tracker.finish()
     D.barrier()
     return summary
