@@ -207,6 +207,24 @@ def _add_shards(sub) -> None:
         "--workers", type=nonneg_int, default=0, help="processes (default 0: all cores)"
     )
     ver.set_defaults(func=cmd_verify)
+    pre = ssub.add_parser(
+        "preview", help="a PNG grid of the first samples of each class of a converted split"
+    )
+    pre.add_argument("shard_dir", metavar="SHARD_DIR", help="directory of converted shards")
+    pre.add_argument("--modality", choices=("fundus", "oct"), required=True)
+    pre.add_argument("--split", choices=("train", "dev", "test"), required=True)
+    pre.add_argument(
+        "--per-class", type=positive_int, default=6, help="images per class (default 6)"
+    )
+    pre.add_argument("--out", type=png_path, required=True, metavar="FILE", help="PNG to write")
+    pre.set_defaults(func=cmd_preview)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from multieye_dist.plots import draw_shard_preview
+
+    print(draw_shard_preview(args.shard_dir, args.modality, args.split, args.per_class, args.out))
+    return 0
 
 
 def _add_demo(sub) -> None:
@@ -288,7 +306,42 @@ def _add_explain(sub) -> None:
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--topk", type=positive_int, default=5, help="concepts listed per image")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument(
+        "--plot",
+        type=png_path,
+        metavar="FILE",
+        help="also draw FILE (.png): each image beside a bar chart of its top concept "
+        "contributions to the predicted class",
+    )
     p.set_defaults(func=cmd_explain)
+
+
+def png_path(text: str) -> Path:
+    """An argparse ``type=`` for a picture to write: the pictures are PNG files."""
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text!r}: pictures are PNG, give a name ending in .png")
+    return Path(text)
+
+
+def _add_plots(sub) -> None:
+    p = sub.add_parser(
+        "plots",
+        help="(re)draw a training run's pictures into RUN_DIR/plots/",
+        description="Draw RUN_DIR/plots/*.png from the run's files: curves.png from "
+        "metrics.jsonl (loss terms, dev metrics, learning rate against the step), and for each "
+        "eval/NAME.records.json (the last dev evaluation, the test scores of the best and last "
+        "models) confusion_NAME.png and roc_pr_NAME.png.",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a training run's out_dir")
+    p.set_defaults(func=cmd_plots)
+
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    from multieye_dist.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
 
 
 def _add_train(sub) -> None:
@@ -425,6 +478,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_dict() for r in results], indent=1))
     else:
         print("\n\n".join(r.text() for r in results))
+    if args.plot is not None:
+        from multieye_dist.explain import plot_explanations
+
+        picture = plot_explanations(results, args.plot)
+        print(f"picture: {picture}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -497,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_explain(sub)
+    _add_plots(sub)
     _add_concepts(sub)
     _add_import(sub)
     return parser
@@ -586,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C before train installs its own handler: no traceback
+        print("multieye-dist: interrupted", file=sys.stderr)
+        return 130
     except FileNotFoundError as exc:  # a path given that is not there: usage, as before
         text = str(exc) if exc.errno is None else _os_error_text(exc)
         print(f"multieye-dist: error: {text}", file=sys.stderr)

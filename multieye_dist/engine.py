@@ -415,11 +415,10 @@ def find_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
     "auto" checks the one `latest` names (:func:`checkpoint_problem`); if it is
     damaged (or `latest` is), it warns, naming it and why, and takes the newest whole one
     before it; if none is whole, that is an error. The older ones stay candidates should
-    loading fail (:func:`load_checkpoint`). Temporary files that a killed save left in
-    ckpt_dir are deleted here, before this run writes there (every rank does it, before the
-    process group exists: no save of this job can be running)."""
+    loading fail (:func:`load_checkpoint`). Nothing is written or deleted here: a refused
+    command must leave the run directory as it was (:func:`remove_stale_temps` tidies once the
+    run holds its lock)."""
     ckpt_dir = Path(ckpt_dir)
-    _remove_stale_temps(ckpt_dir)
     if resume == "never":
         return None
     if resume != "auto":
@@ -479,7 +478,11 @@ def _auto_candidates(ckpt_dir: Path) -> tuple[list[Path], str | None]:
     return ([named] if named is not None else []) + older, why_not
 
 
-def _remove_stale_temps(ckpt_dir: Path) -> None:
+def remove_stale_temps(ckpt_dir: Path) -> None:
+    """Delete the temporary files a killed save left in ckpt_dir and its tag directories. Call
+    it holding the run directory's lock (train.setup does, on rank 0): then no save of another
+    job can be writing them."""
+    ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return
     remove_temp_files(ckpt_dir)

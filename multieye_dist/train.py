@@ -314,6 +314,7 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     lock = _lock_run_dir(env, run_dir)
     try:
         if env.is_main:
+            E.remove_stale_temps(run_dir / "checkpoints")  # what a killed save left
             save_resolved(cfg, run_dir)
         return _build(cfg, env, device, objective, stream, checked, lock, steps_per_epoch)
     except BaseException:
@@ -445,8 +446,7 @@ def preflight(cfg: Config, world: int, *, in_run_dir: bool = True) -> Checked:
     checkpoint = None
     if in_run_dir:
         # A probe that creates nothing, on every rank: refused here, the job stops before any
-        # collective (rank 0 takes the lock itself once the process group exists), and before
-        # find_checkpoint tidies the checkpoint directory that the holder may be saving into.
+        # collective (rank 0 takes the lock itself once the process group exists).
         check_free(cfg.train.out_dir)
         checkpoint = E.find_checkpoint(cfg.train.resume, Path(cfg.train.out_dir) / "checkpoints")
     cls = objective_class(cfg.train.stage, cfg.loss)

@@ -503,11 +503,13 @@ def test_save_on_a_full_disk_keeps_latest_and_the_previous_checkpoint(tmp_path, 
     assert _temps(ckpt) == []
 
 
-def test_find_checkpoint_removes_what_a_killed_save_left(tmp_path):
+def test_stale_temps_of_a_killed_save_are_removed_once_the_run_holds_its_lock(tmp_path):
     ckpt = tmp_path / "checkpoints"
     one = _save(ckpt, 1)
     left = [_killed_writer(one / "mp_rank_00_model_states.pt"), _killed_writer(ckpt / E.LATEST)]
-    assert E.find_checkpoint("never", ckpt) is None
+    assert E.find_checkpoint("auto", ckpt) == one
+    assert all(p.exists() for p in left)  # finding (a refused command may) deletes nothing
+    E.remove_stale_temps(ckpt)
     assert not any(p.exists() for p in left) and E.checkpoint_problem(one) is None
 
 
