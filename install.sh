@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
 # Creates .venv in the project root and installs multieye-dist with its dev extra.
 # Idempotent: a second run only checks that everything is installed.
+#   --no-slurm        skip the Slurm packages (only the Slurm launcher's tests need them)
+#   TORCH_INDEX_URL   where torch/torchvision come from, e.g. https://download.pytorch.org/whl/cpu
+#                     (CPU-only) or .../whl/cu126 (another CUDA build); default: PyPI's build
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+WITH_SLURM=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-slurm) WITH_SLURM='' ;;
+    -h | --help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $arg (options: --no-slurm)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 
@@ -35,7 +46,9 @@ install_slurm() {
   [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
   return "$rc"
 }
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+if [ -z "$WITH_SLURM" ]; then
+  echo "install.sh: --no-slurm: Slurm not installed; the Slurm tests will skip"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   slurm_installed || install_slurm ||
     echo "install.sh: installing Slurm failed; the Slurm tests will skip (fail under CI=true)" >&2
 else
@@ -59,6 +72,7 @@ fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install "setuptools>=64" wheel
 # torch first: DeepSpeed's setup.py imports torch, so it is built without isolation against it.
-pip install -c constraints.txt torch torchvision
+# The pins have no local label, so PyTorch's own builds (2.x.y+cpu, +cu126) satisfy them.
+pip install -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch torchvision
 DS_BUILD_OPS=0 pip install -c constraints.txt --no-build-isolation -e '.[dev]'
 echo "install.sh: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

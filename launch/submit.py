@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Submit a training run to Slurm through submitit: one task per GPU on N nodes.
 
-    python launch/submit.py --config configs/distill.yaml --nodes 2 --gpus-per-node 8 \
+    python launch/submit.py --config distill --nodes 2 --gpus-per-node 8 \
         --partition gpu --time 720 teacher.checkpoint=runs/teacher/best.safetensors
 
 The config and overrides are resolved and checked here, as the trainer checks them (backbone,
@@ -27,11 +27,17 @@ from common import add_slurm_options, check_run, slurm_options, undone_if_refuse
 
 from multieye_dist.cluster import SubmissionError, TrainTask, make_executor, submit  # noqa: E402
 from multieye_dist.config import ConfigError, load_config, save_resolved  # noqa: E402
+from multieye_dist.resources import config_argument  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", type=Path, required=True, help="YAML file (train.stage inside)")
+    p.add_argument(
+        "--config",
+        type=config_argument,
+        required=True,
+        help="a packaged config (distill, teacher, ...) or a YAML file (train.stage inside)",
+    )
     add_slurm_options(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     return p.parse_args(argv)

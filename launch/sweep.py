@@ -45,6 +45,7 @@ from multieye_dist.cluster import (  # noqa: E402
     submit_array,
 )
 from multieye_dist.config import load_config  # noqa: E402
+from multieye_dist.resources import config_argument, path_argument  # noqa: E402
 from multieye_dist.tracking import TrackingConfig, write_run_id  # noqa: E402
 
 HANDOFF_WAIT_S = 900  # how long a task's other ranks wait for rank 0's agent step
@@ -164,13 +165,17 @@ class AgentTask:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sweep", type=Path, help="W&B sweep file (YAML)")
+    p.add_argument(
+        "--sweep",
+        type=path_argument,
+        help="W&B sweep file (YAML; configs/sweeps/distill.yaml is the packaged one)",
+    )
     p.add_argument("--summary", type=Path, metavar="SWEEP_DIR", help="list a sweep's runs")
     p.add_argument(
         "--config",
-        type=Path,
-        default=Path("configs/distill.yaml"),
-        help="base config every run starts from",
+        type=config_argument,
+        default="distill",
+        help="base config every run starts from: a packaged config's name or a YAML file",
     )
     p.add_argument("--count", type=int, help="runs (random: required; grid: at most)")
     p.add_argument("--mode", choices=("offline", "online"), default="offline")

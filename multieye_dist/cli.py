@@ -1,4 +1,5 @@
-"""`multieye-dist` command line: synth, shards, train, eval, explain, concepts, import, demo."""
+"""`multieye-dist` command line: synth, shards, train, config, eval, explain, concepts, import,
+demo."""
 
 from __future__ import annotations
 
@@ -313,6 +314,7 @@ def _add_explain(sub) -> None:
         help="also draw FILE (.png): each image beside a bar chart of its top concept "
         "contributions to the predicted class",
     )
+    _add_device(p)
     p.set_defaults(func=cmd_explain)
 
 
@@ -353,7 +355,7 @@ def _add_train(sub) -> None:
         ("distill", "stage 2: a fundus student (OCT-CoDA, or loss.name=fundus-only)"),
     ):
         t = tsub.add_parser(stage, help=text)
-        t.add_argument("--config", type=Path, help="YAML file (a diff over the defaults)")
+        add_config_option(t)
         t.add_argument(
             "--resume",
             help='"auto" (default: the latest checkpoint in train.out_dir), '
@@ -361,6 +363,48 @@ def _add_train(sub) -> None:
         )
         t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
         t.set_defaults(func=cmd_train)
+
+
+CONFIG_HELP = (
+    "a packaged config's name (demo, teacher, distill: `multieye-dist config show --config "
+    "NAME` lists its keys) or a YAML file (a diff over the defaults); relative paths are looked "
+    "up in the working directory, then in the package"
+)
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    """``--config NAME|PATH``; load_config resolves it (an unknown name: exit 2, listing the
+    packaged names and the closest)."""
+    p.add_argument("--config", metavar="NAME|PATH", help=CONFIG_HELP)
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="inspect run configs")
+    csub = p.add_subparsers(dest="config_cmd", required=True)
+    show = csub.add_parser(
+        "show",
+        help="every config key with its type, value, default and help",
+        description="Print every key of the resolved config (the defaults, or --config with "
+        "its base chain, then the overrides): its type, its value, its default where the value "
+        "differs, and one line of help taken from the comments in multieye_dist/config.py.",
+    )
+    add_config_option(show)
+    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    show.set_defaults(func=cmd_config_show)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from multieye_dist.config import load_config
+    from multieye_dist.confighelp import describe, render
+    from multieye_dist.resources import find_config
+
+    path = find_config(args.config) if args.config is not None else None
+    cfg = load_config(path, args.overrides)
+    source = path if path is not None else "the defaults"
+    over = f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"# config: {source}{over}")
+    print(render(describe(cfg)))
+    return 0
 
 
 def _add_eval(sub) -> None:
@@ -383,7 +427,43 @@ def _add_eval(sub) -> None:
         help="loader worker processes (default 0: load in this process)",
     )
     p.add_argument("--json", type=Path, help="also write the full result here")
+    _add_device(p)
     p.set_defaults(func=cmd_eval)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        type=device_arg,
+        default="auto",
+        metavar="auto|cpu|cuda|cuda:N",
+        help="where the model runs (default auto: the first GPU when there is one, else the CPU)",
+    )
+
+
+def device_arg(text: str):
+    """An argparse ``type=`` for ``--device``: a torch.device that exists on this machine."""
+    import os
+
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text != "cpu" and not re.fullmatch(r"cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose auto, cpu, cuda or cuda:N")
+    device = torch.device(text)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(
+                f"{text}: no CUDA GPU is visible here (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use --device cpu or auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text}: only {count} GPU(s) visible (cuda:0..cuda:{count - 1})"
+            )
+    return device
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -405,13 +485,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from multieye_dist.checkpoint import load_inference
     from multieye_dist.evaluation import evaluate_split
     from multieye_dist.metrics import format_table
 
     model, meta = load_inference(args.checkpoint)
+    model = model.to(args.device)
     modality = args.modality or meta.get("extra", {}).get("modality") or "fundus"
     result = evaluate_split(
         model,
@@ -421,7 +500,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_size=meta["image_size"],
         batch_size=args.batch_size,
         num_workers=args.workers,
-        device=torch.device("cpu"),
+        device=args.device,
     )
     print(f"{args.checkpoint} on {modality}-{args.split} ({args.shards}):")
     print(format_table(result))
@@ -473,6 +552,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         sentences=meta["concept_sentences"],
         image_size=meta["image_size"],
         topk=args.topk,
+        device=args.device,
     )
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
@@ -553,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shards(sub)
     _add_demo(sub)
     _add_train(sub)
+    _add_config(sub)
     _add_eval(sub)
     _add_explain(sub)
     _add_plots(sub)
@@ -627,24 +708,42 @@ def _os_error_text(exc: OSError) -> str:
     return f"{text} ({hint})" if hint else text
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import os
+# Libraries whose notices are for whoever debugs them: shown with -v only. DeepSpeed reports
+# every engine detail at INFO; torch.distributed and torch's extension builder warn about
+# things that do not concern a user of this tool (no CUDA runtime on a CPU machine, gloo's
+# hostname resolution).
+_QUIET_LOGGERS = {
+    "DeepSpeed": logging.WARNING,
+    "torch.distributed": logging.ERROR,
+    "torch.utils.cpp_extension": logging.ERROR,
+}
 
-    rank = os.environ.get("RANK", "0")
-    level = logging.DEBUG if args.verbose else logging.INFO
+
+def _setup_logging(verbose: bool, rank: str) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
         level=level if rank == "0" else logging.WARNING,  # one voice per job
         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
     )
-    if not args.verbose:  # DeepSpeed reports every engine detail at INFO
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not verbose:
+        for name, quiet in _QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import os
+
+    _setup_logging(args.verbose, os.environ.get("RANK", "0"))
     from multieye_dist.data.layout import LayoutError
     from multieye_dist.data.shards import ConversionError
     from multieye_dist.data.stream import DataError
 
     try:
         return args.func(args)
+    except BrokenPipeError:  # `multieye-dist config show | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except KeyboardInterrupt:  # Ctrl-C before train installs its own handler: no traceback
         print("multieye-dist: interrupted", file=sys.stderr)
         return 130

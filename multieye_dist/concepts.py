@@ -1,4 +1,4 @@
-"""The concept bank: fixed text embeddings of the K concept sentences (METHOD.md, "The model").
+"""The concept bank: fixed text embeddings of the K concept sentences (docs/method.md, "The model").
 
 ``C`` is a ``[K, D]`` float32 tensor of L2-normalised text embeddings, one row per concept
 sentence, each sentence wrapped in a prompt ("A fundus photograph of {}" in the release). The
@@ -6,7 +6,8 @@ model only reads ``C`` (``s = v C^T``); it is never trained.
 
 Three pieces:
 
-* :func:`load_sentences` reads the sentence list (one per line, ``configs/multieye_concepts.txt``).
+* :func:`load_sentences` reads the sentence list (one per line; the release's is package data,
+  ``multieye_dist/configs/multieye_concepts.txt``).
 * :func:`encode` runs a Hugging Face text encoder from a **local** directory (``transformers`` is an
   optional extra, imported lazily; nothing is ever downloaded: ``local_files_only=True``).
 * :func:`save_bank` / :func:`load_bank` store the bank as a safetensors file (tensor key
@@ -14,7 +15,7 @@ Three pieces:
 
 :func:`run_encode` / :func:`encode_main` are the ``multieye-dist concepts encode`` command.
 
-Duplicates: the release list (``configs/multieye_concepts.txt``) repeats two sentences (lines 16 =
+Duplicates: the release list (:data:`DEFAULT_SENTENCES`) repeats two sentences (lines 16 =
 86 and 33 = 58), and its K = 98 counts them: release checkpoints have 98 concept columns. So a
 duplicate is an error by default, except for that exact list (recognised by content), which is
 kept as released with a warning; ``allow_duplicates=True`` keeps them for any list and
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from multieye_dist.atomic import write_bytes
+from multieye_dist.resources import packaged
 
 if TYPE_CHECKING:  # torch is imported inside the functions: the CLI builds its parser without it
     import torch
@@ -44,7 +46,8 @@ logger = logging.getLogger(__name__)
 BANK_KEY = "concepts"
 BANK_FORMAT = "multieye-concepts/1"
 DEFAULT_PROMPT = "A fundus photograph of {}"
-DEFAULT_SENTENCES = Path("configs/multieye_concepts.txt")
+# The release list, shipped as package data (found wherever the package is installed).
+DEFAULT_SENTENCES = packaged("configs/multieye_concepts.txt")
 POOLINGS: tuple[str, ...] = ("auto", "mean", "cls")
 # sha256 of the release list's sentences joined by "\n" (see module docstring on duplicates).
 RELEASE_SENTENCES_SHA256 = "37092de7c777d289975cf48f6dea4ff39aea3b54cc03c2fe490c50466301499b"

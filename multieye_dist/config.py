@@ -1,8 +1,9 @@
 """Run configuration: dataclass defaults <- YAML diff (optional ``base:``) <- dotted CLI overrides.
 
-The defaults live in ONE place, the dataclasses below; YAML files under ``configs/`` only state
-what differs. Every section is a *frozen* dataclass (like :class:`multieye_dist.model.ModelConfig`,
-which is reused as the ``model`` section): a resolved config cannot drift during a run, and code
+The defaults live in ONE place, the dataclasses below; the shipped YAML files
+(``multieye_dist/configs/``, package data) only state what differs. Every section is a *frozen*
+dataclass (like :class:`multieye_dist.model.ModelConfig`, which is reused as the ``model``
+section): a resolved config cannot drift during a run, and code
 that needs a variant makes one with :func:`dataclasses.replace`. Library functions take the
 section they read (``cfg.loss``, ``cfg.optim``); only what spans sections takes the whole
 :class:`Config`: the trainer, the objectives (stage, loss, teacher and perf together) and the
@@ -10,8 +11,11 @@ launchers.
 
 Loading (:func:`load_config`):
 
+* The file is a path or a packaged config's name (``demo``, ``teacher``, ``distill``: the
+  stems of the shipped files; :func:`multieye_dist.resources.find_config`).
 * A YAML file is a mapping of sections to mappings of fields. ``base: other.yaml`` (relative to
-  the file) names one file it is a diff over; that file may have a ``base:`` of its own.
+  the file; else a packaged config's name, ``base: distill``) names one file it is a diff over;
+  that file may have a ``base:`` of its own.
 * An override is ``section.field=value``; the value is parsed with ``yaml.safe_load`` (``3e-4``,
   ``true``, ``[1, 2]``, ``null``). Dotted keys reach into dict fields (``deepspeed.extra.a.b=1``)
   and into nested sections (a field whose type is a section, :mod:`multieye_dist.sections`:
@@ -49,6 +53,7 @@ import yaml
 from multieye_dist.atomic import write_text
 from multieye_dist.data.remote import location_problem
 from multieye_dist.model import ModelConfig
+from multieye_dist.resources import CONFIG_DIR, config_names, find_config, find_packaged
 from multieye_dist.sections import SECRET_PARTS, ConfigError, is_section
 from multieye_dist.sections import Section as _Section
 from multieye_dist.sections import coerce as _coerce
@@ -71,6 +76,8 @@ __all__ = [
     "check_world",
     "load_config",
     "parse_override",
+    "provenance",
+    "resolve_paths",
     "save_resolved",
     "to_dict",
 ]
@@ -89,7 +96,9 @@ class DataConfig(_Section):
     _key: ClassVar[str] = "data"
     # Where the WebDataset shards and their manifests are: a directory, or a URL prefix
     # (http(s)://host/path, file:/abs/dir, pipe:CMD with {name}: multieye_dist/data/remote.py).
-    shards: str = "runs/demo/shards"
+    # No default: a forgotten override must not train on some other data set (training refuses
+    # an empty value; the demo sets its own).
+    shards: str = ""
     image_size: int = 512
     batch_size: int = 64  # per rank
     samples_per_epoch: int = 36000  # class-balanced draws per epoch (all ranks together)
@@ -114,7 +123,7 @@ class DataConfig(_Section):
         self._check(self.num_workers >= 0, "num_workers", ">= 0")
         self._check(self.seed >= 0, "seed", ">= 0")
         self._check(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "in [0, 1]")
-        problem = location_problem(self.shards)
+        problem = location_problem(self.shards) if self.shards else None  # "": not set yet
         self._check(problem is None, "shards", problem or "")
 
 
@@ -241,7 +250,8 @@ class TrainConfig(_Section):
     checkpoint_every_steps: int = 500
     # Keep only the newest N checkpoints (0 = keep all): a ResNet-50 checkpoint is ~300 MB
     # with its optimizer state, written every checkpoint_every_steps and at every epoch end.
-    keep_checkpoints: int = 0
+    # The best model is kept apart from them, as its export best.safetensors (never pruned).
+    keep_checkpoints: int = 2
     resume: str = "auto"  # "auto" (latest in out_dir), "never", or a checkpoint path
     log_every_steps: int = 10
     seed: int = 0
@@ -544,10 +554,28 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str,
         base = tree.pop("base")
         if not isinstance(base, str):
             raise ConfigError(f"base ({where(('base',))}): expected a file name, got {base!r}")
-        base_tree, sources = _read_yaml(path.parent / base, (*seen, path))
+        base_tree, sources = _read_yaml(_base_path(path, base, where), (*seen, path))
     _check_tree(tree, where)
     sources.update({".".join(p): where(p) for p in _field_paths(_SECTIONS, tree)})
     return merge_dicts(base_tree, tree), sources
+
+
+def _base_path(path: Path, base: str, where: Any) -> Path:
+    """A ``base:`` file: relative to the file naming it, else a packaged config's name
+    (``base: distill``: a user's YAML anywhere may diff over a shipped recipe)."""
+    here = path.parent / base
+    if here.exists():
+        return here
+    shipped = find_packaged(f"{CONFIG_DIR}/{base}.yaml")
+    if shipped is not None:
+        return shipped
+    names = config_names()
+    close = difflib.get_close_matches(base, names, n=1)
+    raise ConfigError(
+        f"base: {base} ({where(('base',))}): no such file next to it, and no packaged config of "
+        f"that name (packaged configs: {', '.join(names)})"
+        + (f"; did you mean {close[0]}?" if close else "")
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -565,8 +593,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Defaults <- YAML file at ``path`` (with its ``base:`` chain) <- ``overrides``."""
-    tree, sources = _read_yaml(Path(path)) if path is not None else ({}, {})
+    """Defaults <- YAML file at ``path`` (with its ``base:`` chain) <- ``overrides``. ``path``
+    is a file, or a packaged config's name (``demo``): :func:`multieye_dist.resources.find_config`.
+    """
+    tree, sources = _read_yaml(find_config(path)) if path is not None else ({}, {})
     for text in overrides:
         keys, value = parse_override(text)
         layer: Any = value
@@ -625,13 +655,68 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return _section_dict(cfg)
 
 
+def resolve_paths(cfg: Config) -> Config:
+    """`cfg` with every file path absolute, as the run found it (``train.resolve_path``: the
+    working directory, else the package's data): shards (URLs untouched), concept bank, teacher
+    checkpoint, init weights, out_dir. What config.yaml records, so that it still names the same
+    files from another directory."""
+    import dataclasses
+    import os
+
+    from multieye_dist.data.remote import is_url
+    from multieye_dist.train import resolve_path  # the project's one rule for relative paths
+
+    def absolute(path: str | None) -> str | None:
+        return path if not path or is_url(path) else os.path.abspath(resolve_path(path))
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards) or ""),
+        concepts=dataclasses.replace(cfg.concepts, bank=absolute(cfg.concepts.bank)),
+        teacher=dataclasses.replace(cfg.teacher, checkpoint=absolute(cfg.teacher.checkpoint)),
+        model=dataclasses.replace(cfg.model, weights=absolute(cfg.model.weights)),
+        train=dataclasses.replace(cfg.train, out_dir=os.path.abspath(cfg.train.out_dir)),
+    )
+
+
+def provenance() -> tuple[str, str | None]:
+    """(the package version, the git commit of the package's checkout, or None when it is not
+    one: an installed wheel, no git, a git that fails). Never raises."""
+    import subprocess
+
+    from multieye_dist import __version__
+
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    # The package's own files must be tracked: a wheel installed into a .venv inside some other
+    # checkout would otherwise report that checkout's commit.
+    if git("ls-files", "--error-unmatch", "__init__.py") is None:
+        return __version__, None
+    return __version__, git("rev-parse", "HEAD") or None
+
+
 def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
-    """Write ``run_dir/config.yaml`` atomically (temp file in run_dir + ``os.replace``)."""
+    """Write ``run_dir/config.yaml`` atomically (temp file in run_dir + ``os.replace``): the
+    config with absolute paths (:func:`resolve_paths`); its header comments name the package
+    version and git commit (:func:`provenance`); comments, so that it loads as a config."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / "config.yaml"
-    text = "# resolved config (multieye_dist.config)\n" + yaml.safe_dump(
-        to_dict(cfg), sort_keys=False
+    version, commit = provenance()
+    text = (
+        "# resolved config (multieye_dist.config), paths absolute\n"
+        f"# multieye-dist version: {version}\n"
+        f"# git commit: {commit or 'none (not a git checkout)'}\n"
+        + yaml.safe_dump(to_dict(resolve_paths(cfg)), sort_keys=False)
     )
     write_text(target, text)
     return target

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from multieye_dist.atomic import write_text
 from multieye_dist.config import load_config
+from multieye_dist.resources import packaged
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = packaged("configs/demo.yaml")  # package data: the demo runs from any install
 
 # The student arms a study can run: name -> overrides of the distill stage. The controls are
 # OCT-CoDA with the teacher's knowledge removed (gate-never) or scrambled across classes.

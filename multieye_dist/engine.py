@@ -25,11 +25,14 @@ naming the damaged checkpoint, to the newest whole one before it (also when load
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import stat
 import zipfile
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -54,18 +57,92 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 
 
+# DeepSpeed's C++ ops that it compiles at first use into torch's extension cache
+# (~/.cache/torch_extensions) when its wheel was built without them (install.sh: DS_BUILD_OPS=0),
+# by the builder's name: what the user waits for. On the CPU accelerator, the process group's
+# shared-memory op is built by init_distributed (measured: 35-55 s on 2 cores); cpu_adam is
+# never built here (the optimizer is torch's AdamW).
+_JIT_OPS = {"ShareMemCommBuilder": "about a minute"}
+
+
+def jit_builds_pending() -> list[tuple[str, str]]:
+    """(name, expected duration) of the DeepSpeed ops that joining the process group will
+    compile now: compatible with this machine, not in DeepSpeed's wheel nor in torch's
+    extension cache."""
+    import glob
+
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import get_default_build_root
+
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        installed_ops = {}
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    pending = []
+    for builder_name in _JIT_OPS:
+        builder = get_accelerator().create_op_builder(builder_name)
+        name = getattr(builder, "NAME", None)
+        if name is None or not deepspeed.ops.__compatible_ops__.get(name, False):
+            continue  # DeepSpeed will not build it either
+        if installed_ops.get(name):
+            continue  # in the wheel
+        # <root>/<name>/ (TORCH_EXTENSIONS_DIR) or <root>/<py311_cu132>/<name>/
+        if glob.glob(f"{glob.escape(root)}/{name}/{name}*.so") or glob.glob(
+            f"{glob.escape(root)}/*/{name}/{name}*.so"
+        ):
+            continue
+        pending.append((name, _JIT_OPS[builder_name]))
+    return pending
+
+
+def _announce_jit_builds(env: DistEnv) -> None:
+    if not env.is_main:
+        return
+    try:
+        pending = jit_builds_pending()
+    except Exception as exc:  # a DeepSpeed layout we do not know: only the notice is lost
+        logger.debug("cannot tell whether DeepSpeed will compile ops now: %s", exc)
+        return
+    for name, duration in pending:
+        logger.info(
+            "DeepSpeed compiles its %s op now, once per machine (first run only: %s on 2 "
+            "cores; cached in %s)",
+            name,
+            duration,
+            os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions",
+        )
+
+
 def init_distributed(env: DistEnv, device: torch.device, timeout_s: int = 1800) -> None:
     """Join the process group (gloo on CPU, NCCL on GPU) through DeepSpeed, from `env`."""
     import deepspeed
 
     export(env)
-    deepspeed.init_distributed(
-        dist_backend=backend_for(device),
-        auto_mpi_discovery=False,
-        timeout=timedelta(seconds=timeout_s),
-        rank=env.rank,
-        world_size=env.world,
-    )
+    _announce_jit_builds(env)
+    with _prints_to_debug():
+        deepspeed.init_distributed(
+            dist_backend=backend_for(device),
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=timeout_s),
+            rank=env.rank,
+            world_size=env.world,
+        )
+
+
+@contextlib.contextmanager
+def _prints_to_debug() -> Iterator[None]:
+    """DeepSpeed print()s some notices ("DeepSpeed deepspeed_shm_comm built successfully")
+    besides logging them: to our log at DEBUG (shown with -v), not to the user's console."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        for line in out.getvalue().splitlines():
+            if line.strip():
+                logger.debug("deepspeed: %s", line)
 
 
 def ds_config(
@@ -119,12 +196,13 @@ def build_engine(
         )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=opt,
-        lr_scheduler=sched,
-        config=ds_config(optim, ds, precision, micro_batch, world),
-    )
+    with _prints_to_debug():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=opt,
+            lr_scheduler=sched,
+            config=ds_config(optim, ds, precision, micro_batch, world),
+        )
     engine.checkpoint_engine = _safe_checkpoint_engine(engine.checkpoint_engine)
     if hasattr(engine.checkpoint_engine, "deferred"):  # ours, not a user-chosen engine
         _install_atomic_recovery_scripts(engine)

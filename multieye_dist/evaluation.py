@@ -28,6 +28,7 @@ from multieye_dist.data.stream import (
 )
 from multieye_dist.metrics import evaluate
 from multieye_dist.model import param_dtype
+from multieye_dist.plots import write_records
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,15 @@ def evaluate_split(
     max_bad_fraction: float = 0.01,
     progress: bool = False,
     augment_on: str = "auto",
+    records_path: Path | None = None,
 ) -> dict | None:
     """Metrics of `model` on `modality`-`split` (on rank 0; None on other ranks). The result is
     :func:`metrics.evaluate`'s dict plus ``split``, ``modality``, ``listed`` (the manifest's
     sample count), ``scored`` and ``bad`` (samples that could not be scored: undecodable,
     mislabelled or missing from their shard, up to `max_bad_fraction`). Every listed sample is
-    scored or counted bad: a result on part of a split without saying so is a DataError."""
+    scored or counted bad: a result on part of a split without saying so is a DataError.
+    `records_path`: rank 0 also writes the per-sample records there
+    (:func:`multieye_dist.plots.write_records`): the pictures are redrawn from them."""
     shards = ShardSet.from_manifest(shard_dir, modality, split)  # a directory or a URL prefix
     stream = EvalStream(
         shards, image_size, batch_size, max_bad_fraction=max_bad_fraction, augment_on=augment_on
@@ -125,6 +129,8 @@ def evaluate_split(
     probs = np.array([r["probs"] for r in rows])
     result = evaluate(labels, probs, CLASS_NAMES)
     result.update(split=split, modality=modality, listed=shards.listed, scored=len(rows), bad=bad)
+    if records_path is not None:  # after evaluate(): non-finite probabilities never get here
+        write_records(records_path, rows, split=split, modality=modality, class_names=CLASS_NAMES)
     if bad:
         logger.warning(
             "%s-%s: %d of %d listed sample(s) were not scored (undecodable, mislabelled or "

@@ -53,15 +53,19 @@ def explain_images(
     sentences: list[str],
     image_size: int,
     topk: int = 5,
+    device: torch.device | None = None,
 ) -> list[Explanation]:
-    model.eval()
+    """Each image's prediction and its `topk` concept contributions; on `device` (default:
+    where the model is)."""
+    device = device or next(model.parameters()).device
+    model = model.to(device).eval()
     tf = eval_transform(image_size)
     out = []
     for path in paths:
         # open_image: the bomb limit and 16-bit scaling as in conversion; a BadImageError
         # (a ValueError) names the file
         with open_image(path, str(path)) as img:
-            x = tf(img.convert("RGB")).unsqueeze(0)
+            x = tf(img.convert("RGB")).unsqueeze(0).to(device)
         logits, sims = model(x)
         probs = logits.softmax(-1)[0]
         pred = int(probs.argmax())
@@ -87,3 +91,15 @@ def explain_images(
             )
         )
     return out
+
+
+def plot_explanations(results: list[Explanation], out: Path) -> Path:
+    """`out` (PNG): each explained image beside a bar chart of its top concept contributions
+    to the predicted class (:func:`multieye_dist.plots.draw_explanations`)."""
+    from multieye_dist.plots import draw_explanations
+
+    items = []
+    for e in results:
+        with open_image(Path(e.image), e.image) as img:  # as explain_images read it
+            items.append((img.convert("RGB"), e))
+    return draw_explanations(items, out)

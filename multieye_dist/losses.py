@@ -1,14 +1,14 @@
 """Training losses for OCT-CoDA (MultiEYE): the fundus student's objective.
 
 Pure tensor code: no I/O, no deepspeed; ``torch.distributed`` is imported lazily and only used by
-``contrastive_scope="global"``. The specification is ``METHOD.md`` ("The loss, per batch")::
+``contrastive_scope="global"``. The specification is ``docs/method.md`` ("The loss, per batch")::
 
     L = L_cls + [gate] * (beta * L_proto + alpha * L_con)
 
 with the release's meaning of the weights: **alpha scales the contrastive term, beta the prototype
 term** (release defaults alpha=0.6, beta=0.05, T=10). Some third-party accounts swap them.
 
-Two variants (METHOD.md, "Where the released code differs"):
+Two variants (docs/method.md, "Where the released code differs"):
 
 * ``"paper"`` (default): prototypes carry gradient into the student; teacher anchors of the
   contrastive term are labelled with the OCT labels ``y_o``; anchors without a positive are left
@@ -186,7 +186,8 @@ def gate_distances(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (d_s, d_t, d_st): mean L1 distances between softmax outputs and one-hot labels.
 
-    The teacher is scored against ``labels``, the *fundus* labels (METHOD.md step 2, as released).
+    The teacher is scored against ``labels``, the *fundus* labels (docs/method.md step 2, as
+    released).
     """
     dtype = _compute_dtype(student_logits, teacher_logits)
     p_s = torch.softmax(student_logits.to(dtype), dim=1)
@@ -263,7 +264,7 @@ def prototype_loss(
     *,
     variant: str = "paper",
 ) -> torch.Tensor:
-    """Global prototypical distillation (METHOD.md step 3), unweighted.
+    """Global prototypical distillation (docs/method.md step 3), unweighted.
 
     MSE between student and teacher class means over the classes present on BOTH sides, both
     levels and all K; 0 (no NaN) when no class is shared. The teacher is a constant. ``"official"``
@@ -376,7 +377,7 @@ def contrastive_loss(
     variant: str = "paper",
     scope: str = "local",
 ) -> torch.Tensor:
-    """Local contrastive distillation (METHOD.md step 4), unweighted: (L_1 + L_2) / 2.
+    """Local contrastive distillation (docs/method.md step 4), unweighted: (L_1 + L_2) / 2.
 
     Anchors per level are cat(S_f[:, l], S_o[:, l]); teacher rows are constants. Anchor labels are
     cat(y_f, y_f) for ``"official"`` and cat(y_f, y_o) for ``"paper"``. ``scope="global"`` gathers

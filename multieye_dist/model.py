@@ -1,4 +1,4 @@
-"""The OCT-CoDA concept model (METHOD.md, "The model"): one class serves teacher and student.
+"""The OCT-CoDA concept model (docs/method.md, "The model"): one class serves teacher and student.
 
 ::
 
@@ -97,7 +97,7 @@ def _validate_concepts(concepts: Any, concept_dim: int | None) -> None:
 
 
 class ConceptModel(nn.Module):
-    """One class for teacher and student (METHOD.md, "The model").
+    """One class for teacher and student (docs/method.md, "The model").
 
     ``forward(x) -> (logits [B, num_classes], sims [B, 2, K])``.
 

@@ -197,7 +197,7 @@ class FundusOnly(Objective):
 
 @register
 class OctCoda(Objective):
-    """OCT-CoDA (METHOD.md): fundus student, label-matched OCT partners through the frozen
+    """OCT-CoDA (docs/method.md): fundus student, label-matched OCT partners through the frozen
     teacher, ``cls + gate * (beta * prototype + alpha * contrastive)``. ``loss.impl`` picks the
     fused Triton kernel (from embeddings; the paper variant, local scope) or PyTorch."""
 

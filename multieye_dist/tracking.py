@@ -20,12 +20,18 @@ What a :class:`Tracker` on rank 0 writes under ``run_dir`` (other ranks write no
   call, flushed per line, whatever the backend. This is what tests, the sweep summary and users
   without W&B read back, with :func:`read_metrics`. A resumed job appends, so steps replayed
   after the last checkpoint appear twice; the later line is the one that counts.
-* ``summary.json``: the merged :meth:`Tracker.summary` values, written atomically. A part of the
+* ``summary.json``: the merged :meth:`Tracker.summary` values, written atomically, with
+  ``dev/best_f1`` (the best dev macro-F1 so far, see :meth:`Tracker.log_eval`). A part of the
   run that ends with an error (``finish(exit_code=N)``, N != 0) also records ``"exit_code": N``
   there; a later part that ends normally sets it back to 0.
 * ``wandb/`` (W&B backend): W&B's own files (``dir=run_dir``); in offline mode
   ``wandb/offline-run-<time>-<id>/run-<id>.wandb``, uploaded later with ``wandb sync``. A run
-  that ends with an error is marked failed there (its exit record holds the exit code).
+  that ends with an error is marked failed there (its exit record holds the exit code). Besides
+  the scalars it holds system metrics (``tracking.wandb.system_metrics``), ``dev/f1``'s maximum
+  as its summary, per-class tables, confusion matrices and ROC/PR charts
+  (:meth:`Tracker.log_outputs`), the code version in the config (``_code``), and with
+  ``tracking.wandb.log_model`` the exports as model artifacts. W&B's own code and git capture
+  stay off (:func:`wandb_settings`).
 
 A new backend is a class with the four methods of :class:`Backend` (values arrive checked), a
 choice in ``TrackingConfig.backend``, its settings as a nested section like :class:`WandbConfig`
@@ -48,10 +54,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import string
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +71,8 @@ from multieye_dist.atomic import write_text
 from multieye_dist.sections import SECRET_PARTS, Section
 
 __all__ = [
+    "BEST_DEV_F1",
+    "CODE_KEY",
     "METRICS_FILE",
     "OLD_RUN_ID_KEY",
     "RUN_ID_FILE",
@@ -74,6 +84,7 @@ __all__ = [
     "TrackingConfig",
     "WandbBackend",
     "WandbConfig",
+    "code_version",
     "read_metrics",
     "read_run_id",
     "wandb_settings",
@@ -111,6 +122,15 @@ class WandbConfig(Section):
     _key: ClassVar[str] = "tracking.wandb"
     # offline: no account, files under run_dir/wandb, `wandb sync` later; disabled: local only.
     mode: Literal["offline", "online", "disabled"] = "offline"
+    # CPU, GPU, memory, disk and network samples in the run's system charts (offline too).
+    system_metrics: bool = True
+    # Seconds between system metric samples (W&B's default; lower only for short test runs).
+    stats_interval_s: float = 15.0
+    # Upload best.safetensors and last.safetensors as model artifacts at the end of training.
+    log_model: bool = False
+
+    def _validate(self) -> None:
+        self._check(self.stats_interval_s > 0, "stats_interval_s", "a positive number of seconds")
 
 
 @dataclass(frozen=True)
@@ -364,6 +384,15 @@ class Backend(Protocol):
         scalars (``to_log_dict``), to log like :meth:`log`; a backend that can show tables or
         charts makes them from ``result``."""
 
+    def log_predictions(
+        self, prefix: str, labels: Any, probs: Any, class_names: Sequence[str], step: int
+    ) -> None:
+        """One evaluation's per-sample labels ``[N]`` (ints) and probabilities ``[N, C]``
+        (numpy arrays), for charts under ``prefix`` (``test/best/``)."""
+
+    def log_model(self, paths: Sequence[Path]) -> None:
+        """The run's existing model exports (``best.safetensors``, ``last.safetensors``)."""
+
     def summary(self, values: Mapping[str, Any]) -> None: ...
 
     def finish(self, exit_code: int | None) -> None: ...
@@ -394,6 +423,14 @@ class LocalBackend:
         step: int,
     ) -> None:
         self.log(scalars, step)
+
+    def log_predictions(
+        self, prefix: str, labels: Any, probs: Any, class_names: Sequence[str], step: int
+    ) -> None:
+        pass  # they are in run_dir/eval already; plots.py draws them from there
+
+    def log_model(self, paths: Sequence[Path]) -> None:
+        pass  # the exports are in run_dir already
 
     def _read_summary(self) -> dict[str, Any]:
         path = self.run_dir / SUMMARY_FILE
@@ -426,12 +463,20 @@ class LocalBackend:
 # ----------------------------------------------------------------------------- W&B backend
 
 
-def wandb_settings(wandb: Any) -> Any:
+def wandb_settings(
+    wandb: Any, *, system_metrics: bool = True, stats_interval_s: float = 15.0
+) -> Any:
     """Settings for fast, quiet, secret-free W&B runs (the tracker's and the sweep agent's).
     Console capture is off (stdout goes to the job's own log; capturing it interferes with
     multi-process output); code, git, requirements and system metadata (which includes the
-    command line) are not collected. System metrics (GPU utilisation and memory) stay on: they
-    cost nothing at startup (measured) and are what one looks at when a distributed run is slow.
+    command line) are not collected: the code version goes into the run config instead
+    (:func:`code_version`), without the git remote, whose URL may hold a token.
+
+    System metrics (CPU, GPU utilisation and memory, disk, network), sampled every
+    ``stats_interval_s``, are on unless ``system_metrics`` is False: they are what one looks at
+    when a distributed run is slow. wandb-core ties its system monitor to machine info, so
+    ``x_disable_machine_info`` must be off for them (with it on, no ``stats`` record is written,
+    measured with wandb 0.31); the metadata file stays off through ``x_disable_meta``.
     """
     return wandb.Settings(
         console="off",
@@ -440,9 +485,55 @@ def wandb_settings(wandb: Any) -> Any:
         disable_git=True,
         disable_job_creation=True,
         x_disable_meta=True,
-        x_disable_machine_info=True,
+        x_disable_machine_info=not system_metrics,
+        x_disable_stats=not system_metrics,
+        x_stats_sampling_interval=stats_interval_s,
         x_save_requirements=False,
         quiet=True,
+    )
+
+
+def code_version() -> dict[str, Any]:
+    """The package version and, from a git checkout, the commit and whether the tree had
+    uncommitted changes (None for both outside a checkout, e.g. an installed wheel)."""
+    from multieye_dist import __version__
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(
+                ["git", "-C", str(Path(__file__).parent), *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.TimeoutExpired):  # no git, or a hung file system
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "version": __version__,
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+    }
+
+
+# The run config key of code_version(); not a config section, so no clash with a real key.
+CODE_KEY = "_code"
+# Running maximum of dev/f1 that the tracker keeps in history and summary: W&B's own
+# summary="max" is computed per process, so a resumed run would forget the earlier epochs.
+BEST_DEV_F1 = "dev/best_f1"
+
+
+def _per_class_table(wandb: Any, result: Mapping[str, Any]) -> Any:
+    from multieye_dist.metrics import PER_CLASS_KEYS
+
+    return wandb.Table(
+        columns=["class", *PER_CLASS_KEYS],
+        data=[
+            [name, *(row[k] for k in PER_CLASS_KEYS)] for name, row in result["per_class"].items()
+        ],
     )
 
 
@@ -450,15 +541,8 @@ def _eval_media(wandb: Any, result: Mapping[str, Any], prefix: str) -> dict[str,
     """The W&B objects for an ``metrics.evaluate`` result: a per-class table, the confusion
     matrix as W&B's own chart (its long table is stored under ``{key}_table``) and the same
     counts as a readable C x C table (rows true class, columns predicted)."""
-    from multieye_dist.metrics import PER_CLASS_KEYS
-
     names = [str(n) for n in result["class_names"]]
-    per_class = wandb.Table(
-        columns=["class", *PER_CLASS_KEYS],
-        data=[
-            [name, *(row[k] for k in PER_CLASS_KEYS)] for name, row in result["per_class"].items()
-        ],
-    )
+    per_class = _per_class_table(wandb, result)
     cm = [[int(v) for v in row] for row in result["confusion_matrix"]]
     long = wandb.Table(
         columns=["Actual", "Predicted", "nPredictions"],
@@ -481,10 +565,85 @@ def _eval_media(wandb: Any, result: Mapping[str, Any], prefix: str) -> dict[str,
     }
 
 
+_CURVE_POINTS = 201  # per class and curve: bounded tables, whatever the number of samples
+
+
+def _curve_rows(labels: Any, probs: Any, names: Sequence[str]) -> tuple[list, list]:
+    """(ROC rows [class, fpr, tpr], PR rows [class, recall, precision]), one-vs-rest per class,
+    on a fixed grid of :data:`_CURVE_POINTS`: TPR interpolated along FPR, and PR's interpolated
+    precision (the best precision at that recall or more). A class without positives or without
+    negatives has no curve, as its AUC/AP are undefined in the metrics."""
+    import numpy as np
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    grid = np.linspace(0.0, 1.0, _CURVE_POINTS)
+    roc, pr = [], []
+    for k, name in enumerate(names):
+        pos = labels == k
+        if pos.all() or not pos.any():
+            continue
+        fpr, tpr, _ = roc_curve(pos, probs[:, k])
+        tpr_at = np.interp(grid, fpr, tpr)
+        roc += [[name, float(x), float(y)] for x, y in zip(grid, tpr_at, strict=True)]
+        precision, recall, _ = precision_recall_curve(pos, probs[:, k])
+        # recall falls along the arrays; the running max from the end is the interpolation
+        best = np.maximum.accumulate(precision[::-1])[::-1]
+        at = np.searchsorted(-recall, -grid, side="right") - 1  # last index with recall >= r
+        pr += [[name, float(r), float(best[max(i, 0)])] for r, i in zip(grid, at, strict=True)]
+    return roc, pr
+
+
+def _prediction_media(
+    wandb: Any, labels: Any, probs: Any, names: Sequence[str], prefix: str
+) -> dict[str, Any]:
+    """W&B charts of one evaluation's per-sample predictions: per-class table,
+    ``wandb.plot.confusion_matrix`` of the arg-max predictions, and ROC and PR curves in the
+    chart spec of ``wandb.plot.roc_curve``/``pr_curve``. Those two need pandas, which is no
+    dependency here; the same spec over our own table needs only scikit-learn."""
+    from multieye_dist.metrics import evaluate
+
+    result = evaluate(labels, probs, names)
+    roc, pr = _curve_rows(labels, probs, names)
+    title = prefix.rstrip("/")
+    auc = "wandb/area-under-curve/v0"
+    return {
+        f"{prefix}per_class": _per_class_table(wandb, result),
+        f"{prefix}confusion_matrix": wandb.plot.confusion_matrix(
+            y_true=labels.tolist(),
+            preds=probs.argmax(axis=1).tolist(),
+            class_names=list(names),
+            title=f"{title} confusion matrix",
+        ),
+        f"{prefix}roc": wandb.plot_table(
+            vega_spec_name=auc,
+            data_table=wandb.Table(columns=["class", "fpr", "tpr"], data=roc),
+            fields={"x": "fpr", "y": "tpr", "class": "class"},
+            string_fields={
+                "title": f"{title} ROC",
+                "x-axis-title": "False positive rate",
+                "y-axis-title": "True positive rate",
+            },
+        ),
+        f"{prefix}pr": wandb.plot_table(
+            vega_spec_name=auc,
+            data_table=wandb.Table(columns=["class", "recall", "precision"], data=pr),
+            fields={"x": "recall", "y": "precision", "class": "class"},
+            string_fields={
+                "title": f"{title} precision-recall",
+                "x-axis-title": "Recall",
+                "y-axis-title": "Precision",
+            },
+        ),
+    }
+
+
 class WandbBackend:
     """A W&B run in ``run_dir/wandb`` with the tracker's run id, in ``tracking.wandb.mode``
     (offline or online). Logs the same scalars as the local backend, plus per-class and
-    confusion-matrix tables for evaluations; the run config is ``config``."""
+    confusion-matrix tables for evaluations, confusion matrix, ROC and PR charts of per-sample
+    predictions, and (``tracking.wandb.log_model``) the exports as model artifacts; the run
+    config is ``config`` plus :func:`code_version` under ``_code``. The summary's ``dev/f1``
+    is its maximum over the run (``define_metric(summary="max")``)."""
 
     def __init__(
         self,
@@ -500,6 +659,7 @@ class WandbBackend:
         self.mode = cfg.wandb.mode
         self.name = f"wandb {self.mode}"
         self.run_id = run_id
+        self.upload_models = cfg.wandb.log_model
         started = time.perf_counter()
         self._run = wandb.init(
             project=cfg.project,
@@ -507,7 +667,7 @@ class WandbBackend:
             name=cfg.run_name,
             tags=list(cfg.tags) or None,
             job_type=job_type,
-            config=config,
+            config={**config, CODE_KEY: code_version()},
             dir=str(run_dir),
             id=run_id,
             # Offline runs cannot be resumed by wandb (see the module docstring); there the
@@ -517,8 +677,17 @@ class WandbBackend:
             # Independent runs, never the wandb.run global: a second Tracker in the process
             # must not finish this one behind its back.
             reinit="create_new",
-            settings=wandb_settings(wandb),
+            settings=wandb_settings(
+                wandb,
+                system_metrics=cfg.wandb.system_metrics,
+                stats_interval_s=cfg.wandb.stats_interval_s,
+            ),
         )
+        # Every key is logged at the optimiser step (log(step=)), so W&B's own step is the x
+        # axis throughout; the summary keeps the best dev macro-F1, not the last epoch's.
+        # (dev/best_f1 keeps the default, last: it is a running max, and a plain number in the
+        # summary is what a sweep's metric name can name; "max" would nest it as {"max": x}.)
+        self._run.define_metric("dev/f1", summary="max")
         logger.info(
             "wandb %s run %s started in %.2fs (%s)",
             self.mode,
@@ -541,6 +710,26 @@ class WandbBackend:
         import wandb
 
         self._run.log({**scalars, **_eval_media(wandb, result, prefix)}, step=step)
+
+    def log_predictions(
+        self, prefix: str, labels: Any, probs: Any, class_names: Sequence[str], step: int
+    ) -> None:
+        import wandb
+
+        self._run.log(_prediction_media(wandb, labels, probs, class_names, prefix), step=step)
+
+    def log_model(self, paths: Sequence[Path]) -> None:
+        """Each export as a version of the model artifact ``model-<run id>``, aliased by its
+        name (``best``, ``last``); off unless ``tracking.wandb.log_model``."""
+        if not self.upload_models:
+            return
+        import wandb
+
+        for path in paths:
+            artifact = wandb.Artifact(f"model-{self.run_id}", type="model")
+            artifact.add_file(str(path), name=path.name)
+            self._run.log_artifact(artifact, aliases=[path.stem])
+            logger.info("wandb: %s logged as model artifact model-%s", path, self.run_id)
 
     def summary(self, values: Mapping[str, Any]) -> None:
         self._run.summary.update(dict(values))
@@ -597,6 +786,7 @@ class Tracker:
         self.run_id: str | None = run_id
         self.backends: list[Backend] = []
         self._finished = False
+        self._best_dev_f1: float | None = None
         if rank != 0:
             return
         if not str(run_dir):
@@ -604,6 +794,9 @@ class Tracker:
         config = _check_config(config)  # before any file is written
         local = self._prepare_run_dir(run_id)
         self.backends.append(local)
+        best = local._read_summary().get(BEST_DEV_F1)  # an earlier part of this run (resume)
+        if isinstance(best, int | float) and math.isfinite(best):
+            self._best_dev_f1 = float(best)
         try:
             remote = _configured_backend(cfg, self.run_dir, self.run_id, config, job_type)
         except BaseException:
@@ -652,7 +845,11 @@ class Tracker:
     def log_eval(self, result: Mapping[str, Any], *, prefix: str = "dev/", step: int) -> None:
         """Log a :func:`multieye_dist.metrics.evaluate` result: its scalars (macro and per
         class, via ``to_log_dict``) like :meth:`log`, and in W&B also ``{prefix}per_class``,
-        ``{prefix}confusion_matrix`` (chart) and ``{prefix}confusion_counts`` tables."""
+        ``{prefix}confusion_matrix`` (chart) and ``{prefix}confusion_counts`` tables.
+
+        A dev result (``prefix="dev/"``) also logs ``dev/best_f1`` (:data:`BEST_DEV_F1`), the
+        best ``dev/f1`` of the run so far (earlier parts included, from ``summary.json``), and
+        sets it in the summary: what sweeps rank runs by, in every backend."""
         if self.rank != 0:
             return
         self._check_open()
@@ -660,8 +857,37 @@ class Tracker:
         from multieye_dist.metrics import to_log_dict
 
         scalars = _check_metrics(to_log_dict(dict(result), prefix=prefix))
+        f1 = scalars.get("dev/f1") if prefix == "dev/" else None
+        if f1 is not None and math.isfinite(f1):
+            self._best_dev_f1 = max(f1, self._best_dev_f1 if self._best_dev_f1 is not None else f1)
+            scalars[BEST_DEV_F1] = self._best_dev_f1
         for backend in self.backends:
             backend.log_eval(result, scalars, prefix, step)
+        if BEST_DEV_F1 in scalars:
+            self.summary({BEST_DEV_F1: scalars[BEST_DEV_F1]})
+
+    def log_outputs(self, *, step: int) -> None:
+        """At the end of training, what the trainer left in ``run_dir``: the per-sample records
+        ``eval/<name>.records.json`` (:mod:`multieye_dist.plots`) as prediction charts under
+        ``<name>`` with ``_`` as ``/`` (``test_best`` -> ``test/best/confusion_matrix``, ``roc``,
+        ``pr``, ``per_class``), and the exports ``best.safetensors``/``last.safetensors`` that
+        exist, as model artifacts where asked (``tracking.wandb.log_model``). A records file
+        that cannot be read is a ValueError naming it."""
+        if self.rank != 0:
+            return
+        self._check_open()
+        _check_step(step)
+        from multieye_dist.plots import RECORDS_SUFFIX, read_records
+
+        for path in sorted((self.run_dir / "eval").glob(f"*{RECORDS_SUFFIX}")):
+            rec = read_records(path)
+            prefix = path.name.removesuffix(RECORDS_SUFFIX).replace("_", "/") + "/"
+            for backend in self.backends:
+                backend.log_predictions(prefix, rec.labels, rec.probs, rec.class_names, step)
+        exports = [self.run_dir / f"{name}.safetensors" for name in ("best", "last")]
+        exports = [path for path in exports if path.is_file()]
+        for backend in self.backends:
+            backend.log_model(exports)
 
     def summary(self, values: Mapping[str, Any]) -> None:
         """Set run summary values (merged with earlier ones, also across resumes):

@@ -18,19 +18,21 @@ command leaves a finished run's directory exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from multieye_dist import distributed as D
 from multieye_dist import engine as E
@@ -58,11 +60,11 @@ from multieye_dist.data.stream import (
     make_loader,
     resolve_augment_on,
 )
-from multieye_dist.evaluation import RECORDS_SUFFIX, evaluate_split
+from multieye_dist.evaluation import evaluate_split
 from multieye_dist.metrics import NonFiniteError, format_table
 from multieye_dist.model import FrozenTeacher, build_model, param_dtype
 from multieye_dist.objectives import Objective, Terms, build_objective, objective_class
-from multieye_dist.plots import plot_run_safely
+from multieye_dist.plots import RECORDS_SUFFIX, plot_run_safely
 from multieye_dist.runlock import NoLock, RunLock, RunLocked, acquire, check_free
 from multieye_dist.tracking import OLD_RUN_ID_KEY, Tracker
 
@@ -123,6 +125,44 @@ class Meter:
 
 
 @dataclass
+class Clock:
+    """The loop's host wall-clock, for the log line's pairs/s, data-wait share and ETA. Only
+    host time is read (no device sync: the step's one host sync, its finite check, already
+    paces the host to the device, so the wall-clock between batches is the step's)."""
+
+    start_step: int
+    t0: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # epoch ends (evaluation, saving): not training steps, not in the ETA
+    wait: float = 0.0  # waiting for the loader's next batch, since the last log line
+
+    def timed(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        """`batches`, adding the time each next() takes (the loader's lag) to ``wait``."""
+        t = time.perf_counter()
+        it = iter(batches)  # starting the loader's workers is waiting for data too
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            now = time.perf_counter()
+            self.wait += now - t
+            yield batch
+            t = time.perf_counter()
+
+    def pause(self, seconds: float, meter: Meter) -> None:
+        self.paused += seconds
+        meter.t0 += seconds
+
+    def eta(self, step: int, last_step: int) -> float | None:
+        """Seconds to `last_step` at this run's mean pace so far (None before a step)."""
+        done = step - self.start_step
+        if done < 1:
+            return None
+        spent = time.perf_counter() - self.t0 - self.paused
+        return spent / done * max(last_step - step, 0)
+
+
+@dataclass
 class Job:
     """Everything the loop needs, built once by :func:`setup`."""
 
@@ -179,7 +219,10 @@ def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dic
 def _run(cfg: Config, stop_requested: Callable[[], bool]) -> dict[str, Any]:
     job, state = setup(cfg)
     try:
-        return _train(cfg, job, state, stop_requested)
+        # Log lines printed above the progress bar, not through it (rank 0 draws the bars).
+        bars = job.env.is_main and cfg.train.progress
+        with logging_redirect_tqdm() if bars else contextlib.nullcontext():
+            return _train(cfg, job, state, stop_requested)
     except BaseException:  # as torchtitan's main: the tracker's run ends failed, then the error
         job.tracker.finish(exit_code=1)
         raise
@@ -195,9 +238,13 @@ def _train(
     stop_at = (
         None if cfg.train.stop_after_steps is None else start_step + cfg.train.stop_after_steps
     )
+    steps_per_epoch = job.usable_batches // cfg.optim.grad_accum
+    last_step = cfg.train.epochs * steps_per_epoch if stop_at is None else stop_at
+    clock = Clock(start_step)
     for epoch in range(state.epoch, cfg.train.epochs):
         job.stream.set_epoch(epoch, skip=state.batch)
-        for batch in _progress(job, epoch, state.batch):
+        bar = _progress(job, epoch, state.batch, clock)
+        for batch in bar:
             if state.batch >= job.usable_batches:
                 break  # the micro-batches left over by gradient accumulation
             asked = stop_requested is not None and stop_requested()
@@ -211,8 +258,10 @@ def _train(
                 continue  # still accumulating
             state.step = job.engine.global_steps
             if state.step % cfg.train.log_every_steps == 0:
-                log_train(job, state, meter, batch.stats)
-                meter = Meter()
+                loss = log_train(job, state, meter, batch.stats, clock, last_step)
+                if loss is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                meter, clock.wait = Meter(), 0.0
             if stopping:
                 save(job, state)
                 name = getattr(stop_requested, "name", None)
@@ -224,11 +273,14 @@ def _train(
                 return stop(job, state, f"stopped after {cfg.train.stop_after_steps} steps")
             if state.step % cfg.train.checkpoint_every_steps == 0:
                 save(job, state)
+        bar.close()
+        t_end = time.perf_counter()
         state.epoch, state.batch = epoch + 1, 0
         last = state.epoch == cfg.train.epochs
         if last or state.epoch % cfg.train.eval_every_epochs == 0:
             evaluate_dev(job, state)
         save(job, state)
+        clock.pause(time.perf_counter() - t_end, meter)
     return finish(job, state)
 
 
@@ -278,14 +330,15 @@ def _count_nonfinite(job: Job, state: TrainState, terms: Terms | None) -> None:
         )
 
 
-def _progress(job: Job, epoch: int, skip: int):
+def _progress(job: Job, epoch: int, skip: int, clock: Clock) -> tqdm:
+    """One bar per epoch, left on screen (the loss of its last log step as postfix)."""
     return tqdm(
-        DevicePrefetcher(job.loader, job.device, job.cfg.perf.prefetch),
+        clock.timed(DevicePrefetcher(job.loader, job.device, job.cfg.perf.prefetch)),
         total=job.usable_batches - skip,
         desc=f"{job.cfg.train.stage} epoch {epoch + 1}/{job.cfg.train.epochs}",
         disable=not (job.env.is_main and job.cfg.train.progress),
         mininterval=2,
-        leave=False,
+        leave=True,
         dynamic_ncols=True,
     )
 
@@ -309,6 +362,8 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
             f"data.samples_per_epoch={cfg.data.samples_per_epoch} gives {len(stream)} batch(es) "
             f"per rank, fewer than optim.grad_accum={cfg.optim.grad_accum}: no optimizer step"
         )
+    if env.is_main:
+        _log_start(cfg, env, device, objective, stream, steps_per_epoch)
     E.init_distributed(env, device)
     run_dir = Path(cfg.train.out_dir)
     lock = _lock_run_dir(env, run_dir)
@@ -382,20 +437,38 @@ def _build(
         usable_batches=steps_per_epoch * cfg.optim.grad_accum,
         lock=lock,
     )
+    if state.step:
+        logger.info("resumed at step %d (epoch %d)", state.step, state.epoch + 1)
+    return job, state
+
+
+def _log_start(
+    cfg: Config,
+    env: D.DistEnv,
+    device: torch.device,
+    objective: Objective,
+    stream: PairedTrainStream,
+    steps_per_epoch: int,
+) -> None:
+    """The first lines of a training (rank 0): what it reads, where and how it runs."""
+    sets = [s for s in (stream.fundus, stream.oct) if s is not None]
+    read = "; ".join(
+        f"{s.modality} {s.split} {s.listed} samples, {len(s.urls)} shards"
+        for s in sets
+    )
+    logger.info("shards %s: %s", resolve_shards(cfg.data.shards), read)
     logger.info(
-        "%s: %d rank(s) on %s, %d steps/epoch x %d epochs, precision %s, ZeRO %d, from step %d, "
+        "%s: %d rank(s) on %s, precision %s, ZeRO %d, %d steps/epoch x %d epochs, "
         "augmentation on the %s",
         objective.describe(),
         env.world,
         device,
-        steps_per_epoch,
-        cfg.train.epochs,
         cfg.train.precision,
         cfg.deepspeed.zero_stage,
-        state.step,
+        steps_per_epoch,
+        cfg.train.epochs,
         resolve_augment_on(cfg.data.augment_on),
     )
-    return job, state
 
 
 def _lock_run_dir(env: D.DistEnv, run_dir: Path) -> RunLock:
@@ -442,6 +515,11 @@ def preflight(cfg: Config, world: int, *, in_run_dir: bool = True) -> Checked:
     weights, the teacher export; and a resume's compatibility with the checkpoint's run.
     ``in_run_dir=False`` (a config whose run directory is not known yet: an online sweep's
     base) leaves out the lock and the resume."""
+    if not cfg.data.shards:
+        raise ConfigError(
+            "data.shards is not set: name the converted shards (a directory of `shards "
+            "convert` output, or a URL prefix), e.g. data.shards=data/shards"
+        )
     check_world(cfg, world)
     checkpoint = None
     if in_run_dir:
@@ -621,9 +699,17 @@ def resume(engine, path: Path | None) -> TrainState:
 # ----------------------------------------------------------------------------- logging
 
 
-def log_train(job: Job, state: TrainState, meter: Meter, stats: StreamStats) -> None:
-    """Mean loss terms over the interval and over ranks (one small all-reduce), rank 0 logs.
-    An interval whose steps were all skipped (non-finite on every rank alike) has no terms."""
+def log_train(
+    job: Job,
+    state: TrainState,
+    meter: Meter,
+    stats: StreamStats,
+    clock: Clock,
+    last_step: int,
+) -> float | None:
+    """Mean loss terms over the interval and over ranks (one small all-reduce); rank 0 logs
+    them to the tracker and as one INFO line, and gets the mean loss back (else None). An
+    interval whose steps were all skipped (non-finite on every rank alike) has no terms."""
     sums = meter.sums if meter.sums is not None else torch.zeros(0, device=job.device)
     vec = torch.cat(
         [sums.double(), torch.tensor([float(meter.steps)], device=sums.device, dtype=torch.float64)]
@@ -631,23 +717,50 @@ def log_train(job: Job, state: TrainState, meter: Meter, stats: StreamStats) -> 
     if D.world_size() > 1:
         torch.distributed.all_reduce(vec)  # on the device: NCCL reduces CUDA tensors only
     if not job.env.is_main:
-        return
+        return None
     host = vec.tolist()
     n = max(host[-1], 1.0)
-    elapsed = time.perf_counter() - meter.t0
-    values = {f"train/{k}": host[i] / n for i, k in enumerate(meter.names)}
+    elapsed = max(time.perf_counter() - meter.t0, 1e-9)
+    terms = {k: host[i] / n for i, k in enumerate(meter.names)}
+    values = {f"train/{k}": v for k, v in terms.items()}
     values.update(
         {
             "train/lr": E.current_lr(job.engine),
             "train/epoch": state.epoch + state.batch / job.usable_batches,
-            "train/samples_per_s": meter.samples * job.env.world / max(elapsed, 1e-9),
+            "train/samples_per_s": meter.samples * job.env.world / elapsed,
+            "train/data_wait": min(clock.wait / elapsed, 1.0),
             "train/nonfinite_skipped": state.nonfinite,
             "data/bad": stats.bad,
             "data/unmatched_oct": stats.unmatched_oct,
         }
     )
     job.tracker.log(values, step=state.step)
-    logger.debug("step %d %s", state.step, values)
+    logger.info("%s", _console_line(job, state, terms, values, clock.eta(state.step, last_step)))
+    return terms.get("loss")
+
+
+def _console_line(
+    job: Job, state: TrainState, terms: dict[str, float], values: dict[str, Any], eta: float | None
+) -> str:
+    """``epoch 2/4 step 40/128 | loss 1.2345 ce 1.1 ... | lr 1.00e-03 | 95.1 pairs/s | data
+    wait 12% | ETA 1m30s``: what a person watching the run reads."""
+    cfg = job.cfg.train
+    total = cfg.epochs * (job.usable_batches // job.cfg.optim.grad_accum)
+    loss = " ".join(f"{k} {v:.4f}" for k, v in terms.items()) or "loss - (every step skipped)"
+    unit = "pairs/s" if job.objective.partner is not None else "images/s"
+    return (
+        f"epoch {state.epoch + 1}/{cfg.epochs} step {state.step}/{total} | {loss} | "
+        f"lr {values['train/lr']:.2e} | {values['train/samples_per_s']:.1f} {unit} | "
+        f"data wait {100 * values['train/data_wait']:.0f}% | ETA {_duration(eta)}"
+    )
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s"
 
 
 def evaluate_dev(job: Job, state: TrainState) -> None:
@@ -808,7 +921,25 @@ def finish(job: Job, state: TrainState) -> dict[str, Any]:
             logger.info("test, %s model (%s):\n%s", name, path, format_table(result))
     if job.env.is_main:
         job.tracker.summary(summary)
+        job.tracker.log_outputs(step=state.step)  # W&B: eval/*.records.json charts, exports
         plot_run_safely(job.run_dir)  # <run>/plots/*.png; a failure is a warning, not a failed run
+        _closing_line(job, state)
     job.tracker.finish()
     D.barrier()
     return summary
+
+
+def _closing_line(job: Job, state: TrainState) -> None:
+    run_dir = job.run_dir.resolve()
+    last = run_dir / "last.safetensors"
+    if state.best_epoch < 0:
+        logger.info("done: no dev evaluation was scored; last model %s", last)
+        return
+    logger.info(
+        "done: best dev macro-F1 %.2f at epoch %d -> %s (last model: %s; results: %s)",
+        100 * state.best_f1,
+        state.best_epoch,
+        run_dir / "best.safetensors",
+        last,
+        run_dir / "eval",
+    )

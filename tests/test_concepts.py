@@ -24,9 +24,10 @@ from multieye_dist.concepts import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SENTENCES_TXT = REPO / "configs" / "multieye_concepts.txt"
-SHIPPED_BANK = REPO / "configs" / "concepts" / "minilm-l6.safetensors"
-FINDINGS_BANK = REPO / "configs" / "concepts" / "synth-findings-minilm.safetensors"
+SHIPPED = REPO / "multieye_dist" / "configs"
+SENTENCES_TXT = SHIPPED / "multieye_concepts.txt"
+SHIPPED_BANK = SHIPPED / "concepts" / "minilm-l6.safetensors"
+FINDINGS_BANK = SHIPPED / "concepts" / "synth-findings-minilm.safetensors"
 HIDDEN = 32
 # Nothing here may reach a model hub (read by huggingface_hub when transformers is imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

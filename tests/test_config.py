@@ -16,12 +16,13 @@ from multieye_dist.config import (
     ModelConfig,
     load_config,
     parse_override,
+    resolve_paths,
     save_resolved,
     to_dict,
 )
 from multieye_dist.model import ModelConfig as ModelModelConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "multieye_dist" / "configs"
 
 
 def write(path: Path, text: str) -> Path:
@@ -302,10 +303,10 @@ def test_save_resolved_round_trip_and_atomic(tmp_path):
     path = save_resolved(cfg, run_dir)
     assert path == run_dir / "config.yaml"
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # no temp file left
-    assert load_config(path) == cfg
-    assert yaml.safe_load(path.read_text()) == to_dict(cfg)
+    assert load_config(path) == resolve_paths(cfg)  # paths absolute (tests/test_console.py)
+    assert yaml.safe_load(path.read_text()) == to_dict(resolve_paths(cfg))
     save_resolved(dataclasses.replace(cfg, train=Config().train), run_dir)  # overwrite in place
-    assert load_config(path).train == Config().train
+    assert load_config(path).train == resolve_paths(Config()).train
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 
@@ -314,4 +315,4 @@ def test_to_dict_is_json_serialisable():
     assert json.loads(json.dumps(d)) == d
     assert set(d) == {f.name for f in dataclasses.fields(Config)}
     assert d["optim"]["betas"] == [0.9, 0.999]
-    assert d["tracking"]["wandb"] == {"mode": "offline"}  # a nested section, as a mapping
+    assert d["tracking"]["wandb"]["mode"] == "offline"  # a nested section, as a mapping

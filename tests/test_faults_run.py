@@ -35,9 +35,10 @@ from multieye_dist.runlock import LOCK_FILE, RunLocked, acquire, holder
 from multieye_dist.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-BANK = ROOT / "configs" / "concepts" / "minilm-l6.safetensors"
+BANK = ROOT / "multieye_dist" / "configs" / "concepts" / "minilm-l6.safetensors"
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-PLAIN = ROOT / "configs" / "distill.yaml"  # the launchers need a file; the overrides say the rest
+# the launchers need a file; the overrides say the rest
+PLAIN = ROOT / "multieye_dist" / "configs" / "distill.yaml"
 
 
 def _tiny(shards: Path, out: Path, *extra: str) -> list[str]:

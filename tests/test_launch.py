@@ -255,7 +255,10 @@ def test_online_sweep_hand_off_without_the_network(sweep_launcher, tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == [RUN_ID_FILE]  # no temp files left
 
     task = sweep_launcher.AgentTask(
-        "sweep1", str(ROOT / "configs" / "demo.yaml"), ["train.epochs=1"], str(tmp_path)
+        "sweep1",
+        str(ROOT / "multieye_dist" / "configs" / "demo.yaml"),
+        ["train.epochs=1"],
+        str(tmp_path),
     )
     cfg = load_config(task.config, task.train_overrides(record))
     assert (cfg.tracking.backend, cfg.tracking.wandb.mode) == ("wandb", "online")

@@ -18,7 +18,7 @@ from multieye_dist.config import ConfigError, load_config
 from multieye_dist.losses import octcoda_loss
 from multieye_dist.model import ConceptModel, FrozenTeacher, ModelConfig
 
-BANK = Path(__file__).resolve().parents[1] / "configs" / "concepts" / "minilm-l6.safetensors"
+BANK = Path(__file__).resolve().parents[1] / "multieye_dist/configs/concepts/minilm-l6.safetensors"
 CPU = torch.device("cpu")
 
 

@@ -154,7 +154,10 @@ def test_offline_run_writes_history_tables_summary(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert records[0]["train/loss"] == 1.5
     assert records[1]["dev/f1"] == pytest.approx(_eval_result()["f1"])
-    assert json.loads((run_dir / SUMMARY_FILE).read_text()) == {"test/best/f1": 0.75}
+    assert json.loads((run_dir / SUMMARY_FILE).read_text()) == {
+        "test/best/f1": 0.75,
+        "dev/best_f1": pytest.approx(_eval_result()["f1"]),  # the only dev result, the best
+    }
 
 
 def test_resume_keeps_run_id_and_explicit_id_wins(tmp_path):
@@ -332,6 +335,12 @@ class Recorder:
     def log_eval(self, result, scalars, prefix, step):
         self.calls.append(("log_eval", result["class_names"], dict(scalars), prefix, step))
 
+    def log_predictions(self, prefix, labels, probs, class_names, step):
+        self.calls.append(("log_predictions", prefix, labels.tolist(), probs.shape, step))
+
+    def log_model(self, paths):
+        self.calls.append(("log_model", [p.name for p in paths]))
+
     def summary(self, values):
         self.calls.append(("summary", dict(values)))
 
@@ -382,3 +391,33 @@ def test_run_id_file_is_written_atomically_and_the_old_name_is_read(tmp_path):
     tracker.finish()
     assert tracker.run_id == "legacy9" and read_run_id(old) == "legacy9"
     assert (old / RUN_ID_FILE).read_text() == "legacy9\n"
+
+
+def test_log_outputs_hands_records_and_existing_exports_to_backends(tmp_path):
+    """What train.finish leaves in run_dir reaches every backend: each eval/*.records.json
+    under its name as a prefix, and only the exports that exist (no best model: none)."""
+    from multieye_dist.plots import write_records
+
+    run_dir = tmp_path / "run"
+    rows = [
+        {"key": "k0", "label": 1, "probs": [0.2, 0.8]},
+        {"key": "k1", "label": 0, "probs": [1, 0]},
+    ]
+    for name in ("test_last", "dev_last"):
+        write_records(
+            run_dir / "eval" / f"{name}.records.json",
+            rows,
+            split=name.split("_")[0],
+            modality="fundus",
+            class_names=["x", "y"],
+        )
+    (run_dir / "last.safetensors").write_bytes(b"w")
+    rec = Recorder()
+    with Tracker(LOCAL, run_dir, rank=0, backends=[rec]) as tracker:
+        tracker.log_outputs(step=7)
+    assert rec.calls == [
+        ("log_predictions", "dev/last/", [1, 0], (2, 2), 7),
+        ("log_predictions", "test/last/", [1, 0], (2, 2), 7),
+        ("log_model", ["last.safetensors"]),
+        ("finish", None),
+    ]

@@ -24,7 +24,7 @@ from multieye_dist.tracking import RUN_ID_FILE, SUMMARY_FILE, read_metrics
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-BANK = ROOT / "configs" / "concepts" / "minilm-l6.safetensors"
+BANK = ROOT / "multieye_dist" / "configs" / "concepts" / "minilm-l6.safetensors"
 STEPS_PER_EPOCH = 8  # 128 samples / 2 ranks / batch 8
 
 
@@ -255,7 +255,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(shards, teacher_ckpt, wa
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--config", "missing.yaml"], "cannot read config file"),
+        (["--config", "missing.yaml"], "config missing.yaml: no such file (packaged configs"),
         (["optim.lrr=1"], "did you mean optim.lr?"),
         (["train.stage=teacher"], "contradicts the command 'train distill'"),
         (["--resume", "/nonexistent/ckpt"], "not a checkpoint directory"),

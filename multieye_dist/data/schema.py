@@ -58,14 +58,14 @@ def missing_members(sample: dict[str, Any], image_ext: str) -> list[str]:
     return [m for m in (image_ext, LABEL, META) if m not in sample]
 
 
-def parse_label(raw: bytes | str, where: str) -> int:
-    """The class index of a ``.cls`` member, in [0, NUM_CLASSES)."""
+def parse_label(raw: bytes | str, where: str, num_classes: int = NUM_CLASSES) -> int:
+    """The class index of a ``.cls`` member, in [0, num_classes) (the manifest's class count)."""
     try:
         label = int(raw.decode() if isinstance(raw, bytes) else raw)
     except (UnicodeDecodeError, ValueError):
         raise SampleError(f"{where}: .{LABEL} {raw[:20]!r} is not an integer") from None
-    if not 0 <= label < NUM_CLASSES:
-        raise SampleError(f"{where}: label {label} outside 0..{NUM_CLASSES - 1}")
+    if not 0 <= label < num_classes:
+        raise SampleError(f"{where}: label {label} outside 0..{num_classes - 1}")
     return label
 
 
@@ -121,7 +121,14 @@ def _nonneg_int(value: Any) -> bool:
 
 
 def _counts(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == NUM_CLASSES and all(map(_nonneg_int, value))
+    # The length is checked against the manifest's class_names in check_manifest.
+    return isinstance(value, list) and all(map(_nonneg_int, value))
+
+
+def _class_names(value: Any) -> bool:
+    names = value if isinstance(value, list) else []
+    unique = len(set(names)) == len(names)
+    return bool(names) and unique and all(isinstance(n, str) and n.strip() for n in names)
 
 
 def _plain_name(value: Any) -> bool:
@@ -136,13 +143,13 @@ _FIELDS = {  # top-level field -> (test, what it must be)
     "image_ext": (lambda v: v in IMAGE_FORMATS, f"one of {', '.join(IMAGE_FORMATS)}"),
     "num_samples": (_nonneg_int, "a non-negative integer"),
     "num_skipped": (_nonneg_int, "a non-negative integer"),
-    "class_counts": (_counts, f"an array of {NUM_CLASSES} non-negative integers"),
+    "class_counts": (_counts, "an array of non-negative integers, one per class"),
     "shards": (lambda v: isinstance(v, list), "an array"),
 }
 _SHARD_FIELDS = {  # per shard entry
     "name": (_plain_name, "a plain file name"),
     "samples": (_nonneg_int, "a non-negative integer"),
-    "class_counts": (_counts, f"an array of {NUM_CLASSES} non-negative integers"),
+    "class_counts": (_counts, "an array of non-negative integers, one per class"),
     "sha256": (lambda v: isinstance(v, str) and bool(_SHA256_RE.match(v)), "64 hex digits"),
 }
 
@@ -184,6 +191,14 @@ def check_manifest(
             f"{where}: a JSON {_json_type(manifest)}, not a manifest (a JSON object); {_REMEDY}"
         )
     _check_fields(manifest, _FIELDS, where)
+    if "class_names" in manifest and not _class_names(manifest["class_names"]):
+        shown = repr(manifest["class_names"])[:40]
+        raise _field_error(where, "class_names", f"is {shown}, expected distinct non-empty names")
+    # Without the field (shards written before it existed): MultiEYE's 9 classes.
+    n_classes = len(manifest.get("class_names") or ()) or NUM_CLASSES
+    if len(manifest["class_counts"]) != n_classes:
+        problem = f"has {len(manifest['class_counts'])} entries, expected {n_classes} (class_names)"
+        raise _field_error(where, "class_counts", problem)
     for name, want in (("modality", modality), ("split", split)):
         if want is not None and manifest[name] != want:
             raise _field_error(where, name, f"is {manifest[name]!r}, expected {want!r}")
@@ -192,6 +207,10 @@ def check_manifest(
         if not isinstance(entry, dict):
             raise _field_error(where, f"shards[{i}]", f"is a {_json_type(entry)}, not an object")
         _check_fields(entry, _SHARD_FIELDS, where, f"shards[{i}].")
+        if len(entry["class_counts"]) != n_classes:
+            n = len(entry["class_counts"])
+            problem = f"has {n} entries, expected {n_classes} (class_names)"
+            raise _field_error(where, f"shards[{i}].class_counts", problem)
         if entry["name"] in seen:
             raise _field_error(where, f"shards[{i}].name", f"{entry['name']!r} is listed twice")
         seen.add(entry["name"])
@@ -202,7 +221,7 @@ def check_manifest(
     if manifest["num_samples"] != total:
         problem = f"is {manifest['num_samples']}, but the shards list {total} samples"
         raise _field_error(where, "num_samples", problem)
-    per_class = [sum(e["class_counts"][c] for e in manifest["shards"]) for c in range(NUM_CLASSES)]
+    per_class = [sum(e["class_counts"][c] for e in manifest["shards"]) for c in range(n_classes)]
     if manifest["class_counts"] != per_class:
         problem = f"is {manifest['class_counts']}, but the shards sum to {per_class}"
         raise _field_error(where, "class_counts", problem)
