@@ -99,13 +99,13 @@ class DataConfig(_Section):
     # No default: a forgotten override must not train on some other data set (training refuses
     # an empty value; the demo sets its own).
     shards: str = ""
-    image_size: int = 512
+    image_size: int = 512  # training and evaluation input side, px (the release: 512)
     batch_size: int = 64  # per rank
     samples_per_epoch: int = 36000  # class-balanced draws per epoch (all ranks together)
-    num_workers: int = 8
+    num_workers: int = 8  # loader worker processes per rank (0: load in the training process)
     pool_size: int = 32  # per-class pool for balanced sampling and OCT partners
-    resampled: bool = False
-    seed: int = 0
+    resampled: bool = False  # draw shards with replacement (endless) instead of splitting them
+    seed: int = 0  # seed of the stream's draws and augmentation
     max_bad_fraction: float = 0.01  # corrupt samples tolerated before the run stops
     # The release's training augmentation (random resized crop, flip, RandAugment, erasing);
     # false = evaluation transform only (tiny CPU runs on position-coded synthetic data).
@@ -158,9 +158,9 @@ class LossConfig(_Section):
     variant: str = "paper"
     alpha: float = 0.6
     beta: float = 0.05
-    temperature: float = 10.0
+    temperature: float = 10.0  # divides the concept similarities in the contrastive term
     contrastive_scope: Literal["local", "global"] = "local"  # global: anchors from all ranks
-    impl: Literal["auto", "triton", "torch"] = "auto"
+    impl: Literal["auto", "triton", "torch"] = "auto"  # fused kernel, or torch (auto: per device)
     # alpha and beta ramp linearly from 0 over the first optimizer steps (0 = full from step 0,
     # the release): distillation starts once the student's classifier has found its feet.
     distill_warmup_steps: int = 0
@@ -187,7 +187,7 @@ class AlignConfig(_Section):
     export is a ``model.weights`` init for the teacher (oct) or the student (fundus)."""
 
     _key: ClassVar[str] = "align"
-    modality: Literal["fundus", "oct"] = "fundus"
+    modality: Literal["fundus", "oct"] = "fundus"  # the images this alignment run trains on
     temperature: float = 0.1  # of the image-concept cosine logits (CLIP learns it; fixed here)
     # Also train the classifier on the detached level-1 similarities (a linear probe: the
     # representation is not touched), so that dev macro-F1 measures the concept space and picks
@@ -204,12 +204,12 @@ class OptimConfig(_Section):
     """AdamW; linear warm-up for ``warmup_epochs``, then cosine to ``min_lr``, per iteration."""
 
     _key: ClassVar[str] = "optim"
-    lr: float = 1e-4
-    weight_decay: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = 1e-4  # peak learning rate (finite, > 0)
+    weight_decay: float = 1e-3  # AdamW's decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment coefficients
     warmup_epochs: int = 5
     min_lr: float = 1e-6
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
     # Learning-rate multipliers per top-level module of the model (backbone, proj, level2,
     # classifier), e.g. {level2: 0.1}: W_4, trained by distillation alone in the student, moves
     # slower and keeps level 2 in scale; {classifier: 30}: the concept classifier reads cosines in
@@ -244,17 +244,17 @@ class TrainConfig(_Section):
     # align: concept-alignment pre-training (AlignConfig); teacher: OCT, cross-entropy only;
     # distill: the fundus student.
     stage: Literal["distill", "teacher", "align"] = "distill"
-    epochs: int = 100
-    out_dir: str = "runs/default"
-    eval_every_epochs: int = 1
-    checkpoint_every_steps: int = 500
+    epochs: int = 100  # data epochs of data.samples_per_epoch draws each
+    out_dir: str = "runs/default"  # the run directory: config, checkpoints, exports, logs
+    eval_every_epochs: int = 1  # dev evaluation (and best export) every N epochs
+    checkpoint_every_steps: int = 500  # DeepSpeed checkpoint every N optimizer steps
     # Keep only the newest N checkpoints (0 = keep all): a ResNet-50 checkpoint is ~300 MB
     # with its optimizer state, written every checkpoint_every_steps and at every epoch end.
     # The best model is kept apart from them, as its export best.safetensors (never pruned).
     keep_checkpoints: int = 2
     resume: str = "auto"  # "auto" (latest in out_dir), "never", or a checkpoint path
-    log_every_steps: int = 10
-    seed: int = 0
+    log_every_steps: int = 10  # one console line and tracker record every N optimizer steps
+    seed: int = 0  # initial weights and per-step randomness (dropout)
     # Mixed precision (multieye_dist/engine.py): DeepSpeed's torch-autocast mode with bf16, its
     # bf16 mode (bf16 weights, fp32 master copies), or none. See BENCHMARKS.md, "Precision".
     precision: Literal["autocast-bf16", "bf16", "fp32"] = "autocast-bf16"
@@ -289,7 +289,7 @@ class PerfConfig(_Section):
 @dataclass(frozen=True)
 class DeepSpeedConfig(_Section):
     _key: ClassVar[str] = "deepspeed"
-    zero_stage: Literal[0, 1, 2] = 1
+    zero_stage: Literal[0, 1, 2] = 1  # ZeRO partitioning: 0 off, 1 optimizer state, 2 + gradients
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed JSON config
 
 

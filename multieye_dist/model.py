@@ -52,7 +52,7 @@ class ModelConfig:
     # (backbone.* and proj.weight keys: an export of this model, or an `import flair` init)
     # also loads the projection W_p and whichever of level2/classifier it has.
     weights: str | None = None
-    num_classes: int = 9
+    num_classes: int = 9  # classifier outputs (MultiEYE's 9 classes)
     concept_dim: int | None = None  # D; None = taken from the concept bank
     drop_rate: float = 0.0  # dropout on the pooled feature h
     # L2-normalise the level-2 embedding u as level 1 does (s' = normalize(W_4 h + b_4) C^T):
