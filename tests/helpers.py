@@ -193,3 +193,29 @@ def random_batch(n: int = 6, size: int = 32, seed: int = 0, paired: bool = True)
         partner_label=label.clone() if paired else None,
         partner_keys=[f"o{seed}-{i}" for i in range(n)] if paired else None,
     )
+
+
+# A tiny training run: test_resnet (0.4 M parameters) at 32 px, one epoch of 64 samples, fp32,
+# no tracker: what tests that need a real run but not a particular setting start from.
+TINY_RUN = {
+    "model.backbone": "test_resnet",
+    "data.image_size": 32,
+    "data.batch_size": 8,
+    "data.samples_per_epoch": 64,
+    "data.num_workers": 0,
+    "data.augment": "false",
+    "train.epochs": 1,
+    "train.log_every_steps": 1,
+    "train.precision": "fp32",
+    "train.progress": "false",
+    "optim.warmup_epochs": 0,
+    "teacher.dtype": "fp32",
+    "tracking.wandb.mode": "disabled",
+}
+
+
+def tiny_overrides(shards: Path | str, out: Path | str, *extra: str) -> list[str]:
+    """Overrides of a :data:`TINY_RUN` from `shards` into `out`, then `extra` (a later override
+    of a key wins)."""
+    base = {**TINY_RUN, "data.shards": shards, "train.out_dir": out}
+    return [f"{k}={v}" for k, v in base.items()] + list(extra)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_ranks
+from helpers import run_ranks, tiny_overrides
 from PIL import Image
 
 from multieye_dist.config import DataConfig, load_config
@@ -163,25 +163,15 @@ def test_training_with_the_device_augmentation(shard_dir, tmp_path):
     from multieye_dist.tracking import read_metrics
 
     out = tmp_path / "run"
-    overrides = [
+    overrides = tiny_overrides(
+        shard_dir,
+        out,
         "loss.name=fundus-only",
-        "model.backbone=test_resnet",
-        f"data.shards={shard_dir}",
-        "data.image_size=32",
-        "data.batch_size=8",
-        "data.samples_per_epoch=64",
         "data.num_workers=1",
         "data.augment=true",
         "data.augment_on=device",
-        "train.epochs=1",
         "train.stop_after_steps=2",
-        f"train.out_dir={out}",
-        "train.log_every_steps=1",
-        "train.precision=fp32",
-        "train.progress=false",
-        "optim.warmup_epochs=0",
-        "tracking.wandb.mode=disabled",
-    ]
+    )
     run_ranks(_train_two_steps, 1, overrides, timeout=240)
     steps = [r for r in read_metrics(out) if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_overrides
 
 from multieye_dist import engine as E
 from multieye_dist.atomic import is_temp_name, open_atomic, remove_temp_files, write_bytes
@@ -555,23 +556,7 @@ CKPT_BYTES = (6_500_000, 7_300_000)
 
 def _train(shards: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """`multieye-dist train teacher` as a user runs it: one rank, a subprocess."""
-    overrides = [
-        "model.backbone=test_resnet",
-        f"data.shards={shards}",
-        "data.image_size=32",
-        "data.batch_size=8",
-        "data.samples_per_epoch=64",
-        "data.num_workers=0",
-        "data.augment=false",
-        "train.epochs=1",
-        f"train.out_dir={out}",
-        "train.checkpoint_every_steps=1",
-        "train.precision=fp32",
-        "train.progress=false",
-        "optim.warmup_epochs=0",
-        "tracking.wandb.mode=disabled",
-        *extra,
-    ]
+    overrides = tiny_overrides(shards, out, "train.checkpoint_every_steps=1", *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tiny_overrides
 from PIL import Image
 
 from multieye_dist import plots
@@ -271,13 +272,7 @@ def test_a_finished_training_leaves_its_records_and_pictures(shards, tmp_path):
     import multiprocessing as mp
 
     out = tmp_path / "teacher"
-    overrides = [
-        "train.stage=teacher", "model.backbone=test_resnet", f"data.shards={shards}",
-        "data.image_size=32", "data.batch_size=8", "data.samples_per_epoch=16",
-        "data.num_workers=0", "data.augment=false", "train.epochs=1", f"train.out_dir={out}",
-        "train.log_every_steps=1", "train.precision=fp32", "train.progress=false",
-        "optim.warmup_epochs=0", "tracking.wandb.mode=disabled",
-    ]  # fmt: skip
+    overrides = tiny_overrides(shards, out, "train.stage=teacher", "data.samples_per_epoch=16")
     p = mp.get_context("spawn").Process(target=_train_teacher, args=(0, 1, overrides))
     p.start()
     p.join(240)

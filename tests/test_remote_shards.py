@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_overrides
 
 from multieye_dist.config import ConfigError, DataConfig, load_config
 from multieye_dist.data import remote
@@ -244,25 +245,15 @@ def test_two_training_steps_from_the_server(server, teacher_ckpt, tmp_path):
     from multieye_dist.tracking import read_metrics
 
     out = tmp_path / "run"
-    overrides = [
-        "model.backbone=test_resnet",
-        f"data.shards={server}/shards",
+    overrides = tiny_overrides(
+        f"{server}/shards",
+        out,
         f"data.image_size={SIZE}",
-        "data.batch_size=8",
-        "data.samples_per_epoch=64",
         "data.num_workers=1",
-        "data.augment=false",
-        "train.epochs=1",
         "train.stop_after_steps=2",
-        f"train.out_dir={out}",
-        "train.log_every_steps=1",
-        "train.precision=fp32",
-        "train.progress=false",
-        "optim.warmup_epochs=0",
-        "teacher.dtype=fp32",
         f"teacher.checkpoint={teacher_ckpt}",
         "tracking.backend=local",
-    ]
+    )
     _Handler.requested.clear()
     p = mp.get_context("spawn").Process(target=_train, args=(0, 1, overrides))
     p.start()
