@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from multieye_dist.atomic import write_bytes
-from multieye_dist.data.classes import CLASS_NAMES
+from multieye_dist.data.classes import DEFAULT_CLASS_NAMES
 from multieye_dist.model import ConceptModel, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -25,17 +25,25 @@ def export_inference(
     concept_sentences: list[str],
     image_size: int,
     extra: dict | None = None,
+    class_names: tuple[str, ...] | list[str] | None = None,
 ) -> None:
-    """Write atomically (:mod:`multieye_dist.atomic`): a reader never sees half a checkpoint."""
+    """Write atomically (:mod:`multieye_dist.atomic`): a reader never sees half a checkpoint.
+    `class_names`: the training data's (its manifest's), one per classifier output; None:
+    MultiEYE's 9."""
     from safetensors.torch import save
 
     path = Path(path)
+    names = list(DEFAULT_CLASS_NAMES if class_names is None else class_names)
+    if len(names) != cfg.num_classes:
+        raise ValueError(
+            f"{path}: {len(names)} class names for a model of {cfg.num_classes} classes ({names})"
+        )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
         "model_config": json.dumps(asdict(cfg)),
         "concept_sentences": json.dumps(concept_sentences),
-        "class_names": json.dumps(list(CLASS_NAMES)),
+        "class_names": json.dumps(names),
         "image_size": str(image_size),
         "extra": json.dumps(extra or {}),
     }

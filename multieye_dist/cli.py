@@ -125,7 +125,20 @@ def add_convert_options(p: argparse.ArgumentParser) -> None:
     """Conversion options, shared with shards/convert_slurm.py."""
     from multieye_dist.data.layout import LABEL_FILE, SPLITS
 
-    p.add_argument("--root", type=Path, required=True, help="MultiEYE root (assemble/, ...)")
+    p.add_argument(
+        "--root",
+        type=Path,
+        required=True,
+        help="MultiEYE root (assemble/, ...), an ImageFolder tree (ROOT/SPLIT/CLASS/IMAGE; val "
+        "is read as dev) or a path,label,split,modality CSV file",
+    )
+    p.add_argument(
+        "--input-format",
+        choices=("auto", "multieye", "imagefolder", "csv"),
+        default="auto",
+        help="what --root is (default auto: a .csv file is csv, a root with assemble/ or "
+        "assemble_oct/ is multieye, one with train/dev/val/test folders is imagefolder)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory for the shards")
     p.add_argument("--modality", choices=("fundus", "oct", "both"), default="both")
     p.add_argument("--splits", type=_csv(SPLITS), default=SPLITS, help="e.g. train,dev")
@@ -192,13 +205,16 @@ def convert_options(args: argparse.Namespace):
         workers=args.workers,
         skip_bad=args.skip_bad,
         label_file=args.label_file,
+        input_format=getattr(args, "input_format", "auto"),
     )
 
 
 def _add_shards(sub) -> None:
     shards = sub.add_parser("shards", help="convert to / verify WebDataset shards")
     ssub = shards.add_subparsers(dest="shards_cmd", required=True)
-    conv = ssub.add_parser("convert", help="MultiEYE layout -> WebDataset tar shards")
+    conv = ssub.add_parser(
+        "convert", help="MultiEYE layout, ImageFolder tree or CSV -> WebDataset tar shards"
+    )
     add_convert_options(conv)
     conv.add_argument("--no-progress", action="store_true")
     conv.set_defaults(func=cmd_convert)

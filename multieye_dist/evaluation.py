@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from multieye_dist.data.classes import CLASS_NAMES
 from multieye_dist.data.prepare import BatchPreparer
 from multieye_dist.data.stream import (
     Batch,
@@ -100,6 +99,13 @@ def evaluate_split(
     `records_path`: rank 0 also writes the per-sample records there
     (:func:`multieye_dist.plots.write_records`): the pictures are redrawn from them."""
     shards = ShardSet.from_manifest(shard_dir, modality, split)  # a directory or a URL prefix
+    n_model = getattr(getattr(model, "module", model), "num_classes", None)
+    if n_model is not None and n_model != shards.num_classes:  # scores would mean other classes
+        raise ValueError(
+            f"the model has {n_model} classes but {shards.manifest} lists {shards.num_classes} "
+            f"({', '.join(shards.class_names)}); evaluate on shards of the classes it was "
+            "trained on"
+        )
     stream = EvalStream(
         shards, image_size, batch_size, max_bad_fraction=max_bad_fraction, augment_on=augment_on
     )
@@ -127,10 +133,11 @@ def evaluate_split(
         raise ValueError(f"{shard_dir}: no sample of {modality}-{split} could be scored")
     labels = np.array([r["label"] for r in rows])
     probs = np.array([r["probs"] for r in rows])
-    result = evaluate(labels, probs, CLASS_NAMES)
+    names = list(shards.class_names)  # the manifest's (MultiEYE's 9 for older shards)
+    result = evaluate(labels, probs, names)
     result.update(split=split, modality=modality, listed=shards.listed, scored=len(rows), bad=bad)
     if records_path is not None:  # after evaluate(): non-finite probabilities never get here
-        write_records(records_path, rows, split=split, modality=modality, class_names=CLASS_NAMES)
+        write_records(records_path, rows, split=split, modality=modality, class_names=names)
     if bad:
         logger.warning(
             "%s-%s: %d of %d listed sample(s) were not scored (undecodable, mislabelled or "

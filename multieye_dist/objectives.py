@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multieye_dist.data.classes import NUM_CLASSES
 from multieye_dist.data.stream import Batch
 from multieye_dist.losses import LossOutput, fundus_only_loss, octcoda_loss
 from multieye_dist.model import param_dtype
@@ -211,8 +210,9 @@ class OctCoda(Objective):
         super().__init__(cfg, device)
         self.impl = resolve_loss_impl(cfg.loss, device)
         if cfg.loss.control == "permuted-teacher":
-            self.partner_classes = derangement(NUM_CLASSES, cfg.train.seed)
-            inverse = [0] * NUM_CLASSES
+            n = cfg.model.num_classes  # the training data's (train.data_classes)
+            self.partner_classes = derangement(n, cfg.train.seed)
+            inverse = [0] * n
             for c, p in enumerate(self.partner_classes):
                 inverse[p] = c
             self._perm = torch.tensor(self.partner_classes, device=device)

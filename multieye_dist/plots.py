@@ -525,10 +525,10 @@ def draw_shard_preview(
     shards = ShardSet.from_manifest(shard_dir, modality, split)
     counts = shards.total_class_counts
     picked = _first_per_class(shards, np.minimum(counts, per_class))
-    short = _abbrev(CLASS_NAMES)
+    short = _abbrev(shards.class_names)  # the manifest's classes (MultiEYE's 9 for old shards)
     labels = [
         f"{_wrap(name, 26, 2)}\n({short[c]}, {int(counts[c])} in split)"
-        for c, name in enumerate(CLASS_NAMES)
+        for c, name in enumerate(shards.class_names)
     ]
     title = f"{modality}-{split}: {shards.listed} samples, the first {per_class} of each class"
     return draw_preview_grid(picked, labels, per_class, title, out)

@@ -62,7 +62,7 @@ from multieye_dist.data.stream import (
 )
 from multieye_dist.evaluation import evaluate_split
 from multieye_dist.metrics import NonFiniteError, format_table
-from multieye_dist.model import FrozenTeacher, build_model, param_dtype
+from multieye_dist.model import FrozenTeacher, ModelConfig, build_model, param_dtype
 from multieye_dist.objectives import Objective, Terms, build_objective, objective_class
 from multieye_dist.plots import RECORDS_SUFFIX, plot_run_safely
 from multieye_dist.runlock import NoLock, RunLock, RunLocked, acquire, check_free
@@ -217,6 +217,7 @@ def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dic
 
 
 def _run(cfg: Config, stop_requested: Callable[[], bool]) -> dict[str, Any]:
+    cfg = data_classes(cfg)  # model.num_classes as the training data's manifests say
     job, state = setup(cfg)
     try:
         # Log lines printed above the progress bar, not through it (rank 0 draws the bars).
@@ -644,6 +645,28 @@ def resolve_path(path: str) -> Path:
     return user_path(path)
 
 
+def data_classes(cfg: Config) -> Config:
+    """`cfg` with ``model.num_classes`` from the train manifest of the stage's modality (its
+    ``class_names``; MultiEYE's 9 without). A config that leaves it at the default takes the
+    data's count; another count is an error naming both. The partner modality's manifest
+    must name the same classes (the stream checks that, naming both manifests)."""
+    if not cfg.data.shards:
+        return cfg  # preflight names the missing setting
+    cls = objective_class(cfg.train.stage, cfg.loss)
+    shards = ShardSet.from_manifest(resolve_shards(cfg.data.shards), cls.modality, "train")
+    n, default = shards.num_classes, ModelConfig.num_classes
+    if cfg.model.num_classes == n:
+        return cfg
+    if cfg.model.num_classes != default:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but {shards.manifest} lists {n} "
+            f"classes ({', '.join(shards.class_names)}); set model.num_classes={n} or leave "
+            "it unset"
+        )
+    logger.info("model.num_classes=%d from %s (%s)", n, shards.manifest, shards.class_names)
+    return replace(cfg, model=replace(cfg.model, num_classes=n))
+
+
 def build_stream(cfg: Config, env: D.DistEnv, objective: Objective) -> PairedTrainStream:
     """The objective's primary modality, with partners when it reads them (the fundus-only
     baseline reads fundus alone: decoding partners it would not use costs half the loader)."""
@@ -876,6 +899,7 @@ def export(job: Job, state: TrainState, name: str) -> Path:
             concept_sentences=job.sentences,
             image_size=job.cfg.data.image_size,
             extra=extra,
+            class_names=job.stream.fundus.class_names,  # the primary modality's manifest's
         )
     D.barrier()
     return path

@@ -120,9 +120,8 @@ def _nonneg_int(value: Any) -> bool:
     return type(value) is int and value >= 0  # bool is an int subclass: refused
 
 
-def _counts(value: Any) -> bool:
-    # The length is checked against the manifest's class_names in check_manifest.
-    return isinstance(value, list) and all(map(_nonneg_int, value))
+def _counts(value: Any, n: int) -> bool:
+    return isinstance(value, list) and len(value) == n and all(map(_nonneg_int, value))
 
 
 def _class_names(value: Any) -> bool:
@@ -143,13 +142,11 @@ _FIELDS = {  # top-level field -> (test, what it must be)
     "image_ext": (lambda v: v in IMAGE_FORMATS, f"one of {', '.join(IMAGE_FORMATS)}"),
     "num_samples": (_nonneg_int, "a non-negative integer"),
     "num_skipped": (_nonneg_int, "a non-negative integer"),
-    "class_counts": (_counts, "an array of non-negative integers, one per class"),
     "shards": (lambda v: isinstance(v, list), "an array"),
 }
 _SHARD_FIELDS = {  # per shard entry
     "name": (_plain_name, "a plain file name"),
     "samples": (_nonneg_int, "a non-negative integer"),
-    "class_counts": (_counts, "an array of non-negative integers, one per class"),
     "sha256": (lambda v: isinstance(v, str) and bool(_SHA256_RE.match(v)), "64 hex digits"),
 }
 
@@ -167,6 +164,11 @@ def _json_type(value: Any) -> str:
 
 def _field_error(where: str, name: str, problem: str) -> ManifestError:
     return ManifestError(f"{where}: field {name!r} {problem}; {_REMEDY}")
+
+
+def _counts_spec(n: int) -> dict:
+    """class_counts: one count per class (n: the manifest's class_names, else MultiEYE's 9)."""
+    return {"class_counts": (lambda v: _counts(v, n), f"an array of {n} non-negative integers")}
 
 
 def _check_fields(obj: dict, spec: dict, where: str, prefix: str = "") -> None:
@@ -196,9 +198,7 @@ def check_manifest(
         raise _field_error(where, "class_names", f"is {shown}, expected distinct non-empty names")
     # Without the field (shards written before it existed): MultiEYE's 9 classes.
     n_classes = len(manifest.get("class_names") or ()) or NUM_CLASSES
-    if len(manifest["class_counts"]) != n_classes:
-        problem = f"has {len(manifest['class_counts'])} entries, expected {n_classes} (class_names)"
-        raise _field_error(where, "class_counts", problem)
+    _check_fields(manifest, _counts_spec(n_classes), where)
     for name, want in (("modality", modality), ("split", split)):
         if want is not None and manifest[name] != want:
             raise _field_error(where, name, f"is {manifest[name]!r}, expected {want!r}")
@@ -207,10 +207,7 @@ def check_manifest(
         if not isinstance(entry, dict):
             raise _field_error(where, f"shards[{i}]", f"is a {_json_type(entry)}, not an object")
         _check_fields(entry, _SHARD_FIELDS, where, f"shards[{i}].")
-        if len(entry["class_counts"]) != n_classes:
-            n = len(entry["class_counts"])
-            problem = f"has {n} entries, expected {n_classes} (class_names)"
-            raise _field_error(where, f"shards[{i}].class_counts", problem)
+        _check_fields(entry, _counts_spec(n_classes), where, f"shards[{i}].")
         if entry["name"] in seen:
             raise _field_error(where, f"shards[{i}].name", f"{entry['name']!r} is listed twice")
         seen.add(entry["name"])

@@ -1,4 +1,6 @@
-"""MultiEYE layout -> WebDataset tar shards, one set per modality and split.
+"""MultiEYE layout (or an ImageFolder tree, or a CSV: :func:`layout.read_source`) -> WebDataset
+tar shards, one set per modality and split. Every manifest records the class names
+(``class_names``), which the training and evaluation code read from it.
 
 Design (why it is safe to kill, rerun and parallelise):
 - The *plan* is computed from the label files alone: every shard's sample list is known before
@@ -32,8 +34,9 @@ from pathlib import Path
 from multieye_dist import __version__
 from multieye_dist.atomic import move_into_place, open_atomic, remove_temp_files, write_text
 from multieye_dist.data import schema
-from multieye_dist.data.classes import CLASS_NAMES, NUM_CLASSES
+from multieye_dist.data.classes import DEFAULT_CLASS_NAMES, NUM_CLASSES
 from multieye_dist.data.layout import (
+    INPUT_FORMATS,
     LABEL_FILE,
     MODALITIES,
     SPLITS,
@@ -42,7 +45,7 @@ from multieye_dist.data.layout import (
     SourceSample,
     attach_findings,
     finding_names,
-    read_layout,
+    read_source,
 )
 from multieye_dist.data.preprocess import BadImageError, Preprocess, process_image
 from multieye_dist.data.tario import write_samples
@@ -70,8 +73,13 @@ class ConvertOptions:
     workers: int = 0  # 0 = all cores
     skip_bad: bool = False
     label_file: str = LABEL_FILE
+    input_format: str = "auto"  # multieye, imagefolder, csv; auto: from what --root is
 
     def __post_init__(self) -> None:
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(
+                f"--input-format {self.input_format!r}: choose from {', '.join(INPUT_FORMATS)}"
+            )
         for m in self.modalities:
             if m not in MODALITIES:
                 raise ValueError(f"--modality {m!r}: choose from {', '.join(MODALITIES)}, both")
@@ -95,6 +103,7 @@ class ShardTask:
     start: int  # position of the shard's first sample in its label file's sample list
     samples: tuple[SourceSample, ...]
     fingerprint: str
+    num_classes: int = NUM_CLASSES  # length of the shard's class_counts
 
     @property
     def name(self) -> str:
@@ -107,6 +116,8 @@ class Plan:
     # (modality, split) -> samples listed but not convertible (only with skip_bad)
     bad: dict[tuple[str, str], list[BadSample]]
     listed: dict[tuple[str, str], int]
+    class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES
+    input_format: str = "multieye"
 
 
 def shard_name(modality: str, split: str, index: int) -> str:
@@ -134,9 +145,15 @@ def _preprocess_key(pp: Preprocess) -> dict:
     return key
 
 
-def _fingerprint(modality: str, split: str, index: int, start: int, samples, options) -> str:
+def _fingerprint(
+    modality: str, split: str, index: int, start: int, samples, options, class_names=None
+) -> str:
     h = hashlib.sha256()
     head = {"v": __version__, "pp": _preprocess_key(options.preprocess), "m": modality, "s": split}
+    if class_names is not None and tuple(class_names) != DEFAULT_CLASS_NAMES:
+        # A label's meaning changed: the shard is redone. (The default is left out, so shards
+        # written before class lists existed are kept.)
+        head["classes"] = list(class_names)
     h.update(json.dumps({**head, "i": index, "start": start}, sort_keys=True).encode())
     for s in samples:
         st = s.path.stat()  # a changed source image invalidates the shard holding it
@@ -165,23 +182,28 @@ def _samples_per_shard(samples: list[SourceSample], modality: str, options: Conv
 def make_plan(root: Path, options: ConvertOptions) -> Plan:
     """Validate the layout (label files, then findings sidecars) and assign samples to shards;
     raises before anything is written."""
-    layout = read_layout(Path(root), options.modalities, options.splits, options.label_file)
+    layout, class_names, fmt = read_source(
+        Path(root), options.input_format, options.modalities, options.splits, options.label_file
+    )
     bad_all = [b for _, bad in layout.values() for b in bad]
     if bad_all and not options.skip_bad:
         more = f" (and {len(bad_all) - 1} more)" if len(bad_all) > 1 else ""
         raise LayoutError(f"{bad_all[0].describe()}{more}; fix it or pass --skip-bad")
-    layout = attach_findings(Path(root), layout)  # a sidecar problem is never skipped
+    if fmt == "multieye":
+        layout = attach_findings(Path(root), layout)  # a sidecar problem is never skipped
     tasks: list[ShardTask] = []
     for (modality, split), (samples, _) in layout.items():
         per = _samples_per_shard(samples, modality, options)
         for index, start in enumerate(range(0, max(len(samples), 1), per)):
             chunk = tuple(samples[start : start + per])
-            fp = _fingerprint(modality, split, index, start, chunk, options)
-            tasks.append(ShardTask(modality, split, index, start, chunk, fp))
+            fp = _fingerprint(modality, split, index, start, chunk, options, class_names)
+            tasks.append(ShardTask(modality, split, index, start, chunk, fp, len(class_names)))
     return Plan(
         tasks=tasks,
         bad={k: bad for k, (_, bad) in layout.items()},
         listed={k: len(samples) + len(bad) for k, (samples, bad) in layout.items()},
+        class_names=class_names,
+        input_format=fmt,
     )
 
 
@@ -239,7 +261,7 @@ def _write_shard(task: ShardTask, path: Path, pp: Preprocess, skip_bad: bool) ->
         "name": task.name,
         "fingerprint": task.fingerprint,
         "samples": sum(counts.values()),
-        "class_counts": [counts.get(c, 0) for c in range(NUM_CLASSES)],
+        "class_counts": [counts.get(c, 0) for c in range(task.num_classes)],
         "skipped": skipped,
         "sha256": sink.sha256.hexdigest(),
         "bytes": sink.bytes,
@@ -403,7 +425,8 @@ def _publish(out: Path, modality: str, split: str, places: dict[str, Path]) -> N
 
 
 def _manifest(root, modality, split, records, plan, options) -> dict:
-    class_counts = [sum(r["class_counts"][c] for r in records) for c in range(NUM_CLASSES)]
+    n_classes = len(plan.class_names)
+    class_counts = [sum(r["class_counts"][c] for r in records) for c in range(n_classes)]
     skipped = [b.to_dict() for b in plan.bad[(modality, split)]]
     skipped += [s for r in records for s in r["skipped"]]
     n = len(records)
@@ -419,7 +442,8 @@ def _manifest(root, modality, split, records, plan, options) -> dict:
         "split": split,
         "source_root": str(Path(root).resolve()),
         "label_file": options.label_file,
-        "class_names": list(CLASS_NAMES),
+        "class_names": list(plan.class_names),
+        "input_format": plan.input_format,
         "image_ext": options.preprocess.fmt,
         "preprocessing": {
             **options.preprocess.to_dict(),

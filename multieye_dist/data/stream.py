@@ -56,7 +56,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from multieye_dist.data import remote, schema
-from multieye_dist.data.classes import NUM_CLASSES
+from multieye_dist.data.classes import (
+    DEFAULT_CLASS_NAMES,
+    NUM_CLASSES,
+    check_same_classes,
+    manifest_class_names,
+)
 from multieye_dist.data.decode import decode_pil, decode_uint8, stack_native
 
 if TYPE_CHECKING:
@@ -88,6 +93,9 @@ class ShardSet:
     # each skip widens the window a shard's keys may fall in by one (None: keys not checked).
     num_samples: int | None = None
     key_slack: int | None = None
+    # The manifest's classes, in label order (a manifest without them: MultiEYE's 9).
+    class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES
+    manifest: str = field(default="", compare=False)  # where it was read, for messages
 
     @classmethod
     def from_manifest(cls, location: str | Path, modality: str, split: str) -> ShardSet:
@@ -123,11 +131,17 @@ class ShardSet:
             m["image_ext"],
             _int_or_none(m.get("num_samples")),
             _int_or_none(m.get("num_skipped")),
+            manifest_class_names(m),
+            str(path) if where.is_local else where.member(name),
         )
 
     @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
     def total_class_counts(self) -> np.ndarray:
-        return np.asarray(self.class_counts, dtype=np.int64).reshape(-1, NUM_CLASSES).sum(0)
+        return np.asarray(self.class_counts, dtype=np.int64).reshape(-1, self.num_classes).sum(0)
 
     @property
     def listed(self) -> int:
@@ -308,16 +322,18 @@ class _ShardRead:
             stats.record_missing(url, mine, max_bad_fraction)
 
 
-def _parse_sample(s: dict[str, Any], ext: str, url: str) -> tuple[RawSample | None, str]:
-    """(sample, "") or (None, why it is bad: "sample KEY ..."). A label outside 0..8 is a
-    DataError naming the shard: a broken writer, not a damaged sample."""
+def _parse_sample(
+    s: dict[str, Any], ext: str, url: str, num_classes: int = NUM_CLASSES
+) -> tuple[RawSample | None, str]:
+    """(sample, "") or (None, why it is bad: "sample KEY ..."). A label outside the manifest's
+    classes is a DataError naming the shard: a broken writer, not a damaged sample."""
     key = s.get(schema.KEY)
     where = f"sample {key}"
     missing = [m for m in schema.missing_members(s, ext) if m != schema.META]
     if missing:
         return None, f"{where} lacks {', '.join('.' + m for m in missing)}"
     try:
-        label = schema.parse_label(s[schema.LABEL], where)
+        label = schema.parse_label(s[schema.LABEL], where, num_classes)
     except schema.SampleError as exc:
         raise DataError(f"{url}: {exc}") from None
     sample = RawSample(key, label, s[ext], url, s.get(schema.META))
@@ -358,7 +374,7 @@ def read_unit(
         for s in stream:
             if not check.admit(s.get(schema.KEY)) or not check.mine():
                 continue  # foreign samples: reported by check.finish
-            sample, problem = _parse_sample(s, ext, unit.url)
+            sample, problem = _parse_sample(s, ext, unit.url, len(unit.class_counts) or NUM_CLASSES)
             if sample is not None:
                 yield sample
             elif tolerant:
@@ -432,7 +448,7 @@ class Batch:
     """
 
     image: torch.Tensor  # [B, 3, S, S] float32 normalised, or uint8 [B, C, H, W] (see aug)
-    label: torch.Tensor  # [B] int64, in [0, NUM_CLASSES): checked where the sample was read
+    label: torch.Tensor  # [B] int64, in [0, num_classes): checked where the sample was read
     keys: list[str]
     meta: list[dict[str, Any]]
     stats: StreamStats
@@ -594,9 +610,9 @@ class ClassPools:
     """At most `size` samples per class; a new sample past that replaces a random one, so the
     pool follows the stream with bounded memory."""
 
-    def __init__(self, size: int, rng: np.random.Generator):
+    def __init__(self, size: int, rng: np.random.Generator, num_classes: int = NUM_CLASSES):
         self.size, self.rng = size, rng
-        self.pools: list[list[RawSample]] = [[] for _ in range(NUM_CLASSES)]
+        self.pools: list[list[RawSample]] = [[] for _ in range(num_classes)]
 
     def add(self, s: RawSample) -> None:
         pool = self.pools[s.label]
@@ -705,9 +721,12 @@ class PairedTrainStream(IterableDataset):
         # partner_classes[c]: the OCT class to pair a fundus sample of class c with (None: c
         # itself, as released). A permutation pairs every class with another one's OCT (the
         # permuted-teacher control of multieye_dist.objectives).
-        if partner_classes is not None and sorted(partner_classes) != list(range(NUM_CLASSES)):
+        n = fundus.num_classes
+        if oct is not None:  # a label index must mean one class in both modalities
+            check_same_classes(fundus.class_names, fundus.manifest, oct.class_names, oct.manifest)
+        if partner_classes is not None and sorted(partner_classes) != list(range(n)):
             raise ValueError(
-                f"partner_classes={partner_classes}: must be a permutation of 0..{NUM_CLASSES - 1}"
+                f"partner_classes={partner_classes}: must be a permutation of 0..{n - 1}"
             )
         self.partner_classes = partner_classes
         # `transform`/`oct_transform` replace the per-image transforms of augment_on=cpu.
@@ -762,7 +781,7 @@ class PairedTrainStream(IterableDataset):
         f_stream = cycle_units(
             mine, self.fundus.image_ext, rng, cfg.resampled, stats, cfg.max_bad_fraction
         )
-        f_pools = ClassPools(cfg.pool_size, rng)
+        f_pools = ClassPools(cfg.pool_size, rng, self.fundus.num_classes)
         fill(f_pools, f_stream, weights > 0, limit=int(local.sum()) + cfg.pool_size)
         weights = weights * f_pools.present()
         if weights.sum() == 0:
@@ -797,10 +816,12 @@ class PairedTrainStream(IterableDataset):
         o_stream = cycle_units(
             o_units, self.oct.image_ext, rng, True, stats, self.cfg.max_bad_fraction
         )
-        o_pools = ClassPools(self.cfg.pool_size, rng)
+        o_pools = ClassPools(self.cfg.pool_size, rng, self.oct.num_classes)
         o_global = self.oct.total_class_counts
         fill(o_pools, o_stream, o_global > 0, limit=int(o_global.sum()) + self.cfg.pool_size)
-        unpaired = [c for c in range(NUM_CLASSES) if fundus_counts[c] and not o_pools.pools[c]]
+        unpaired = [
+            c for c in range(len(fundus_counts)) if fundus_counts[c] and not o_pools.pools[c]
+        ]
         if unpaired and announce:  # once per run, not once per worker
             logger.warning(
                 "no OCT sample of class(es) %s: their fundus samples get a random OCT "
@@ -834,7 +855,7 @@ class PairedTrainStream(IterableDataset):
                         "no decodable sample left in the pools: "
                         + "; ".join(stats.bad_examples[:3])
                     )
-                c = int(rng.choice(NUM_CLASSES, p=w / w.sum()))
+                c = int(rng.choice(len(w), p=w / w.sum()))
             s = pools.draw(c)
             pools.add(next(stream))  # the stream moves on as samples are used
             if not decode_it:
@@ -868,7 +889,7 @@ class PairedTrainStream(IterableDataset):
         label (counted)."""
         rng, o_pools, o_stream = partner
         o_imgs, o_s = [], []
-        o_uniform = np.ones(NUM_CLASSES)
+        o_uniform = np.ones(len(o_pools.pools))
         for fs in f_s:
             want = fs.label if self.partner_classes is None else self.partner_classes[fs.label]
             y, os_ = self._pick(

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from multieye_dist.data import schema
-from multieye_dist.data.classes import NUM_CLASSES
+from multieye_dist.data.classes import NUM_CLASSES, manifest_class_names
 from multieye_dist.data.shards import SHARD_RE, sha256_file
 from multieye_dist.data.tario import iter_samples
 from multieye_dist.data.workers import process_pool
@@ -28,7 +28,9 @@ class ShardCheck:
     keys: list[str] = field(default_factory=list)
 
 
-def _check_sample(sample: dict, ext: str, where: str) -> tuple[int | None, list[str]]:
+def _check_sample(
+    sample: dict, ext: str, where: str, num_classes: int = NUM_CLASSES
+) -> tuple[int | None, list[str]]:
     """Returns (label or None, problems) for one decoded-from-tar sample."""
     problems = []
     missing = schema.missing_members(sample, ext)
@@ -40,7 +42,7 @@ def _check_sample(sample: dict, ext: str, where: str) -> tuple[int | None, list[
     except Exception as exc:  # any decoder failure is a finding, not a crash
         problems.append(f"{where}: image does not decode ({exc})")
     try:
-        label = schema.parse_label(sample[schema.LABEL], where)
+        label = schema.parse_label(sample[schema.LABEL], where, num_classes)
     except schema.SampleError as exc:
         return None, [*problems, str(exc)]
     try:
@@ -59,8 +61,10 @@ def _check_sample(sample: dict, ext: str, where: str) -> tuple[int | None, list[
 
 
 def check_shard(path: Path, entry: dict, ext: str) -> ShardCheck:
-    """Checksum, then every sample decoded."""
-    check = ShardCheck(path.name)
+    """Checksum, then every sample decoded; labels within the manifest's classes (the length of
+    the entry's class_counts, checked against class_names when the manifest was loaded)."""
+    num_classes = len(entry["class_counts"])
+    check = ShardCheck(path.name, class_counts=[0] * num_classes)
     if not path.is_file():
         check.problems.append(f"{path}: shard listed in the manifest is missing")
         return check
@@ -70,7 +74,7 @@ def check_shard(path: Path, entry: dict, ext: str) -> ShardCheck:
         for sample in iter_samples(path):
             where = f"{path.name}:{sample[schema.KEY]}"
             check.keys.append(sample[schema.KEY])
-            label, problems = _check_sample(sample, ext, where)
+            label, problems = _check_sample(sample, ext, where, num_classes)
             check.problems += problems
             if label is not None:
                 check.class_counts[label] += 1
@@ -124,6 +128,13 @@ def verify(shards: Path, workers: int = 1) -> VerifyReport:
     if not root.is_dir():
         return VerifyReport([f"{root}: not a directory"], [])
     manifests = _load_manifests(root, problems)
+    for path, m in manifests[1:]:  # one directory, one class list: a label means one class
+        first_path, first = manifests[0]
+        if manifest_class_names(m) != manifest_class_names(first):
+            problems.append(
+                f"{path.name}: class_names {list(manifest_class_names(m))} differ from "
+                f"{first_path.name}'s {list(manifest_class_names(first))}"
+            )
     jobs = [(root / e["name"], e, m["image_ext"]) for _, m in manifests for e in m["shards"]]
     if workers > 1 and len(jobs) > 1:
         with process_pool(min(workers, len(jobs))) as pool:
