@@ -58,8 +58,13 @@ def make_data(root: Path, image_size: int, per_class: int) -> Path:
 def make_teacher(path: Path, backbone: str, image_size: int) -> Path:
     bank, sentences, _ = load_bank(BANK)
     cfg = ModelConfig(backbone=backbone)
-    export_inference(
-        path, ConceptModel(cfg, bank), cfg, concept_sentences=sentences, image_size=image_size
+    export_inference(  # an untrained OCT teacher: the step's cost, not its result, is measured
+        path,
+        ConceptModel(cfg, bank),
+        cfg,
+        concept_sentences=sentences,
+        image_size=image_size,
+        extra={"modality": "oct"},
     )
     return path
 

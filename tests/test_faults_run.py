@@ -302,7 +302,7 @@ def test_resume_after_sigterm_continues_and_takes_over_a_stale_lock(stopped_run,
     rc = _finish(proc)
     log = (tmp_path / "resume.log").read_text()
     assert rc == 0, log[-3000:]
-    assert "resumed from" in log and f"from step {step}, " in log  # the setup's summary line
+    assert "resumed from" in log and f"resumed at step {step} (" in log  # the setup's line
     assert f"taking over a stale lock of host {socket.gethostname()}, pid {dead.pid}" in log
     assert _steps(out)[-3:] == [step, step + 1, step + 2]  # none lost, none repeated
     assert (out / "checkpoints" / "latest").read_text() == f"step{step + 2:08d}"
