@@ -298,7 +298,8 @@ def draw_confusion(rec: EvalRecords, out: str | Path, name: str) -> Path:
     ax.set_yticks(range(c), rows, fontsize=10)
     ax.set_xlabel("predicted class", fontsize=11)
     ax.set_ylabel("true class", fontsize=11)
-    ax.set_title(_headline(name, rec, result), fontsize=12)
+    # A figure title: over the axes alone, the headline ran into the colour bar.
+    fig.suptitle(_headline(name, rec, result), fontsize=12)
     fig.colorbar(im, ax=ax, shrink=0.75, label="fraction of the true class (row)")
     return _save(fig, out)
 
@@ -373,7 +374,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         )
     out, written = run_dir / PLOTS_DIR, []
     if has_curves(series):
-        title = f"{run_dir.parent.name}/{run_dir.name}"
+        resolved = Path(run_dir).resolve()  # "run", given relative, is still named with its parent
+        title = f"{resolved.parent.name}/{resolved.name}"
         written.append(draw_curves(series, out / "curves.png", title=title))
     else:
         logger.warning("%s: no training curves: no train/ or dev/ values in it yet", metrics)
