@@ -219,3 +219,20 @@ def tiny_overrides(shards: Path | str, out: Path | str, *extra: str) -> list[str
     of a key wins)."""
     base = {**TINY_RUN, "data.shards": shards, "train.out_dir": out}
     return [f"{k}={v}" for k, v in base.items()] + list(extra)
+
+
+def spawn_single(fn, *args, timeout: float = 240) -> None:
+    """fn(0, 1, *args) in a fresh spawned process that makes its own process group (as a plain
+    `multieye-dist train` does), so that none leaks into pytest; fail the test if it outlasts
+    `timeout` or exits non-zero."""
+    import multiprocessing as mp
+
+    import pytest
+
+    p = mp.get_context("spawn").Process(target=fn, args=(0, 1, *args))
+    p.start()
+    p.join(timeout)
+    if p.is_alive():
+        p.kill()
+        pytest.fail(f"{fn.__name__} timed out after {timeout}s")
+    assert p.exitcode == 0, f"{fn.__name__} exited {p.exitcode}"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_batch, run_ranks
+from helpers import random_batch, run_ranks, spawn_single
 
 from multieye_dist import distributed as D
 from multieye_dist import objectives as O
@@ -196,27 +196,12 @@ def test_a_toy_objective_trains_without_touching_train_py(shards, tmp_path):
 
     out = tmp_path / "toy"
     over = _overrides(shards, out, "loss.name=toy", "train.stop_after_steps=2")
-    _spawn_single(_train_toy, over)
+    spawn_single(_train_toy, over)
     steps = [r for r in read_metrics(out) if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:  # logged terms are the objective's own keys
         assert r["train/loss"] == pytest.approx(r["train/smoothed_ce"] + r["train/logit_l2"])
         assert "train/contrastive" not in r
-
-
-def _spawn_single(fn, *args, timeout: float = 240) -> None:
-    """fn(0, 1, *args) in a fresh spawned process that makes its own process group (as a
-    plain `multieye-dist train` does), so that none leaks into pytest."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    p = ctx.Process(target=fn, args=(0, 1, *args))
-    p.start()
-    p.join(timeout)
-    if p.is_alive():
-        p.kill()
-        pytest.fail(f"{fn.__name__} timed out after {timeout}s")
-    assert p.exitcode == 0, f"{fn.__name__} exited {p.exitcode}"
 
 
 _SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")

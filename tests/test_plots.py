@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_overrides
+from helpers import spawn_single, tiny_overrides
 from PIL import Image
 
 from multieye_dist import plots
@@ -269,17 +269,10 @@ def _train_teacher(rank: int, world: int, overrides: list[str]) -> None:
 
 @pytest.mark.slow
 def test_a_finished_training_leaves_its_records_and_pictures(shards, tmp_path):
-    import multiprocessing as mp
 
     out = tmp_path / "teacher"
     overrides = tiny_overrides(shards, out, "train.stage=teacher", "data.samples_per_epoch=16")
-    p = mp.get_context("spawn").Process(target=_train_teacher, args=(0, 1, overrides))
-    p.start()
-    p.join(240)
-    if p.is_alive():
-        p.kill()
-        pytest.fail("training timed out")
-    assert p.exitcode == 0
+    spawn_single(_train_teacher, overrides)
     for name in ("dev_last", "test_best", "test_last"):
         rec = plots.read_records(out / "eval" / f"{name}{plots.RECORDS_SUFFIX}")
         assert rec.modality == "oct" and rec.split == name.split("_")[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import spawn_single, tiny_overrides
 
 from multieye_dist.config import ConfigError, DataConfig, load_config
 from multieye_dist.data import remote
@@ -240,7 +240,6 @@ def _train(rank: int, world: int, overrides: list[str]) -> None:
 def test_two_training_steps_from_the_server(server, teacher_ckpt, tmp_path):
     """OCT-CoDA (fundus and OCT partners, both over HTTP, one loader worker) in a spawned
     process of its own, as `multieye-dist train` runs; the server is this process's thread."""
-    import multiprocessing as mp
 
     from multieye_dist.tracking import read_metrics
 
@@ -255,13 +254,7 @@ def test_two_training_steps_from_the_server(server, teacher_ckpt, tmp_path):
         "tracking.backend=local",
     )
     _Handler.requested.clear()
-    p = mp.get_context("spawn").Process(target=_train, args=(0, 1, overrides))
-    p.start()
-    p.join(240)
-    if p.is_alive():
-        p.kill()
-        pytest.fail("training timed out")
-    assert p.exitcode == 0
+    spawn_single(_train, overrides)
     steps = [r for r in read_metrics(out) if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in steps)
