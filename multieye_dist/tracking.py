@@ -593,6 +593,22 @@ def _curve_rows(labels: Any, probs: Any, names: Sequence[str]) -> tuple[list, li
     return roc, pr
 
 
+def _curve_chart(
+    wandb: Any, rows: list, axes: tuple[str, str], title: str, axis_titles: tuple[str, str]
+) -> Any:
+    """Per-class curves (rows of [class, x, y]) in W&B's area-under-curve chart spec."""
+    return wandb.plot_table(
+        vega_spec_name="wandb/area-under-curve/v0",
+        data_table=wandb.Table(columns=["class", *axes], data=rows),
+        fields={"x": axes[0], "y": axes[1], "class": "class"},
+        string_fields={
+            "title": title,
+            "x-axis-title": axis_titles[0],
+            "y-axis-title": axis_titles[1],
+        },
+    )
+
+
 def _prediction_media(
     wandb: Any, labels: Any, probs: Any, names: Sequence[str], prefix: str
 ) -> dict[str, Any]:
@@ -605,7 +621,6 @@ def _prediction_media(
     result = evaluate(labels, probs, names)
     roc, pr = _curve_rows(labels, probs, names)
     title = prefix.rstrip("/")
-    auc = "wandb/area-under-curve/v0"
     return {
         f"{prefix}per_class": _per_class_table(wandb, result),
         f"{prefix}confusion_matrix": wandb.plot.confusion_matrix(
@@ -614,25 +629,15 @@ def _prediction_media(
             class_names=list(names),
             title=f"{title} confusion matrix",
         ),
-        f"{prefix}roc": wandb.plot_table(
-            vega_spec_name=auc,
-            data_table=wandb.Table(columns=["class", "fpr", "tpr"], data=roc),
-            fields={"x": "fpr", "y": "tpr", "class": "class"},
-            string_fields={
-                "title": f"{title} ROC",
-                "x-axis-title": "False positive rate",
-                "y-axis-title": "True positive rate",
-            },
+        f"{prefix}roc": _curve_chart(
+            wandb,
+            roc,
+            ("fpr", "tpr"),
+            f"{title} ROC",
+            ("False positive rate", "True positive rate"),
         ),
-        f"{prefix}pr": wandb.plot_table(
-            vega_spec_name=auc,
-            data_table=wandb.Table(columns=["class", "recall", "precision"], data=pr),
-            fields={"x": "recall", "y": "precision", "class": "class"},
-            string_fields={
-                "title": f"{title} precision-recall",
-                "x-axis-title": "Recall",
-                "y-axis-title": "Precision",
-            },
+        f"{prefix}pr": _curve_chart(
+            wandb, pr, ("recall", "precision"), f"{title} precision-recall", ("Recall", "Precision")
         ),
     }
 
