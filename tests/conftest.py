@@ -77,11 +77,15 @@ def wandb_home(tmp_path_factory) -> dict[str, str]:
     }
 
 
-# --- A real single-node Slurm cluster (launch/slurm_cluster.sh) -----------------------------
+# --- A real Slurm cluster (launch/slurm_cluster.sh) ------------------------------------------
+
+NS_NODES = 2  # namespace nodes booted with the session's cluster (partition `multi`)
 
 
 class SlurmCluster:
-    """A running cluster: its state directory, slurm.conf and default partition."""
+    """A running cluster: its state directory, slurm.conf and default partition (one node, this
+    host); `multi_partition` (nodes node1..nodeN, each in a network namespace of its own) is
+    None where namespaces cannot be made here, with `multi_skip` saying why."""
 
     partition = "debug"
 
@@ -89,6 +93,9 @@ class SlurmCluster:
         self.state_dir = state_dir
         self.conf = state_dir / "etc" / "slurm.conf"
         self.script = script
+        self.multi_partition: str | None = None
+        self.multi_nodes = 0
+        self.multi_skip = ""
 
     def run(self, *args: str, timeout: float = 180):
         """launch/slurm_cluster.sh ARGS on this cluster's state directory."""
@@ -122,14 +129,32 @@ def slurm_cluster():
     cluster = SlurmCluster(state_dir, script)
 
     was_running = given is not None and cluster.run("status").returncode == 0
-    up = cluster.run("up")
+    # The namespace nodes come with the session's cluster (a second partition costs a second
+    # of boot; a second cluster would cost a dozen). A cluster of $MULTIEYE_SLURM_DIR that is
+    # already running keeps the nodes it has: asking for others would restart it.
+    nodes_file = state_dir / "etc" / "nodes"
+    nodes = int(nodes_file.read_text()) if was_running and nodes_file.is_file() else NS_NODES
+    up = cluster.run("up", "--nodes", str(nodes))
+    if up.returncode == 3 and nodes and os.environ.get("CI") != "true":
+        # Namespaces may be what is missing: the single-node tests can still run.
+        cluster.multi_skip = (up.stderr or up.stdout).strip()
+        nodes = 0
+        up = cluster.run("up")
     if up.returncode != 0:
+        # What the failed boot started (daemons, namespaces) must not outlive it.
         if not given:
+            cluster.run("purge")
             shutil.rmtree(state_dir, ignore_errors=True)
+        elif not was_running:
+            cluster.run("down")
         reason = (up.stderr or up.stdout).strip()
         if up.returncode == 3 and os.environ.get("CI") != "true":
             pytest.skip(reason)
         pytest.fail(f"slurm_cluster.sh up exited {up.returncode}:\n{reason}")
+    if nodes:
+        cluster.multi_partition, cluster.multi_nodes = "multi", nodes
+    elif not cluster.multi_skip:
+        cluster.multi_skip = f"the cluster in {state_dir} runs without namespace nodes (up --nodes)"
 
     # What `env` prints (SLURM_CONF) must be in os.environ: submitit runs sbatch, sacct and
     # scancel as subprocesses of this process, and the jobs inherit it for srun.
@@ -150,3 +175,16 @@ def slurm_cluster():
             cluster.run("purge")
         elif not was_running:
             cluster.run("down")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_multi(slurm_cluster) -> SlurmCluster:
+    """The session's cluster, for tests that need its namespace nodes (partition `multi`):
+    skipped where they could not be made, except under CI=true."""
+    import os
+
+    if slurm_cluster.multi_partition is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no namespace nodes: {slurm_cluster.multi_skip}")
+        pytest.skip(slurm_cluster.multi_skip)
+    return slurm_cluster

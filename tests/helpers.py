@@ -236,3 +236,37 @@ def spawn_single(fn, *args, timeout: float = 240) -> None:
         p.kill()
         pytest.fail(f"{fn.__name__} timed out after {timeout}s")
     assert p.exitcode == 0, f"{fn.__name__} exited {p.exitcode}"
+
+
+# ------------------------------------------------------------------ jobs through launch/*.py
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def slurm_tiny(shards: Path, out: Path, *extra: str) -> list[str]:
+    """Overrides of the tiny distillation run that Slurm tests submit (16 steps on 2 ranks: 2
+    epochs x 128 samples / batch 8 / 2 ranks), into `out`, then `extra`."""
+    return [
+        "train.stage=distill", "loss.name=fundus-only", "model.backbone=test_resnet",
+        f"data.shards={shards}", "data.image_size=32", "data.batch_size=8",
+        "data.samples_per_epoch=128", "train.epochs=2", f"train.out_dir={out}",
+        "train.log_every_steps=1", "train.progress=false", *extra,
+    ]  # fmt: skip
+
+
+def launch(script: str, *args: str, env: dict, timeout: float = 300):
+    """launch/`script` ARGS in a subprocess from the project root, `env` over os.environ."""
+    import os
+    import sys
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / script), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    """The steps of a run's metrics.jsonl that logged a training loss, in order."""
+    from multieye_dist.tracking import read_metrics
+
+    return [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]

@@ -1,10 +1,12 @@
-"""The single-node Slurm cluster of launch/slurm_cluster.sh, through sbatch and through submitit.
+"""The Slurm cluster of launch/slurm_cluster.sh, through sbatch and through submitit; its
+namespace nodes (`up --nodes`), and what `purge` leaves of them: nothing.
 
 Every test runs real jobs on real slurmctld/slurmd daemons (the `slurm_cluster` fixture boots
 them); job states come from sacct, as submitit reads them."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -110,7 +112,7 @@ def test_up_is_idempotent_and_status_reports_running(slurm_cluster):
     assert "running" in after.stdout
     # The same daemons (pids) answer: nothing was restarted.
     pids = [line for line in before.stdout.splitlines() if "pid" in line]
-    assert len(pids) == 5
+    assert len(pids) == 5 + slurm_cluster.multi_nodes  # and one slurmd per namespace node
     assert pids == [line for line in after.stdout.splitlines() if "pid" in line]
 
 
@@ -149,3 +151,51 @@ def test_unknown_partition_is_refused_by_sbatch(slurm_cluster):
     res = _run("sbatch", "-p", "no-such-partition", "--wrap", "true")
     assert res.returncode != 0
     assert "invalid partition specified: no-such-partition" in res.stderr
+
+
+def _ours(net_id: str) -> dict[str, list[str]]:
+    """The namespaces and interfaces named after a cluster's network id."""
+    netns = _run("ip", "netns", "list").stdout.split()
+    links = [ln.split(": ")[1].split("@")[0] for ln in _run("ip", "-o", "link").stdout.splitlines()]
+    return {
+        "netns": [n for n in netns if n.startswith(f"multieye-{net_id}-")],
+        "links": [n for n in links if n.startswith((f"mebr{net_id}", f"me{net_id}v"))],
+    }
+
+
+def test_two_namespace_nodes_run_a_job_and_purge_leaves_nothing(slurm_cluster_multi):
+    """A cluster of its own (next to the session's: other ports, other /24) with two namespace
+    nodes: a 2-node job's tasks see two network stacks; `purge` ends every process and removes
+    the namespaces, the veths, the bridge and the state directory."""
+    import tempfile
+
+    # Not under tmp_path: munged wants every directory above its socket searchable by all.
+    state = Path(tempfile.mkdtemp(prefix="multieye-slurm-"))
+    env = {**os.environ, "MULTIEYE_SLURM_DIR": str(state)}
+    script = ["bash", str(slurm_cluster_multi.script)]
+    up = subprocess.run([*script, "up", "--nodes", "2"], env=env, capture_output=True, text=True)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        net = dict(ln.split("=", 1) for ln in (state / "etc" / "net.env").read_text().split())
+        assert net["NET_ID"] not in slurm_cluster_multi.conf.parent.joinpath("net.env").read_text()
+        made = _ours(net["NET_ID"])
+        assert len(made["netns"]) == 2 and len(made["links"]) == 3  # 2 veths, 1 bridge
+        pids = [int(p.read_text()) for p in (state / "run").glob("slurmd-node*.pid")]
+        assert len(pids) == 2
+        conf = {**env, "SLURM_CONF": str(state / "etc" / "slurm.conf")}
+        job = subprocess.run(
+            ["srun", "-p", "multi", "-N", "2", "-l", "sh", "-c",
+             'echo "$SLURMD_NODENAME $(ip -4 -o addr show eth0 | cut -d" " -f7)"'],
+            env=conf, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert job.returncode == 0, job.stderr
+        assert sorted(job.stdout.splitlines()) == [
+            f"0: node1 {net['NET_PREFIX']}.2/24",
+            f"1: node2 {net['NET_PREFIX']}.3/24",
+        ]
+    finally:
+        purge = subprocess.run([*script, "purge"], env=env, capture_output=True, text=True)
+    assert purge.returncode == 0, purge.stderr
+    assert _ours(net["NET_ID"]) == {"netns": [], "links": []}
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    assert not state.exists()
