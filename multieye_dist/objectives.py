@@ -198,7 +198,7 @@ class FundusOnly(Objective):
 class OctCoda(Objective):
     """OCT-CoDA (docs/method.md): fundus student, label-matched OCT partners through the frozen
     teacher, ``cls + gate * (beta * prototype + alpha * contrastive)``. ``loss.impl`` picks the
-    fused Triton kernel (from embeddings; the paper variant, local scope) or PyTorch."""
+    fused Triton kernel (from embeddings; the paper variant, local or global scope) or PyTorch."""
 
     name = "octcoda"
     stage = "distill"
@@ -249,7 +249,7 @@ class OctCoda(Objective):
             out = octcoda_loss_fused(
                 logits, emb, batch.label, zo, to, yo, _module(model).concepts,
                 alpha=c.alpha * ramp, beta=c.beta * ramp, temperature=c.temperature,
-                impl="triton", check_labels=False,
+                contrastive_scope=c.contrastive_scope, impl="triton", check_labels=False,
             )  # fmt: skip
         else:
             logits, sims = model(x)
@@ -357,16 +357,16 @@ def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.T
 
 
 def resolve_loss_impl(loss: LossConfig, device: torch.device) -> str:
-    """``loss.impl`` to "triton" or "torch". The kernel computes the paper variant with the
-    local contrastive scope; anything else runs in PyTorch (auto) or is an error (triton)."""
+    """``loss.impl`` to "triton" or "torch". The kernel computes the paper variant (either
+    contrastive scope); the official variant runs in PyTorch (auto) or is an error (triton)."""
     from multieye_dist.kernels import resolve_impl
 
     impl = resolve_impl(loss.impl, device)
-    if impl == "triton" and (loss.variant != "paper" or loss.contrastive_scope != "local"):
+    if impl == "triton" and loss.variant != "paper":
         if loss.impl == "triton":
             raise ValueError(
-                f"loss.impl=triton computes loss.variant=paper with loss.contrastive_scope=local "
-                f"(got {loss.variant}, {loss.contrastive_scope}); use loss.impl=torch or auto"
+                f"loss.impl=triton computes loss.variant=paper (got {loss.variant}); use "
+                "loss.impl=torch or auto"
             )
         return "torch"
     return impl

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "gpu" / "run.sh"
-PARTS = ["install", "env", "tests", "kernel", "step", "precision", "loader"]
+PARTS = ["install", "env", "tests", "kernel", "step", "precision", "loader", "global"]
 LOGS = {"install": "env.txt"}  # install heads env.txt (at most 8 files come back from the GPU)
 
 
@@ -52,6 +52,7 @@ def test_dry_run_runs_every_part(tmp_path: Path) -> None:
     for row in ("release-style baseline", "ours (all on)", "- fused loss (torch)"):
         assert row in text["step"], row
     assert "autocast-bf16" in text["precision"] and "shards (ours)" in text["loader"]
+    assert "| fused | ok |" in text["global"] and "| eager |" in text["global"]
     assert proc.stdout.rstrip().endswith((out / "summary.txt").read_text().rstrip())
 
 

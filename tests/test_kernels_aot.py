@@ -108,6 +108,26 @@ def test_kernels_compile_for_the_gpu(arch: int, dtype: torch.dtype, k: int) -> N
     assert aot.problems(rows) == []
 
 
+@pytest.mark.parametrize("arch", [90, 80])
+def test_global_scope_launches_compile_for_the_gpu(arch: int) -> None:
+    """The global contrastive scope runs the same three kernels over every rank's candidates
+    (M = this rank's 2B plus the peers', this rank's rows from ROW0 on; constexpr GLOBAL): its
+    launches, as a rank > 0 makes them, compile with the same checks (bf16, K = 98)."""
+    from multieye_dist.kernels import aot
+
+    peers = 3 * 2 * aot.BATCH  # three more ranks of BATCH samples (2 anchors per sample)
+    launches = aot.record_launches(torch.bfloat16, 98, peers=peers)
+    by_name = {la.kernel: la for la in launches}
+    assert sorted(by_name) == aot.kernel_names()
+    for name in ("_forward_kernel", "_backward_kernel"):
+        assert by_name[name].args["M"] == 2 * aot.BATCH + peers, name
+        assert by_name[name].args["ROW0"] == peers // 2, name
+    assert all(la.args.get("GLOBAL", True) is True for la in launches)  # sims: no such flag
+    rows = [aot.compile_launch(la, arch, dtype="bf16", k=98) for la in launches]
+    print("\n" + aot.table(rows))
+    assert aot.problems(rows) == []
+
+
 def test_problems_names_what_the_chip_cannot_run() -> None:
     from multieye_dist.kernels import aot
 

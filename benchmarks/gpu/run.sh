@@ -12,7 +12,9 @@
 # Parts: install (the carried wheels into /tmp/site; GPU only; its log heads env.txt), env
 # (nvidia-smi, torch/CUDA/cuDNN/triton versions, the device, the packages), tests (pytest -m
 # gpu), kernel (benchmarks/bench_kernel.py), step (benchmarks/step.py --profile), precision
-# (benchmarks/bench_precision.py), loader (benchmarks/bench_loader.py, 16 workers, 512 px).
+# (benchmarks/bench_precision.py), loader (benchmarks/bench_loader.py, 16 workers, 512 px),
+# global (benchmarks/bench_global_scope.py --gpu: the global contrastive scope with 131,072
+# anchors per level, fused vs eager; the second rank simulated in one process).
 # Timeouts (seconds) can be changed with T_<PART>=..., e.g. T_STEP=200.
 #
 # GPU mode uses python3 (the machine's, with torch and triton) and
@@ -35,10 +37,11 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
-PARTS=(install env tests kernel step precision loader)
-# Seconds; 470 in all, which leaves the machine's start and the transfers room in a 9-minute call.
+PARTS=(install env tests kernel step precision loader global)
+# Seconds; 470 in all before the global part (+60), which leaves the machine's start and the
+# transfers room in a 10-minute call.
 declare -A LIMIT=([install]=20 [env]=20 [tests]=70 [kernel]=110 [step]=150 [precision]=40
-  [loader]=60)
+  [loader]=60 [global]=60)
 OUT=${OUT:-$REPO/gpu-results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -209,7 +212,20 @@ part_loader() {
   fi
 }
 
-export -f part_install part_env part_tests part_kernel part_step part_precision part_loader
+part_global() {
+  # One process stands in for a 2-rank run (one GPU): this rank's 131,072 anchors per level
+  # against 262,144 candidates. Eager needs 128 GiB of logits per level and should report OOM;
+  # the part fails only if the fused step fails.
+  if [[ $DRY == 1 ]]; then
+    "$PY" benchmarks/bench_global_scope.py --gpu --local-batch 24 --peer-anchors 40 --d 32
+  else
+    "$PY" benchmarks/bench_global_scope.py --gpu --local-batch 65536 --peer-anchors 131072 \
+      --d 512
+  fi
+}
+
+export -f part_install part_env part_tests part_kernel part_step part_precision part_loader \
+  part_global
 
 # ----------------------------------------------------------------------------- run them
 

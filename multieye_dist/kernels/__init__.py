@@ -2,7 +2,8 @@
 module is imported on first use, and a missing triton is an error only when the Triton
 implementation is asked for (``loss.impl=triton``).
 
-* :func:`fused_distill` - the ``"paper"`` prototype and local contrastive terms from embeddings.
+* :func:`fused_distill` - the ``"paper"`` prototype and contrastive terms from embeddings (local
+  or global contrastive scope; :class:`SimulatedPeers` stands in for other ranks in one process).
 * :func:`octcoda_loss_fused` - the whole OCT-CoDA student loss on top of it.
 * :func:`resolve_impl` - ``loss.impl`` (auto | triton | torch) to "triton" or "torch".
 """
@@ -10,6 +11,8 @@ implementation is asked for (``loss.impl=triton``).
 from multieye_dist.kernels.distill import (
     MAX_CONCEPTS,
     LaunchConfig,
+    ProcessGroupExchange,
+    SimulatedPeers,
     fused_distill,
     interpret_mode,
     triton_available,
@@ -20,6 +23,8 @@ __all__ = [
     "IMPLS",
     "MAX_CONCEPTS",
     "LaunchConfig",
+    "ProcessGroupExchange",
+    "SimulatedPeers",
     "fused_distill",
     "interpret_mode",
     "octcoda_loss_fused",

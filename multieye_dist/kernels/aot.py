@@ -155,10 +155,13 @@ def record_launches(
     d: int = DIM,
     num_classes: int = CLASSES,
     config: distill.LaunchConfig | None = None,
+    peers: int = 0,
 ) -> list[Launch]:
     """The kernel launches of one fused forward + backward (gradient to the student embeddings,
     the concept bank a constant, as in training), with the tile sizes ``LaunchConfig.choose``
-    picks on a GPU, or ``config``."""
+    picks on a GPU, or ``config``. ``peers`` > 0: the global contrastive scope with that many
+    other ranks' anchors (half of them ahead of this rank's rows: ``ROW0`` > 0, as on a rank
+    > 0), simulated in this process (:class:`multieye_dist.kernels.distill.SimulatedPeers`)."""
     with _compiled_module() as real:
         recorder = _Recorder(real)
         g = torch.Generator().manual_seed(0)
@@ -169,12 +172,17 @@ def record_launches(
         yt = torch.randint(0, num_classes, (b,), generator=g)
         block_k = max(16, distill._next_pow2(k))
         config = config or distill.LaunchConfig.choose(block_k, interpret=False)
+        exchange = None
+        if peers:
+            sims = torch.randn(2, peers, k, generator=g).to(dtype)
+            labels = torch.randint(0, num_classes, (peers,), generator=g)
+            exchange = distill.SimulatedPeers(sims, labels, num_classes, before=peers // 2)
         saved = distill._triton_module
         distill._triton_module = lambda: recorder
         try:
             proto, con = distill.fused_distill(
                 es, et, concepts, ys, yt, num_classes=num_classes, temperature=10.0,
-                config=config,
+                scope="global" if peers else "local", exchange=exchange, config=config,
             )  # fmt: skip
             (proto + con).backward()
         finally:

@@ -22,6 +22,18 @@ Layout of the work buffers (contiguous; float32 except ``X``):
   logits over k != j and A the number of anchors with a positive; +inf for an anchor without a
   positive. ``exp(s_jk - LSE_j)`` is then anchor j's softmax weight already scaled by its weight
   1/A in the mean, and 0 for anchors left out of the mean.
+
+The global contrastive scope (constexpr ``GLOBAL``) runs the same kernels on the candidates of
+every rank: ``X`` is then the all-gathered [2, M_total, K] (this rank's 2B rows start at
+``ROW0``); ``CP`` [NC] holds the class counts of every rank's anchors and ``GP`` [2 levels, NC,
+K] the class sums the positive term needs, both sides together: every rank's for the forward
+(``x_j . (GP[y_j] - x_j)``), every rank's plus this rank's own for the backward (a row is in
+its own positive sum and in those of this rank's anchors of its class only). ``G``/``CNT`` stay
+this rank's own: the prototype term is per rank, and the anchors of the mean are this rank's.
+``LSE`` is +inf on other ranks' rows, so the backward's ``exp(s - LSE_j)`` gives their anchors
+no weight: a row's gradient is its anchor part (over all candidates) plus its candidate part
+from this rank's anchors only, as in the PyTorch global scope. Without ``GLOBAL`` (local scope)
+``GP``/``CP``/``ROW0`` are unused, ``M = 2B``, and the code is the local kernel's as it was.
 """
 
 from __future__ import annotations
@@ -96,9 +108,10 @@ def _mm(a, b, DOT_KIND: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _anchor_stats(CNT, NC, BLOCK_C: tl.constexpr):
-    """(A, n_shared): anchors with a positive (class count over both sides >= 2), and classes
-    present on both sides. Classes are few; every program recomputes this from the counts.
+def _anchor_stats(CP, CNT, NC, BLOCK_C: tl.constexpr, GLOBAL: tl.constexpr):
+    """(A, n_shared): this rank's anchors with a positive (their class counts >= 2 anchors over
+    all candidates, ``CP``; locally ``CNT`` itself), and classes present on both of this rank's
+    sides (``CNT``). Classes are few; every program recomputes this from the counts.
     (Loop-carried values are vectors reduced after the loop: a Python-float start value would
     change type inside the loop.)"""
     n_anchor = tl.full((BLOCK_C,), 0.0, dtype=tl.float32)
@@ -108,8 +121,12 @@ def _anchor_stats(CNT, NC, BLOCK_C: tl.constexpr):
         ok = cc < NC
         cs = tl.load(CNT + cc, mask=ok, other=0.0)
         ct = tl.load(CNT + NC + cc, mask=ok, other=0.0)
-        tot = cs + ct
-        n_anchor += tl.where(tot > 1.5, tot, 0.0)
+        if GLOBAL:
+            tot = tl.load(CP + cc, mask=ok, other=0.0)
+            n_anchor += tl.where(tot > 1.5, cs + ct, 0.0)
+        else:
+            tot = cs + ct
+            n_anchor += tl.where(tot > 1.5, tot, 0.0)
         n_shared += ((cs > 0.5) & (ct > 0.5)).to(tl.float32)
     return _sum(n_anchor, axis=0), _sum(n_shared, axis=0)
 
@@ -195,6 +212,17 @@ def _row_class_stats(G, CNT, y, row_ok, level, NC, K, kk, k_ok):
 
 
 @triton.jit
+def _row_positive_stats(GP, CP, y, row_ok, level, NC, K, kk, k_ok):
+    """Global scope: for rows of class y, the positive term's class sums (GP, both sides
+    together) at this level and the class counts over every rank (CP)."""
+    y_ok = row_ok & (y >= 0) & (y < NC)
+    yc = tl.where(y_ok, y, 0)
+    m2 = y_ok[:, None] & k_ok[None, :]
+    gp = tl.load(GP + (level * NC + yc)[:, None] * K + kk[None, :], mask=m2, other=0.0)
+    return gp, tl.load(CP + yc, mask=y_ok, other=0.0), y_ok
+
+
+@triton.jit
 def _prototype(G, CNT, OUT, NC, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """MSE of the class means over classes present on both sides, both levels and all K."""
     kk = tl.arange(0, BLOCK_K)
@@ -220,21 +248,25 @@ def _prototype(G, CNT, OUT, NC, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr)
 
 @triton.jit
 def _forward_kernel(
-    X, YS, YT, G, CNT, LSE, OUT,
-    B, M, K, NC, inv_t,
+    X, YS, YT, G, CNT, GP, CP, LSE, OUT,
+    B, M, ROW0, K, NC, inv_t,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr, DOT_KIND: tl.constexpr, EMULATE: tl.constexpr,
+    GLOBAL: tl.constexpr,
 ):  # fmt: skip
-    """Grid (row blocks, side, level): streaming log-sum-exp of each anchor's logits over all
-    M candidates k != j (the M x M matrix only ever exists as BLOCK_M x BLOCK_N tiles), then the
-    anchor's loss ``lse_j - x_j . (G[y_j] - x_j) / (T n_j)`` (the mean positive logit through the
-    class sums G), summed into OUT[1]. Program (0, 0, 0) also computes the prototype term."""
+    """Grid (row blocks, side, level): streaming log-sum-exp of each of this rank's anchors'
+    logits over all M candidates k != j (the 2B x M matrix only ever exists as BLOCK_M x BLOCK_N
+    tiles), then the anchor's loss ``lse_j - x_j . (GP[y_j] - x_j) / (T n_j)`` (the mean positive
+    logit through the class sums GP), summed into OUT[1]. Program (0, 0, 0) also computes the
+    prototype term (from this rank's G, CNT)."""
     pid = tl.program_id(0)
     side = tl.program_id(1)
     level = tl.program_id(2)
     rl = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rl < B
     rows = side * B + rl
+    if GLOBAL:  # (locally ROW0 is 0: not even an add in the local kernel)
+        rows += ROW0
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
     x_base = level * M * K
@@ -267,12 +299,19 @@ def _forward_kernel(
     lse = m_i + tl.log(l_i)
 
     y = _side_labels(YS, YT, side, rl, row_ok)
-    gs, gt, cs, ct, y_ok = _row_class_stats(G, CNT, y, row_ok, level, NC, K, kk, k_ok)
-    n_pos = cs + ct - 1.0
+    if GLOBAL:
+        gp, c_all, y_ok = _row_positive_stats(GP, CP, y, row_ok, level, NC, K, kk, k_ok)
+        n_pos = c_all - 1.0
+    else:
+        gs, gt, cs, ct, y_ok = _row_class_stats(G, CNT, y, row_ok, level, NC, K, kk, k_ok)
+        n_pos = cs + ct - 1.0
     has_pos = y_ok & (n_pos > 0.5)
-    n_anchor, _ = _anchor_stats(CNT, NC, BLOCK_C)
+    n_anchor, _ = _anchor_stats(CP, CNT, NC, BLOCK_C, GLOBAL)
     x32 = x_i.to(tl.float32)
-    pos = _sum(x32 * (gs + gt - x32), axis=1) * inv_t / tl.maximum(n_pos, 1.0)
+    if GLOBAL:
+        pos = _sum(x32 * (gp - x32), axis=1) * inv_t / tl.maximum(n_pos, 1.0)
+    else:
+        pos = _sum(x32 * (gs + gt - x32), axis=1) * inv_t / tl.maximum(n_pos, 1.0)
     loss = tl.where(has_pos, lse - pos, 0.0)
     # (L_1 + L_2) / 2 of per-level means over the A anchors that have a positive.
     tl.atomic_add(OUT + 1, _sum(loss, axis=0) * 0.5 / tl.maximum(n_anchor, 1.0))
@@ -313,27 +352,31 @@ def _contrastive_row_grad(
 
 @triton.jit
 def _backward_kernel(
-    X, YS, G, CNT, LSE, C, DE, DX, GRAD,
-    B, M, K, D, NC, inv_t,
+    X, YS, G, CNT, GP, CP, LSE, C, DE, DX, GRAD,
+    B, M, ROW0, K, D, NC, inv_t,
     s_deb, s_del, s_ded, s_ck, s_cd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_KIND: tl.constexpr,
-    EMULATE: tl.constexpr, STORE_DX: tl.constexpr,
+    EMULATE: tl.constexpr, STORE_DX: tl.constexpr, GLOBAL: tl.constexpr,
 ):  # fmt: skip
     """Grid (student row blocks, level): d(loss)/d(sims) of the student rows, then
     d(loss)/d(embedding) = dx @ C straight from registers. Teacher rows are constants.
 
-    With w = 1/A for anchors with a positive (else 0), c_i = w_i / (T n_i), and G[c] the class
-    sums over all anchors:
-      d L_l / d x_i = (1/T) sum_k (P_ik + P_ki) x_k - 2 c_i (G[y_i] - x_i)
-    (the positive part: x_i appears in its own positive sum and, with the same c, in those of its
-    n_i positives). L_con = (L_1 + L_2) / 2. The prototype term adds, for a class shared by
-    both sides, 2 (P_f[c] - P_o[c]) / (count_f[c] * n_shared * 2K).
+    With w = 1/A for anchors with a positive (else 0), c_i = w_i / (T n_i), Ga[c] the class sums
+    over all candidates and G[c] over this rank's anchors (GP = Ga + G, globally):
+      d L_l / d x_i = (1/T) sum_k (P_ik + P_ki) x_k - c_i ((Ga[y_i] - x_i) + (G[y_i] - x_i))
+    (the positive part: x_i appears in its own positive sum and, with the same c, in those of
+    its positives that are this rank's anchors; locally Ga = G). P_ki is 0 for other ranks'
+    anchors (their LSE is +inf). L_con = (L_1 + L_2) / 2. The prototype term adds, for a class
+    shared by both sides, 2 (P_f[c] - P_o[c]) / (count_f[c] * n_shared * 2K).
     """
     pid = tl.program_id(0)
     level = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # student rows are rows 0..B-1 of X
-    row_ok = rows < B
+    rl = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rl < B
+    rows = rl  # this rank's student rows are rows ROW0..ROW0+B-1 of X
+    if GLOBAL:
+        rows += ROW0
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
     tile_ok = row_ok[:, None] & k_ok[None, :]
@@ -346,22 +389,32 @@ def _backward_kernel(
 
     g_proto = tl.load(GRAD)
     g_con = tl.load(GRAD + 1)
-    y = tl.load(YS + rows, mask=row_ok, other=-1).to(tl.int32)
-    gs, gt, cs, ct, y_ok = _row_class_stats(G, CNT, y, row_ok, level, NC, K, kk, k_ok)
-    n_anchor, n_shared = _anchor_stats(CNT, NC, BLOCK_C)
-    n_pos = cs + ct - 1.0
+    y = tl.load(YS + rl, mask=row_ok, other=-1).to(tl.int32)
+    # The order of the local code is as it was before the global scope (same registers).
+    if GLOBAL:
+        gp, c_all, y_ok = _row_positive_stats(GP, CP, y, row_ok, level, NC, K, kk, k_ok)
+    else:
+        gs, gt, cs, ct, y_ok = _row_class_stats(G, CNT, y, row_ok, level, NC, K, kk, k_ok)
+    n_anchor, n_shared = _anchor_stats(CP, CNT, NC, BLOCK_C, GLOBAL)
+    n_pos = (c_all if GLOBAL else cs + ct) - 1.0
     c_i = tl.where(
         y_ok & (n_pos > 0.5), inv_t / (tl.maximum(n_anchor, 1.0) * tl.maximum(n_pos, 1.0)), 0.0
     )
     x32 = x_i.to(tl.float32)
-    dx = (0.5 * inv_t * g_con) * acc - (g_con * c_i)[:, None] * (gs + gt - x32)
+    if GLOBAL:
+        # One tile for both positive parts; this rank's own sums are loaded after it, for the
+        # prototype (two more tiles live only once acc is spent).
+        dx = (0.5 * inv_t * g_con) * acc - (0.5 * g_con * c_i)[:, None] * (gp - 2.0 * x32)
+        gs, gt, cs, ct, y_ok = _row_class_stats(G, CNT, y, row_ok, level, NC, K, kk, k_ok)
+    else:  # both positive parts are the same
+        dx = (0.5 * inv_t * g_con) * acc - (g_con * c_i)[:, None] * (gs + gt - x32)
     shared = y_ok & (cs > 0.5) & (ct > 0.5)
     coef = tl.where(shared, g_proto / (tl.maximum(cs, 1.0) * tl.maximum(n_shared, 1.0) * K), 0.0)
     dx += coef[:, None] * (gs / tl.maximum(cs, 1.0)[:, None] - gt / tl.maximum(ct, 1.0)[:, None])
     dx = tl.where(tile_ok, dx, 0.0)
     if STORE_DX:
         # DX is [2 levels, B student rows, K].
-        tl.store(DX + level * B * K + rows[:, None] * K + kk[None, :], dx, mask=tile_ok)
+        tl.store(DX + level * B * K + rl[:, None] * K + kk[None, :], dx, mask=tile_ok)
 
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -375,7 +428,7 @@ def _backward_kernel(
             # TF32 keeps fp32's exponent range: the gradients can be far below fp16's.
             de = tl.dot(dx, c, input_precision="tf32")
         tl.store(
-            DE + rows[:, None] * s_deb + level * s_del + dd[None, :] * s_ded,
+            DE + rl[:, None] * s_deb + level * s_del + dd[None, :] * s_ded,
             _to_lo(de, DOT_KIND, EMULATE).to(DE.dtype.element_ty),
             mask=row_ok[:, None] & d_ok[None, :],
         )

@@ -69,10 +69,11 @@ def octcoda_loss_fused(
     alpha: float = 0.6,
     beta: float = 0.05,
     temperature: float = 10.0,
+    contrastive_scope: str = "local",
     impl: str = "triton",
     check_labels: bool = True,
 ) -> LossOutput:
-    """``octcoda_loss(variant="paper", contrastive_scope="local")`` from embeddings.
+    """``octcoda_loss(variant="paper", contrastive_scope=...)`` from embeddings.
 
     ``student_emb``/``teacher_emb`` [B, 2, D] are the level-1 and level-2 embeddings (v, u),
     ``concepts`` [K, D] the bank; sims = emb @ concepts^T. ``impl`` is a resolved
@@ -80,7 +81,9 @@ def octcoda_loss_fused(
     :func:`fused_distill`; ``"torch"`` forms the sims and calls
     :func:`multieye_dist.losses.octcoda_loss`. The gate, the cross-entropy, the zero-gradient
     term when the gate is closed and the dropping of a non-finite term are the reference's
-    (:func:`multieye_dist.losses.add_distillation`); ``check_labels`` as there.
+    (:func:`multieye_dist.losses.add_distillation`); ``check_labels`` as there. With
+    ``contrastive_scope="global"`` every rank must call this, whatever its gate decides (the
+    kernel's collectives run in the forward either way).
     """
     if impl == "torch":
         sims = [
@@ -89,7 +92,7 @@ def octcoda_loss_fused(
         return octcoda_loss(
             student_logits, sims[0], student_labels, teacher_logits, sims[1], teacher_labels,
             alpha=alpha, beta=beta, temperature=temperature, variant="paper",
-            contrastive_scope="local", check_labels=check_labels,
+            contrastive_scope=contrastive_scope, check_labels=check_labels,
         )  # fmt: skip
     if impl != "triton":
         raise ValueError(f"impl must be 'triton' or 'torch' (see resolve_impl), got {impl!r}")
@@ -115,7 +118,8 @@ def octcoda_loss_fused(
         gate_open = _gate_rule(*gate_distances(zf, zo, yf))
         emb, bank = student_emb.view_as(student_emb), concepts.view_as(concepts)
         proto, con = fused_distill(
-            emb, teacher_emb, bank, yf, yo, num_classes=num_classes, temperature=temperature
-        )
+            emb, teacher_emb, bank, yf, yo, num_classes=num_classes, temperature=temperature,
+            scope=contrastive_scope,
+        )  # fmt: skip
         total = add_distillation(cls, beta * proto + alpha * con, gate_open, (emb, bank))
     return LossOutput(total=total, cls=cls, prototype=proto, contrastive=con, gated=gate_open)
