@@ -52,13 +52,20 @@ def slurm_options(args: argparse.Namespace, job_name: str) -> SlurmOptions:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     if args.gpus_per_node < 0 or args.max_requeues < 0:
         raise ValueError("--gpus-per-node and --max-requeues must be >= 0")
+    parallel = getattr(args, "max_parallel", None)  # launch/sweep.py's arrays only
+    if parallel is not None and parallel < 1:
+        raise ValueError(
+            f"--max-parallel={parallel}: must be >= 1 (how many array tasks may run at once)"
+        )
     tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
     if args.gpus_per_node and tasks != args.gpus_per_node:
         raise ValueError(
             f"--tasks-per-node={tasks} with --gpus-per-node={args.gpus_per_node}: one task per "
             "GPU, so every GPU has the rank that owns it"
         )
+    extra = {} if parallel is None else {"array_parallelism": parallel}
     return SlurmOptions(
+        **extra,
         partition=args.partition,
         account=args.account,
         qos=args.qos,

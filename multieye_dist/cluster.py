@@ -4,8 +4,12 @@ training task that runs on every Slurm task of a job, with preemption and requeu
 Rendezvous: submitit starts one process per task (``srun``); each reads its place from
 :class:`submitit.JobEnvironment` and exports what :mod:`multieye_dist.distributed` reads:
 ``RANK`` = global rank, ``WORLD_SIZE`` = tasks in the job, ``LOCAL_RANK`` = rank on the node,
-``MASTER_ADDR`` = the first host of the job's node list, ``MASTER_PORT`` = a port derived from
-the job id (the same for every task, different for concurrent jobs).
+``MASTER_ADDR`` = the address of the node whose ``srun`` launched the tasks
+(``SLURM_LAUNCH_NODE_IPADDR``: the batch host, the job's first node, where rank 0 runs; an
+address, so that no name needs to resolve), ``MASTER_PORT`` = a port derived from the job id (the
+same for every task, different for concurrent jobs), and ``GLOO_SOCKET_IFNAME`` = this node's
+interface towards that address, unless set already: gloo otherwise binds to what the host name
+resolves to, which may be loopback, unreachable from the other nodes.
 
 Preemption and time limits: Slurm sends ``SIGUSR2`` ``signal_delay_s`` seconds before the end
 (``--signal``). Saving from inside a signal handler is unsafe (a rank may be in the middle of a
@@ -24,7 +28,7 @@ import os
 import signal
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,13 +149,41 @@ def rendezvous(job_env) -> dict[str, str]:
     job_id = os.environ.get("SLURM_JOB_ID") or str(job_env.job_id)
     digits = "".join(ch for ch in job_id if ch.isdigit())
     seed = int(digits) if digits else zlib.crc32(job_id.encode())
-    return {
+    master = os.environ.get("SLURM_LAUNCH_NODE_IPADDR") or (
+        job_env.hostnames[0] if job_env.hostnames else "127.0.0.1"
+    )
+    env = {
         "RANK": str(job_env.global_rank),
         "WORLD_SIZE": str(job_env.num_tasks),
         "LOCAL_RANK": str(job_env.local_rank),
-        "MASTER_ADDR": job_env.hostnames[0] if job_env.hostnames else "127.0.0.1",
+        "MASTER_ADDR": master,
         "MASTER_PORT": str(20000 + seed % 20000),
     }
+    ifname = None if "GLOO_SOCKET_IFNAME" in os.environ else interface_towards(master)
+    if ifname:
+        env["GLOO_SOCKET_IFNAME"] = ifname
+    return env
+
+
+def interface_towards(addr: str) -> str | None:
+    """The name of this host's network interface that the route to `addr` leaves through (its
+    own address's interface when `addr` is local), or None if that cannot be told."""
+    import socket
+
+    try:
+        import psutil  # a DeepSpeed dependency: present wherever training runs
+    except ImportError:
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))  # UDP: picks the route and source address, sends nothing
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
+            return name
+    return None
 
 
 class Interrupted(SystemExit):
@@ -237,12 +269,21 @@ class TrainTask:
     """What each Slurm task runs: `multieye-dist train` with the given config and overrides.
 
     Picklable (submitit ships it to the nodes); ``checkpoint`` makes it requeueable.
+    ``on_dev_f1``: :func:`multieye_dist.train.run`'s pruning hook (an offline Bayesian sweep's
+    :class:`multieye_dist.search.TrialHook`), itself picklable.
     """
 
-    def __init__(self, config: str | None, overrides: list[str], max_requeues: int = 3):
+    def __init__(
+        self,
+        config: str | None,
+        overrides: list[str],
+        max_requeues: int = 3,
+        on_dev_f1: Callable[[int, float], bool] | None = None,
+    ):
         self.config = config
         self.overrides = list(overrides)
         self.max_requeues = max_requeues
+        self.on_dev_f1 = on_dev_f1
 
     def __call__(self) -> dict[str, Any]:
         import submitit
@@ -264,7 +305,8 @@ class TrainTask:
             job_env.hostname,
             restarts,
         )
-        summary = run(load_config(self.config, self.overrides), stop_requested=flag)
+        cfg = load_config(self.config, self.overrides)
+        summary = run(cfg, stop_requested=flag, on_dev_f1=self.on_dev_f1)
         if summary.get("preempted"):
             self._requeue(job_env.global_rank, restarts, submitit_handler)
         return summary
@@ -286,7 +328,7 @@ class TrainTask:
         # The training state is already saved (every rank, at the same step): the same task
         # resumes from `latest` (train.resume=auto).
         return submitit.helpers.DelayedSubmission(
-            TrainTask(self.config, self.overrides, self.max_requeues)
+            TrainTask(self.config, self.overrides, self.max_requeues, self.on_dev_f1)
         )
 
 

@@ -5,8 +5,13 @@ A sweep file is a standard W&B sweep configuration (``method``: grid, random or 
 (``optim.lr``), so a run is the base config plus one override per parameter.
 
 Offline (no account, or no network on the compute nodes), grid and random sweeps are expanded
-here, deterministically: grid in the order of the file, random from ``seed``. Bayes needs the
-W&B server. Only YAML (``yaml.safe_load``) is read; no pickle.
+here, deterministically: grid in the order of the file, random from ``seed``; bayes runs an
+optuna study in the sweep directory instead (:mod:`multieye_dist.search`, the module that owns
+optuna). Only YAML (``yaml.safe_load``) is read; no pickle.
+
+A run is *finished* when its ``summary.json`` says so: the trainer's final summary
+(``best_dev_f1``, written by ``finish``) or a pruned run's (``pruned: true``). What is not
+finished is what ``launch/sweep.py --resubmit-failed`` submits again (:func:`unfinished`).
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ def validate(spec: Any, where: str) -> None:
             raise SweepError(f"{key}: a grid sweep needs values or value for every parameter")
 
 
-def _distribution(p: dict) -> str:
+def distribution_of(p: dict) -> str:
+    """A parameter's W&B distribution, as W&B infers it when none is named."""
     if "distribution" in p:
         return str(p["distribution"])
     if "values" in p:
@@ -82,7 +88,7 @@ def _distribution(p: dict) -> str:
 
 
 def _sample(name: str, p: dict, rng: np.random.Generator) -> Any:
-    kind = _distribution(p)
+    kind = distribution_of(p)
     if kind == "categorical":
         return p["values"][int(rng.integers(len(p["values"])))]
     if kind == "constant":
@@ -114,9 +120,7 @@ def expand(spec: dict, count: int | None, seed: int = 0) -> list[dict[str, Any]]
     """The runs of an offline sweep: one {dotted key: value} per run."""
     params = spec["parameters"]
     if spec["method"] == "bayes":
-        raise SweepError(
-            "method bayes needs the W&B server: run the sweep online, or use grid or random offline"
-        )
+        raise SweepError("method bayes is not expanded in advance: its trials come from a study")
     if spec["method"] == "grid":
         names = list(params)
         choices = [
@@ -143,6 +147,38 @@ def check_runs(config: Path | None, base: list[str], runs: list[dict]) -> None:
             raise SweepError(f"run {i} ({run}): {exc}") from None
 
 
+def run_finished(out_dir: str | Path) -> bool:
+    """The run's summary is a final one: ``finish`` wrote it (``best_dev_f1``), or the sweep's
+    pruner stopped the run (``pruned``): a pruned run is finished, not failed."""
+    path = Path(out_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and ("best_dev_f1" in summary or bool(summary.get("pruned")))
+
+
+def bayes_records(sweep_dir: Path) -> list[dict]:
+    """A bayes sweep's runs: the latest hand-off record per run directory (a run continued by a
+    resubmission has one per attempt), in trial order."""
+    latest: dict[str, dict] = {}
+    for f in sorted((Path(sweep_dir) / "trials").glob("*.json")):
+        rec = json.loads(f.read_text(encoding="utf-8"))
+        if rec["out_dir"] not in latest or rec["trial"] > latest[rec["out_dir"]]["trial"]:
+            latest[rec["out_dir"]] = rec
+    return sorted(latest.values(), key=lambda r: r["trial"])
+
+
+def unfinished(manifest: dict, sweep_dir: Path) -> tuple[list[dict], int]:
+    """(the runs to submit again, how many new bayes trials to ask for): the runs without a
+    finished summary, and for bayes also the tasks that never got a trial (``count`` minus the
+    runs that did)."""
+    if manifest["method"] != "bayes":
+        return [r for r in manifest["runs"] if not run_finished(r["out_dir"])], 0
+    records = bayes_records(sweep_dir)
+    return [r for r in records if not run_finished(r["out_dir"])], manifest["count"] - len(records)
+
+
 def summarize(sweep_dir: Path) -> tuple[dict, list[dict]]:
     """(manifest, rows best first): each run's final value of the sweep's metric, from its
     metrics.jsonl (the last value logged), or None when the run has not logged it (yet)."""
@@ -154,10 +190,16 @@ def summarize(sweep_dir: Path) -> tuple[dict, list[dict]]:
         raise FileNotFoundError(f"{manifest_path}: not a sweep directory (no sweep.json)")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     metric, goal = manifest["metric"]["name"], manifest["metric"].get("goal", "maximize")
-    runs = manifest["runs"] or [  # online sweeps: the runs the agents were handed
-        json.loads(f.read_text(encoding="utf-8"))
-        for f in sorted((sweep_dir / "agents").glob("*.json"))
-    ]
+    states: dict[int, dict] = {}
+    if manifest["method"] == "bayes" and manifest["mode"] == "offline":
+        from multieye_dist.search import trial_states
+
+        runs, states = bayes_records(sweep_dir), trial_states(sweep_dir)
+    else:
+        runs = manifest["runs"] or [  # online sweeps: the runs the agents were handed
+            json.loads(f.read_text(encoding="utf-8"))
+            for f in sorted((sweep_dir / "agents").glob("*.json"))
+        ]
     rows = []
     for run in runs:
         run_dir = Path(run["out_dir"])
@@ -166,7 +208,10 @@ def summarize(sweep_dir: Path) -> tuple[dict, list[dict]]:
             for rec in read_metrics(run_dir):
                 if metric in rec:
                     value, step = rec[metric], rec["step"]
-        rows.append({**run, "value": value, "step": step})
+        row = {**run, "value": value, "step": step}
+        if states:  # complete, pruned, fail or running, as the study has it
+            row["state"] = states.get(run["trial"], {}).get("state", "unknown")
+        rows.append(row)
     sign = -1.0 if goal == "maximize" else 1.0
     rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0.0)))
     return manifest, rows
@@ -175,7 +220,9 @@ def summarize(sweep_dir: Path) -> tuple[dict, list[dict]]:
 def format_summary(manifest: dict, rows: list[dict]) -> str:
     metric = manifest["metric"]["name"]
     names = list(rows[0]["params"]) if rows else []
-    head = f"{'run':<10}{metric:>12}{'step':>8}  " + "  ".join(names)
+    state = bool(rows) and "state" in rows[0]
+    head = f"{'run':<12}{metric:>12}{'step':>8}" + (f"  {'state':<9}" if state else "  ")
+    head += "  ".join(names)
     lines = [
         f"sweep {manifest['name']} ({manifest['method']}, {metric} "
         f"{manifest['metric'].get('goal', 'maximize')}), {len(rows)} runs",
@@ -184,7 +231,7 @@ def format_summary(manifest: dict, rows: list[dict]) -> str:
     for r in rows:
         v = "-" if r["value"] is None else f"{r['value']:.4f}"
         params = "  ".join(f"{r['params'][n]}" for n in names)
-        lines.append(
-            f"{r['name']:<10}{v:>12}{r['step'] if r['step'] is not None else '-':>8}  {params}"
-        )
+        step = r["step"] if r["step"] is not None else "-"
+        mid = f"  {r['state']:<9}" if state else "  "
+        lines.append(f"{r['name']:<12}{v:>12}{step:>8}{mid}{params}")
     return "\n".join(lines)
