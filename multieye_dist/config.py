@@ -90,7 +90,6 @@ def _check_finite(section: _Section, names: tuple[str, ...]) -> None:
         section._check(math.isfinite(getattr(section, name)), name, "a finite number")
 
 
-
 @dataclass(frozen=True)
 class DataConfig(_Section):
     _key: ClassVar[str] = "data"
@@ -116,11 +115,18 @@ class DataConfig(_Section):
     # per-image transforms in the workers, as released. auto: device on a GPU, else cpu (on a
     # CPU the batched ops in the training process cost more than timm's in the workers).
     augment_on: Literal["auto", "device", "cpu"] = "auto"
+    # Logical streams an epoch's class-balanced draws are split into (multieye_dist.data.stream):
+    # 0 = ranks x max(num_workers, 1) at the run's start. A run keeps its value when resumed on
+    # another number of ranks, so its epochs stay the same micro-batches; set it to a multiple
+    # of every rank x worker count you may resume on (e.g. 512) to avoid a stream being read by
+    # more than one worker after growing.
+    streams: int = 0
 
     def _validate(self) -> None:
         for name in ("image_size", "batch_size", "samples_per_epoch", "pool_size"):
             self._check(getattr(self, name) >= 1, name, ">= 1")
         self._check(self.num_workers >= 0, "num_workers", ">= 0")
+        self._check(self.streams >= 0, "streams", ">= 0 (0: ranks x loader workers)")
         self._check(self.seed >= 0, "seed", ">= 0")
         self._check(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "in [0, 1]")
         problem = location_problem(self.shards) if self.shards else None  # "": not set yet

@@ -25,6 +25,7 @@ naming the damaged checkpoint, to the newest whole one before it (also when load
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -41,6 +42,7 @@ import torch
 
 from multieye_dist.atomic import (
     is_temp_name,
+    move_into_place,
     open_atomic,
     remove_temp_files,
     write_bytes,
@@ -176,8 +178,10 @@ def build_engine(
     world: int,
     steps_per_epoch: int,
     epochs: int,
+    universal: bool = False,
 ):
-    """DeepSpeed engine over `model` with AdamW and the warm-up + cosine schedule (per step)."""
+    """DeepSpeed engine over `model` with AdamW and the warm-up + cosine schedule (per step).
+    ``universal``: it will resume from a universal checkpoint (:func:`universal_checkpoint`)."""
     import deepspeed
 
     on_cuda = next(model.parameters()).device.type == "cuda"
@@ -196,12 +200,12 @@ def build_engine(
         )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    config = ds_config(optim, ds, precision, micro_batch, world)
+    if universal:
+        config = merge_dicts(config, {"checkpoint": {"load_universal": True}})
     with _prints_to_debug():
         engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=opt,
-            lr_scheduler=sched,
-            config=ds_config(optim, ds, precision, micro_batch, world),
+            model=model, optimizer=opt, lr_scheduler=sched, config=config
         )
     engine.checkpoint_engine = _safe_checkpoint_engine(engine.checkpoint_engine)
     if hasattr(engine.checkpoint_engine, "deferred"):  # ours, not a user-chosen engine
@@ -599,13 +603,17 @@ def load_checkpoint(engine, path: Path, fallbacks: list[Path] | None = None) -> 
 
 
 def _try_load(engine, path: Path) -> Exception | None:
+    universal = engine.load_universal_checkpoint()
     try:
-        loaded, _ = engine.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        if universal:  # collective; raises on every rank alike
+            universal_checkpoint(path, engine.device)
+        with _weights_only_loads() if universal else contextlib.nullcontext():
+            loaded, _ = engine.load_checkpoint(
+                str(path) if universal else str(path.parent),
+                tag=UNIVERSAL if universal else path.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
     except Exception as exc:  # torch's reader, DeepSpeed's checks, a missing key...
         return exc
     return None if loaded is not None else CheckpointError("DeepSpeed found no model file")
@@ -625,3 +633,85 @@ def _next_whole(queue: list[Path]) -> Path | None:
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+# ----------------------------------------------------------------------------- elastic resume
+
+UNIVERSAL = "universal"  # <tag>/universal: DeepSpeed's universal form of checkpoint <tag>
+
+
+def universal_checkpoint(path: Path, device: torch.device) -> Path:
+    """Collective: DeepSpeed's *universal* checkpoint of `path` (converted by rank 0 the first
+    time, into ``<path>/universal``), which a different number of ranks can load: each rank then
+    takes its own ZeRO partition of every parameter's fp32 weights and Adam moments.
+
+    Why this and not a consolidated state saved at every checkpoint: the conversion runs once,
+    at the resume that needs it, so ordinary saves stay per-rank and cheap; and it is
+    DeepSpeed's own format for resharding ZeRO 1/2 optimizer state. Its converter unpickles
+    the checkpoint's files with ``weights_only=False``; here it runs with every ``torch.load``
+    forced to weights-only with DeepSpeed's classes allow-listed (as our own loads), in
+    process (one worker), output first into ``universal.partial`` and renamed when complete.
+    """
+    import shutil
+
+    out = path / UNIVERSAL
+    error: Exception | None = None
+    if not initialized() or torch.distributed.get_rank() == 0:
+        if not out.is_dir():
+            partial = path / f"{UNIVERSAL}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            try:
+                _convert_to_universal(path, partial)
+                move_into_place(partial, out)
+                logger.info("converted %s to DeepSpeed's universal checkpoint %s", path, out)
+            except Exception as exc:  # every rank must hear of it: they wait for this one
+                error = exc
+                shutil.rmtree(partial, ignore_errors=True)
+    if _any_rank(error is not None, device):
+        _raise_first(
+            [CheckpointError(f"cannot convert {path} for another number of ranks: {error}")]
+            if error is not None
+            else [],
+            f"converting {path}",
+        )
+    return out
+
+
+def _convert_to_universal(path: Path, out: Path) -> None:
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(path),
+        output_folder=str(out),
+        num_extract_workers=1,  # in this process: the weights-only loads below apply
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our models carry no Megatron-style parameter patterns
+    )
+    if not any(path.glob("*optim_states.pt")):
+        raise CheckpointError(
+            f"{path} has no ZeRO optimizer state files (*optim_states.pt): only ZeRO 1 and 2 "
+            "checkpoints (deepspeed.zero_stage=1 or 2, or bf16) can resume on another number "
+            "of ranks"
+        )
+    with _weights_only_loads(), _prints_to_debug(), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` in this process (DeepSpeed's converter and universal loader call it
+    with ``weights_only=False``) made weights-only, DeepSpeed's state classes allow-listed."""
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original

@@ -74,6 +74,9 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # What a stop signal of the `multieye-dist train` command ends with (SIGUSR2 is Slurm's: requeue).
 _EXIT_SIGNALS = ("SIGTERM", "SIGINT")
 _DIVERGED_ADVICE = "lower optim.lr, check the data, or try train.precision=fp32"
+# The identity key of the optimizer step's size (run_identity), and the one before elastic resume.
+PER_STEP = "micro-batches per step (ranks x optim.grad_accum)"
+_OLD_WORLD_KEY = "ranks (WORLD_SIZE)"
 
 
 class TrainingError(RuntimeError):
@@ -85,7 +88,10 @@ class TrainState:
     """What a checkpoint restores beyond DeepSpeed's own state (JSON in the checkpoint)."""
 
     epoch: int = 0  # the epoch in progress
-    batch: int = 0  # batches of `epoch` this rank has consumed
+    batch: int = 0  # batches of `epoch` each rank has consumed
+    # The ranks that consumed `batch` batches each (0: a checkpoint from before elastic resume):
+    # batch x world is the epoch's global position, which a resume on other ranks divides.
+    world: int = 0
     step: int = 0  # optimizer steps
     best_f1: float = -1.0
     best_epoch: int = -1
@@ -189,7 +195,12 @@ class Job:
 # ----------------------------------------------------------------------------- the loop
 
 
-def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
+def run(
+    cfg: Config,
+    *,
+    stop_requested: Callable[[], bool] | None = None,
+    on_dev_f1: Callable[[int, float], bool] | None = None,
+) -> dict[str, Any]:
     """Train as configured; returns the final summary (on every rank; metrics on rank 0).
 
     `stop_requested` (e.g. set by a preemption signal) is polled at every step; once it is true
@@ -201,13 +212,18 @@ def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dic
     process with 128 + the signal (143 for SIGTERM, 130 for SIGINT) on the signalled ranks, so
     that ``train teacher && train distill`` does not go on; resume with the same command. A
     second SIGINT aborts at once, saving nothing more (130). Neither prints a traceback.
+
+    `on_dev_f1(epoch, best dev macro-F1 so far)` (an offline sweep's pruner) is called on rank 0
+    after each dev evaluation; rank 0's answer is broadcast, and True stops every rank: a
+    checkpoint is saved and the run returns ``{"stopped": True, "pruned": True, ...}``, its
+    summary.json saying ``pruned``.
     """
     if stop_requested is not None:
-        return _run(cfg, stop_requested)
+        return _run(cfg, stop_requested, on_dev_f1)
     flag = StopFlag()
     with handle_stop_signals(flag):
         try:
-            summary = _run(cfg, flag)
+            summary = _run(cfg, flag, on_dev_f1)
         except KeyboardInterrupt:
             logger.error("aborted by a second SIGINT: nothing saved after the last checkpoint")
             raise Interrupted(128 + signal.SIGINT) from None
@@ -216,14 +232,18 @@ def run(cfg: Config, *, stop_requested: Callable[[], bool] | None = None) -> dic
     return summary
 
 
-def _run(cfg: Config, stop_requested: Callable[[], bool]) -> dict[str, Any]:
+def _run(
+    cfg: Config,
+    stop_requested: Callable[[], bool],
+    on_dev_f1: Callable[[int, float], bool] | None = None,
+) -> dict[str, Any]:
     cfg = data_classes(cfg)  # model.num_classes as the training data's manifests say
     job, state = setup(cfg)
     try:
         # Log lines printed above the progress bar, not through it (rank 0 draws the bars).
         bars = job.env.is_main and cfg.train.progress
         with logging_redirect_tqdm() if bars else contextlib.nullcontext():
-            return _train(cfg, job, state, stop_requested)
+            return _train(cfg, job, state, stop_requested, on_dev_f1)
     except BaseException:  # as torchtitan's main: the tracker's run ends failed, then the error
         job.tracker.finish(exit_code=1)
         raise
@@ -232,7 +252,11 @@ def _run(cfg: Config, stop_requested: Callable[[], bool]) -> dict[str, Any]:
 
 
 def _train(
-    cfg: Config, job: Job, state: TrainState, stop_requested: Callable[[], bool] | None
+    cfg: Config,
+    job: Job,
+    state: TrainState,
+    stop_requested: Callable[[], bool] | None,
+    on_dev_f1: Callable[[int, float], bool] | None = None,
 ) -> dict[str, Any]:
     """The epochs of :func:`run`, after :func:`setup`."""
     meter, start_step, stopping = Meter(), state.step, False
@@ -280,6 +304,12 @@ def _train(
         last = state.epoch == cfg.train.epochs
         if last or state.epoch % cfg.train.eval_every_epochs == 0:
             evaluate_dev(job, state)
+            if on_dev_f1 is not None:  # rank 0 asks the sweep's pruner; every rank obeys it
+                prune = job.env.is_main and on_dev_f1(state.epoch, state.best_f1)
+                if D.broadcast_object(bool(prune)):
+                    save(job, state)
+                    reason = f"pruned by the sweep at epoch {state.epoch}"
+                    return stop(job, state, reason, pruned=True)
         save(job, state)
         clock.pause(time.perf_counter() - t_end, meter)
     return finish(job, state)
@@ -356,7 +386,8 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     checked = preflight(cfg, env.world)
     device = D.device_for(env)
     objective = build_objective(cfg, device)
-    stream = build_stream(cfg, env, objective)  # reads the manifests: a missing split fails here
+    # Reads the manifests: a missing split fails here.
+    stream = build_stream(cfg, env, objective, checked.streams)
     steps_per_epoch = len(stream) // cfg.optim.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(
@@ -405,10 +436,14 @@ def _build(
         world=env.world,
         steps_per_epoch=steps_per_epoch,
         epochs=cfg.train.epochs,
+        # Resharding ZeRO's optimizer state goes through DeepSpeed's universal checkpoint;
+        # without ZeRO (fp32 or autocast weights) every rank's state is whole and loads as is.
+        universal=checked.resharded
+        and (cfg.deepspeed.zero_stage > 0 or cfg.train.precision == "bf16"),
     )
     if cfg.perf.compile:
         engine.compile()  # DeepSpeed's wrapper around torch.compile of the student
-    state = resume(engine, checked.checkpoint)
+    state = resume(engine, checked.checkpoint, env.world)
     state.identity = checked.identity
     loader = make_loader(stream, cfg.data.num_workers)
     # The tracker last: from here on run() owns it and finishes it, failed or not.
@@ -454,8 +489,7 @@ def _log_start(
     """The first lines of a training (rank 0): what it reads, where and how it runs."""
     sets = [s for s in (stream.fundus, stream.oct) if s is not None]
     read = "; ".join(
-        f"{s.modality} {s.split} {s.listed} samples, {len(s.urls)} shards"
-        for s in sets
+        f"{s.modality} {s.split} {s.listed} samples, {len(s.urls)} shards" for s in sets
     )
     logger.info("shards %s: %s", resolve_shards(cfg.data.shards), read)
     logger.info(
@@ -506,6 +540,8 @@ class Checked:
     sentences: list[str]
     checkpoint: Path | None  # the one to resume from
     identity: dict[str, Any]
+    streams: int  # the data's logical streams (data.streams resolved; kept by a resume)
+    resharded: bool = False  # resuming on another number of ranks than the checkpoint's
 
 
 def preflight(cfg: Config, world: int, *, in_run_dir: bool = True) -> Checked:
@@ -540,10 +576,25 @@ def preflight(cfg: Config, world: int, *, in_run_dir: bool = True) -> Checked:
         raise FileNotFoundError(f"model.weights={cfg.model.weights}: no such file")
     if cls.needs_teacher:
         check_teacher(cfg, bank)
-    identity = run_identity(cfg, world, bank)
+    saved = checkpoint_state(checkpoint) if checkpoint is not None else {}
+    streams = resolve_streams(cfg, world, saved)
+    identity = run_identity(cfg, world, bank, streams)
     if checkpoint is not None:
-        check_resume(checkpoint, identity)
-    return Checked(bank, sentences, checkpoint, identity)
+        check_resume(checkpoint, identity, saved, world)
+    saved_world = saved.get("world") or world
+    return Checked(bank, sentences, checkpoint, identity, streams, saved_world != world)
+
+
+def resolve_streams(cfg: Config, world: int, saved: dict[str, Any]) -> int:
+    """data.streams; 0 (auto): what the resumed checkpoint's run used, else ranks x loader
+    workers now. A run keeps it for good: its epochs are the same micro-batches on any number
+    of ranks (multieye_dist.data.stream)."""
+    if cfg.data.streams:
+        return cfg.data.streams
+    kept = (saved.get("identity") or {}).get("data.streams")
+    if isinstance(kept, int) and kept > 0:
+        return kept
+    return world * max(cfg.data.num_workers, 1)
 
 
 def check_teacher(cfg: Config, bank: torch.Tensor) -> None:
@@ -587,33 +638,59 @@ def check_teacher(cfg: Config, bank: torch.Tensor) -> None:
         )
 
 
-def run_identity(cfg: Config, world: int | None, bank: torch.Tensor | None) -> dict[str, Any]:
+def run_identity(
+    cfg: Config, world: int | None, bank: torch.Tensor | None, streams: int | None = None
+) -> dict[str, Any]:
     """What a resumed run must share with the run that saved the checkpoint, by the name a
     refusal gives it: the stage, the model (its init file aside), the concept bank's content
-    and the batch geometry. Kept in every checkpoint's trainer state."""
+    and the batch geometry: the micro-batch, the micro-batches per optimizer step and the
+    data's logical streams, not the number of ranks (elastic resume: the optimizer step and
+    the epochs stay the same). Kept in every checkpoint's trainer state."""
     identity: dict[str, Any] = {"train.stage": cfg.train.stage}
     identity.update({f"model.{k}": v for k, v in asdict(cfg.model).items() if k != "weights"})
     if bank is not None:
         data = bank.detach().float().contiguous().cpu().numpy().tobytes()
         identity["concepts.bank (content)"] = hashlib.sha256(data).hexdigest()[:16]
     identity["data.batch_size"] = cfg.data.batch_size
-    identity["optim.grad_accum"] = cfg.optim.grad_accum
     if world is not None:
-        identity["ranks (WORLD_SIZE)"] = world
+        identity[PER_STEP] = world * cfg.optim.grad_accum
+    if streams is not None:
+        identity["data.streams"] = streams
     return identity
 
 
-def check_resume(checkpoint: Path, identity: dict[str, Any]) -> None:
-    """Refuse to resume `checkpoint` with a different model, concept bank or batch geometry,
-    naming each difference (a checkpoint from before identities were saved is compared with
-    its run's config.yaml, on what that records)."""
+def checkpoint_state(checkpoint: Path) -> dict[str, Any]:
+    """The trainer state saved with `checkpoint` (an error naming the file if unreadable)."""
     try:
         state = json.loads((checkpoint / E.STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{checkpoint / E.STATE_FILE}: cannot read it ({exc})") from None
-    saved = state.get("identity") if isinstance(state, dict) else None
+    return state if isinstance(state, dict) else {}
+
+
+def check_resume(
+    checkpoint: Path, identity: dict[str, Any], state: dict[str, Any], world: int
+) -> None:
+    """Refuse to resume `checkpoint` with a different model, concept bank or batch geometry,
+    naming each difference (a checkpoint from before identities were saved is compared with
+    its run's config.yaml, on what that records). Another number of ranks is fine as long as
+    an optimizer step stays the same micro-batches (the error says which settings do that);
+    a checkpoint from before elastic resume (no global data position) needs its own."""
+    saved = state.get("identity")
     if saved is None:
         saved = _identity_from_config(checkpoint.parent.parent / "config.yaml")
+    old_world = saved.get(_OLD_WORLD_KEY)
+    if not state.get("world") and old_world is not None and old_world != world:
+        raise ConfigError(
+            f"cannot resume from {checkpoint} on {world} rank(s): it was saved by {old_world} "
+            "rank(s) before checkpoints kept a global data position; resume it on "
+            f"{old_world} rank(s)"
+        )
+    per_step = saved.get(PER_STEP)
+    if per_step is None and old_world is not None and "optim.grad_accum" in saved:
+        per_step = old_world * saved["optim.grad_accum"]
+    if per_step is not None and PER_STEP in identity and per_step != identity[PER_STEP]:
+        raise ConfigError(_elastic_advice(checkpoint, per_step, identity[PER_STEP], world))
     differ = [
         f"{k} {saved[k]!r} -> {v!r}" for k, v in identity.items() if k in saved and saved[k] != v
     ]
@@ -623,6 +700,20 @@ def check_resume(checkpoint: Path, identity: dict[str, Any]) -> None:
             "saved it; resume with its settings, or start afresh with train.resume=never or "
             "another train.out_dir"
         )
+
+
+def _elastic_advice(checkpoint: Path, saved: int, now: int, world: int) -> str:
+    fits = [w for w in range(1, saved + 1) if saved % w == 0]
+    how = (
+        f"with {world} rank(s) set optim.grad_accum={saved // world}"
+        if saved % world == 0
+        else f"{world} rank(s) cannot: use a number of ranks that divides {saved} ({fits})"
+    )
+    return (
+        f"cannot resume from {checkpoint}: its optimizer step takes {saved} micro-batches "
+        f"(ranks x optim.grad_accum), this run's {now}; {how}, so that every step trains on "
+        "the same samples (or start afresh with train.resume=never or another train.out_dir)"
+    )
 
 
 def _identity_from_config(path: Path) -> dict[str, Any]:
@@ -667,7 +758,9 @@ def data_classes(cfg: Config) -> Config:
     return replace(cfg, model=replace(cfg.model, num_classes=n))
 
 
-def build_stream(cfg: Config, env: D.DistEnv, objective: Objective) -> PairedTrainStream:
+def build_stream(
+    cfg: Config, env: D.DistEnv, objective: Objective, streams: int = 0
+) -> PairedTrainStream:
     """The objective's primary modality, with partners when it reads them (the fundus-only
     baseline reads fundus alone: decoding partners it would not use costs half the loader)."""
     shard_dir = resolve_shards(cfg.data.shards)  # a directory or a URL prefix
@@ -675,7 +768,7 @@ def build_stream(cfg: Config, env: D.DistEnv, objective: Objective) -> PairedTra
     partner = None
     if objective.partner is not None:
         partner = ShardSet.from_manifest(shard_dir, objective.partner, "train")
-    scfg = StreamConfig.from_data(cfg.data)
+    scfg = StreamConfig.from_data(cfg.data, streams=streams)
     return PairedTrainStream(
         primary,
         partner,
@@ -708,14 +801,29 @@ def build_teacher(cfg: Config, bank: torch.Tensor, device: torch.device) -> Froz
     )
 
 
-def resume(engine, path: Path | None) -> TrainState:
+def resume(engine, path: Path | None, world: int) -> TrainState:
+    """The trainer state of checkpoint `path` (after DeepSpeed's own), its data position
+    divided among `world` ranks: the epoch's consumed micro-batches are global, so a run
+    resumed on other ranks neither repeats nor skips one (multieye_dist.data.stream)."""
     if path is None:
-        return TrainState()
+        return TrainState(world=world)
     state = TrainState.from_dict(E.load_checkpoint(engine, path))
     if state.step != engine.global_steps:
         raise RuntimeError(
             f"{path}: trainer_state step {state.step} != DeepSpeed's {engine.global_steps}"
         )
+    saved_world = state.world or world
+    if saved_world != world:
+        consumed = state.batch * saved_world  # whole optimizer steps: a multiple of `world`
+        if consumed % world:
+            raise RuntimeError(f"{path}: {consumed} micro-batches done, not a multiple of {world}")
+        logger.info(
+            "resuming %d rank(s)' checkpoint on %d: epoch %d at micro-batch %d of each rank "
+            "(%d of the epoch consumed)", saved_world, world, state.epoch + 1, consumed // world,
+            consumed,
+        )  # fmt: skip
+        state.batch = consumed // world
+    state.world = world
     return state
 
 
@@ -906,11 +1014,21 @@ def export(job: Job, state: TrainState, name: str) -> Path:
 
 
 def stop(
-    job: Job, state: TrainState, reason: str, preempted: bool = False, signame: str | None = None
+    job: Job,
+    state: TrainState,
+    reason: str,
+    preempted: bool = False,
+    signame: str | None = None,
+    pruned: bool = False,
 ) -> dict[str, Any]:
     logger.info("%s at step %d (checkpoint saved); resume: train.resume=auto", reason, state.step)
+    if pruned:  # a final summary: the sweep counts a pruned run as finished, not failed
+        best = {"best_epoch": state.best_epoch, "best_dev_f1": state.best_f1}
+        job.tracker.summary({"pruned": True, "step": state.step, **best})
     job.tracker.finish()
     summary = {"stopped": True, "preempted": preempted, "step": state.step, "reason": reason}
+    if pruned:
+        summary.update(pruned=True, best_dev_f1=state.best_f1, best_epoch=state.best_epoch)
     return {**summary, "signal": signame} if signame else summary
 
 

@@ -1,23 +1,33 @@
 """Streaming shards to every rank and loader worker.
 
-Work units. A split's shards are cut into *units* so that there are at least as many as global
-workers (ranks x loader workers): with n shards and G workers each shard gives m = ceil(G / n)
-units, unit j of a shard keeping the samples at positions j, j + m, j + 2m, ... (m = 1, the
-usual case, is the whole shard). Units are dealt round-robin to the global workers, so within an
-epoch every sample belongs to exactly one worker; a shard is read more than once only when there
-are fewer shards than workers.
+Work units. A split's shards are cut into *units* so that there are at least as many as the
+training epoch's logical streams (S, below; for evaluation: ranks x loader workers): with n
+shards and G streams each shard gives m = ceil(G / n) units, unit j of a shard keeping the
+samples at positions j, j + m, j + 2m, ... (m = 1, the usual case, is the whole shard). Units are
+dealt round-robin to the streams, so within an epoch every sample belongs to exactly one stream;
+a shard is read more than once only when there are fewer shards than streams.
 
-Training (class-balanced, paired). Each worker keeps per-class pools of at most `pool_size`
-encoded samples, fed by its fundus stream. To emit a sample it draws a class c with probability
-proportional to local_c / global_c (local_c: fundus samples of class c in this worker's units,
+Training (class-balanced, paired). An epoch is S logical streams (``StreamConfig.streams``,
+``data.streams``; 0: ranks x loader workers). Each keeps per-class pools of at most `pool_size`
+encoded samples, fed by its fundus units. To emit a sample it draws a class c with probability
+proportional to local_c / global_c (local_c: fundus samples of class c in the stream's units,
 global_c: in the whole split, from the manifest), then a sample of class c uniformly from its pool,
-and reads one new sample into the pools. Summed over workers this gives each class the same
+and reads one new sample into the pools. Summed over streams this gives each class the same
 expected frequency, as the release's WeightedRandomSampler (weight 1 / count of the class, with
 replacement) does. The OCT partner comes the same way from per-class pools fed by an independent,
 resampled OCT stream: same label when the OCT split has that class, else a random OCT sample
-with its own label (as released), counted. Every epoch restarts the pools from a seed derived
-from (seed, epoch, rank, worker): an epoch's order depends on nothing else, so resuming at an
-epoch boundary reproduces it.
+with its own label (as released), counted. Every epoch restarts a stream from a seed derived
+from (seed, epoch, stream) alone.
+
+Global position (elastic resume). The epoch's global micro-batch j is batch j // S of stream
+j % S; with W ranks, rank r trains on j = r, r + W, r + 2W, ... (its batch p is j = p W + r), and
+its loader worker w on its batches p = skip + w, skip + w + workers, ... (the DataLoader takes
+them in turn). An optimizer step of W x grad_accum micro-batches is therefore the same
+micro-batches on any number of ranks, and a resume skips the epoch's consumed micro-batches
+(their draws are made, without decoding) on whatever ranks it runs. A worker that yields batches
+of several streams keeps each open; one that yields only some batches of a stream makes the
+others' draws without decoding them (more ranks x workers than S: that stream's shards are read
+by each of those workers).
 
 Paired arms. The partners have a generator of their own (draws and augmentation), derived from
 the same seed: the fundus batches of a run depend on the seed alone, not on whether partners are
@@ -689,6 +699,9 @@ class StreamConfig:
     max_bad_fraction: float
     augment: bool
     augment_on: str  # "device": uint8 batches + parameters; "cpu": augmented in the worker
+    # The epoch's logical streams (0: ranks x loader workers). Fixed for a run, so that its
+    # epochs are the same micro-batches whatever the number of ranks (elastic resume).
+    streams: int = 0
 
     @classmethod
     def from_data(cls, data: DataConfig, **changes: Any) -> StreamConfig:
@@ -744,7 +757,9 @@ class PairedTrainStream(IterableDataset):
         Skipped batches make the same random draws without decoding or augmenting (each batch's
         augmentation is seeded by its own index), so resuming mid-epoch yields exactly the
         batches an uninterrupted run would have, unless a skipped batch hit an undecodable
-        sample (then the draws after it differ; still a valid epoch).
+        sample (then the draws after it differ; still a valid epoch). After an elastic resume
+        (another number of ranks) `skip` is the epoch's global position divided among the new
+        ranks: see the class docstring.
         """
         if not 0 <= skip <= len(self):
             raise ValueError(f"skip={skip}: must be in [0, {len(self)}] batches")
@@ -753,31 +768,38 @@ class PairedTrainStream(IterableDataset):
     def __len__(self) -> int:
         return self.cfg.samples_per_epoch // self.world // self.cfg.batch_size
 
-    def _worker_batches(self, total: int, worker: int, workers: int) -> int:
-        return total // workers + (worker < total % workers)
-
     def __iter__(self) -> Iterator[Batch]:
         rank, world, loader_worker, workers = identity(self.rank, self.world)
-        # The DataLoader takes batches round-robin from its workers starting at worker 0;
-        # global batch i belongs to logical worker i % workers. Rotating by `skip` makes loader
-        # worker 0 play the logical worker that owns batch `skip`, so the order is unchanged.
-        worker = (loader_worker + self.skip) % workers
-        cfg, g = self.cfg, rank * workers + worker
-        n_skip = self._worker_batches(self.skip, worker, workers)
-        n_batches = self._worker_batches(len(self), worker, workers)
-        seed = _seed(cfg.seed, self.epoch, rank, worker)
+        n_streams = self.cfg.streams or world * workers
+        stats = StreamStats(worker=loader_worker)  # from the first read: missing samples count
+        streams: dict[int, _LogicalStream] = {}
+        # The DataLoader takes batches round-robin from its workers, starting at worker 0: this
+        # rank's batch p (p >= skip) comes from loader worker (p - skip) % workers.
+        for p in range(self.skip + loader_worker, len(self), workers):
+            j = p * world + rank  # the epoch's global micro-batch index
+            s, k = j % n_streams, j // n_streams
+            if s not in streams:
+                streams[s] = self._open_stream(s, n_streams, stats, announce=s == 0 and rank == 0)
+            yield streams[s].batch(k)
+
+    def _open_stream(
+        self, s: int, n_streams: int, stats: StreamStats, announce: bool
+    ) -> _LogicalStream:
+        """Logical stream `s` of `n_streams` at the start of the epoch: its share of the shard
+        units, its pools filled, its generators seeded by (seed, epoch, s) alone."""
+        cfg = self.cfg
+        seed = _seed(cfg.seed, self.epoch, s)
         rng = np.random.default_rng(seed)
-        units = make_units(self.fundus, world * workers)
+        units = make_units(self.fundus, n_streams)
         if cfg.resampled:
             mine = units
-        else:  # this epoch's deal of units to global workers
+        else:  # this epoch's deal of units to the logical streams
             perm = np.random.default_rng(_seed(cfg.seed, self.epoch, 7)).permutation(len(units))
-            mine = [units[i] for i in perm[g :: world * workers]]
+            mine = [units[i] for i in perm[s::n_streams]]
         global_counts = self.fundus.total_class_counts
         local = np.sum([u.class_counts for u in mine], axis=0)
-        # Release weights 1/count_c, applied to the samples this worker can see.
+        # Release weights 1/count_c, applied to the samples this stream can see.
         weights = np.where(global_counts > 0, local / np.maximum(global_counts, 1), 0.0)
-        stats = StreamStats(worker=worker)  # from the first read: missing samples count
         f_stream = cycle_units(
             mine, self.fundus.image_ext, rng, cfg.resampled, stats, cfg.max_bad_fraction
         )
@@ -785,25 +807,13 @@ class PairedTrainStream(IterableDataset):
         fill(f_pools, f_stream, weights > 0, limit=int(local.sum()) + cfg.pool_size)
         weights = weights * f_pools.present()
         if weights.sum() == 0:
-            raise DataError(f"rank {rank} worker {worker}: no fundus sample in its shards")
-        weights = weights / weights.sum()
+            raise DataError(f"logical stream {s}: no fundus sample in its shards")
         # The partners' own generator: drawing them leaves the fundus draws untouched.
         p_seed = _seed(seed, 0x0C7)
-        partner = self._partner_pools(p_seed, global_counts, g == 0, stats)
-        for b in range(n_batches):
-            decode_it = b >= n_skip
-            with rng_scope(new_rng_state(_seed(seed, b))):
-                f_imgs, f_s = self._draw_fundus(rng, weights, f_pools, f_stream, stats, decode_it)
-            batch = None
-            if decode_it:
-                batch = _collate(f_imgs, f_s, stats, self.images, _seed(seed, b, AUG_SEED))
-            if partner is not None:
-                with rng_scope(new_rng_state(_seed(p_seed, b))):
-                    batch = self._add_partners(
-                        batch, f_s, partner, stats, decode_it, _seed(p_seed, b, AUG_SEED)
-                    )
-            if decode_it:
-                yield batch
+        partner = self._partner_pools(p_seed, global_counts, announce, stats)
+        return _LogicalStream(
+            self, seed, p_seed, rng, weights / weights.sum(), f_pools, f_stream, partner, stats
+        )
 
     def _partner_pools(
         self, seed: int, fundus_counts: np.ndarray, announce: bool, stats: StreamStats
@@ -909,6 +919,57 @@ class PairedTrainStream(IterableDataset):
             partner_keys=[s.key for s in o_s],
             stats=stats.snapshot(),
         )
+
+
+class _LogicalStream:
+    """One logical stream of a training epoch: class-balanced draws from its share of the shards,
+    batch after batch. `batch(k)` makes the draws of the batches before k that this worker does
+    not yield (without decoding: another worker, or the part of the epoch already trained,
+    yields them), then batch k itself."""
+
+    def __init__(
+        self,
+        owner: PairedTrainStream,
+        seed: int,
+        p_seed: int,
+        rng: np.random.Generator,
+        weights: np.ndarray,
+        f_pools: ClassPools,
+        f_stream: Iterator[RawSample],
+        partner: tuple | None,
+        stats: StreamStats,
+    ):
+        self.owner, self.seed, self.p_seed, self.rng = owner, seed, p_seed, rng
+        self.weights, self.f_pools, self.f_stream = weights, f_pools, f_stream
+        self.partner, self.stats = partner, stats
+        self.next = 0  # the next batch index whose draws are not made yet
+
+    def batch(self, k: int) -> Batch:
+        if k < self.next:
+            raise AssertionError(f"batch {k} of a logical stream asked after batch {self.next}")
+        while self.next < k:
+            self._make(self.next, decode_it=False)
+            self.next += 1
+        self.next += 1
+        batch = self._make(k, decode_it=True)
+        assert batch is not None
+        return batch
+
+    def _make(self, b: int, decode_it: bool) -> Batch | None:
+        owner, stats = self.owner, self.stats
+        with rng_scope(new_rng_state(_seed(self.seed, b))):
+            f_imgs, f_s = owner._draw_fundus(
+                self.rng, self.weights, self.f_pools, self.f_stream, stats, decode_it
+            )
+        batch = None
+        if decode_it:
+            batch = _collate(f_imgs, f_s, stats, owner.images, _seed(self.seed, b, AUG_SEED))
+        if self.partner is not None:
+            with rng_scope(new_rng_state(_seed(self.p_seed, b))):
+                batch = owner._add_partners(
+                    batch, f_s, self.partner, stats, decode_it, _seed(self.p_seed, b, AUG_SEED)
+                )
+        return batch
 
 
 # ---------------------------------------------------------------- evaluation stream
