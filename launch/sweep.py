@@ -408,17 +408,16 @@ def submit(args: argparse.Namespace) -> int:
             AgentTask(manifest["sweep_id"], cfg, args.overrides, str(out), args.max_requeues)
             for _ in range(args.count)
         ]
-    try:
-        with undone_if_refused(out):
-            if args.mode == "offline" and spec["method"] == "bayes":
-                from multieye_dist import search
 
-                out.mkdir(parents=True, exist_ok=True)
-                search.load_study(out, spec)  # the empty study: --summary works at once
-            executor = make_executor(out / "slurm", "local" if args.local else "slurm", opts)
-            jobs = submit_array(executor, tasks)
-    except SubmissionError as exc:
-        print(f"sweep: the scheduler refused the array: {exc}", file=sys.stderr)
+    def new_study() -> None:  # the empty study: --summary works at once
+        if args.mode == "offline" and spec["method"] == "bayes":
+            from multieye_dist import search
+
+            out.mkdir(parents=True, exist_ok=True)
+            search.load_study(out, spec)
+
+    jobs = queue_array(out, args, opts, tasks, new_study)
+    if jobs is None:
         return 2
     manifest["job_ids"] = [j.job_id for j in jobs]
     write_text(out / "sweep.json", json.dumps(manifest, indent=1))
@@ -428,6 +427,22 @@ def submit(args: argparse.Namespace) -> int:
         f"directory {out}; logs in {out / 'slurm'}"
     )
     return wait_for(jobs, out) if args.wait else 0
+
+
+def queue_array(
+    out: Path, args: argparse.Namespace, opts, tasks: list, first: Callable[[], None] | None = None
+) -> list | None:
+    """`tasks` as ONE array job into `out` (after `first`, inside the same undo); None, with the
+    scheduler's refusal printed, if it is refused: what the attempt made in `out` is removed."""
+    try:
+        with undone_if_refused(out):
+            if first is not None:
+                first()
+            executor = make_executor(out / "slurm", "local" if args.local else "slurm", opts)
+            return submit_array(executor, tasks)
+    except SubmissionError as exc:
+        print(f"sweep: the scheduler refused the array: {exc}", file=sys.stderr)
+        return None
 
 
 def wait_for(jobs: list, out: Path) -> int:
@@ -506,12 +521,8 @@ def resubmit(args: argparse.Namespace) -> int:
         # their tasks are gone (nothing of the sweep is queued): RUNNING is no longer true
         search.fail_running(out, [r["trial"] for r in runs])
     tasks = offline_tasks(manifest, runs, fresh, args.max_requeues)
-    try:
-        with undone_if_refused(out):
-            executor = make_executor(out / "slurm", "local" if args.local else "slurm", opts)
-            jobs = submit_array(executor, tasks)
-    except SubmissionError as exc:
-        print(f"sweep: the scheduler refused the array: {exc}", file=sys.stderr)
+    jobs = queue_array(out, args, opts, tasks)
+    if jobs is None:
         return 2
     new_ids = [j.job_id for j in jobs]
     manifest["job_ids"] = [*manifest["job_ids"], *new_ids]

@@ -268,6 +268,10 @@ class TrainConfig(_Section):
     # jobs, and tests of resumption. None = run to the last epoch.
     stop_after_steps: int | None = None
     progress: bool = True  # progress bars on rank 0
+    # Draw the run's pictures (plots/*.png: curves, confusion, ROC/PR) when it finishes, ~3 s
+    # on a CPU; false skips them (e.g. many short sweep runs): `multieye-dist plots RUN_DIR`
+    # draws them later from the records the run leaves either way.
+    plots: bool = True
 
     def _validate(self) -> None:
         for name in ("epochs", "eval_every_epochs", "checkpoint_every_steps", "log_every_steps"):

@@ -573,8 +573,12 @@ def remove_stale_temps(ckpt_dir: Path) -> None:
             remove_temp_files(d)
 
 
-def load_checkpoint(engine, path: Path, fallbacks: list[Path] | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    engine, path: Path, fallbacks: list[Path] | None = None, universal: bool = False
+) -> dict[str, Any]:
     """Restore weights, optimizer, schedule and DeepSpeed's counters; return our trainer state.
+    ``universal``: through the checkpoint's universal form (another number of ranks; the
+    engine was built with ``build_engine(universal=True)``).
 
     If loading fails on any rank, every rank warns and moves on together to the next whole
     checkpoint of `fallbacks` (default: those find_checkpoint("auto") left for `path`; none
@@ -582,7 +586,7 @@ def load_checkpoint(engine, path: Path, fallbacks: list[Path] | None = None) -> 
     path = Path(path)
     queue = list(_FALLBACKS.pop(path.resolve(), []) if fallbacks is None else fallbacks)
     while True:
-        error = _try_load(engine, path)
+        error = _try_load(engine, path, universal)
         if not _any_rank(error is not None, engine.device):
             break
         reason = _first_line(error) if error is not None else "failed on another rank"
@@ -602,8 +606,7 @@ def load_checkpoint(engine, path: Path, fallbacks: list[Path] | None = None) -> 
     return state
 
 
-def _try_load(engine, path: Path) -> Exception | None:
-    universal = engine.load_universal_checkpoint()
+def _try_load(engine, path: Path, universal: bool) -> Exception | None:
     try:
         if universal:  # collective; raises on every rank alike
             universal_checkpoint(path, engine.device)

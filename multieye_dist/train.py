@@ -436,14 +436,11 @@ def _build(
         world=env.world,
         steps_per_epoch=steps_per_epoch,
         epochs=cfg.train.epochs,
-        # Resharding ZeRO's optimizer state goes through DeepSpeed's universal checkpoint;
-        # without ZeRO (fp32 or autocast weights) every rank's state is whole and loads as is.
-        universal=checked.resharded
-        and (cfg.deepspeed.zero_stage > 0 or cfg.train.precision == "bf16"),
+        universal=_reshards(cfg, checked),
     )
     if cfg.perf.compile:
         engine.compile()  # DeepSpeed's wrapper around torch.compile of the student
-    state = resume(engine, checked.checkpoint, env.world)
+    state = resume(engine, checked.checkpoint, env.world, _reshards(cfg, checked))
     state.identity = checked.identity
     loader = make_loader(stream, cfg.data.num_workers)
     # The tracker last: from here on run() owns it and finishes it, failed or not.
@@ -710,7 +707,7 @@ def _elastic_advice(checkpoint: Path, saved: int, now: int, world: int) -> str:
         else f"{world} rank(s) cannot: use a number of ranks that divides {saved} ({fits})"
     )
     return (
-        f"cannot resume from {checkpoint}: its optimizer step takes {saved} micro-batches "
+        f"cannot resume from {checkpoint}: its optimizer step takes {saved} micro-batch(es) "
         f"(ranks x optim.grad_accum), this run's {now}; {how}, so that every step trains on "
         "the same samples (or start afresh with train.resume=never or another train.out_dir)"
     )
@@ -801,13 +798,22 @@ def build_teacher(cfg: Config, bank: torch.Tensor, device: torch.device) -> Froz
     )
 
 
-def resume(engine, path: Path | None, world: int) -> TrainState:
-    """The trainer state of checkpoint `path` (after DeepSpeed's own), its data position
-    divided among `world` ranks: the epoch's consumed micro-batches are global, so a run
-    resumed on other ranks neither repeats nor skips one (multieye_dist.data.stream)."""
+def _reshards(cfg: Config, checked: Checked) -> bool:
+    """Whether the resume goes through DeepSpeed's universal checkpoint: on another number of
+    ranks with ZeRO's partitioned optimizer state (bf16 mode partitions its fp32 master
+    weights even at ZeRO 0); otherwise every rank's state is whole and loads as it is."""
+    partitioned = cfg.deepspeed.zero_stage > 0 or cfg.train.precision == "bf16"
+    return checked.resharded and partitioned
+
+
+def resume(engine, path: Path | None, world: int, universal: bool = False) -> TrainState:
+    """The trainer state of checkpoint `path` (after DeepSpeed's own; ``universal``: through
+    its universal form), its data position divided among `world` ranks: the epoch's consumed
+    micro-batches are global, so a run resumed on other ranks neither repeats nor skips one
+    (multieye_dist.data.stream)."""
     if path is None:
         return TrainState(world=world)
-    state = TrainState.from_dict(E.load_checkpoint(engine, path))
+    state = TrainState.from_dict(E.load_checkpoint(engine, path, universal=universal))
     if state.step != engine.global_steps:
         raise RuntimeError(
             f"{path}: trainer_state step {state.step} != DeepSpeed's {engine.global_steps}"
@@ -1064,7 +1070,8 @@ def finish(job: Job, state: TrainState) -> dict[str, Any]:
     if job.env.is_main:
         job.tracker.summary(summary)
         job.tracker.log_outputs(step=state.step)  # W&B: eval/*.records.json charts, exports
-        plot_run_safely(job.run_dir)  # <run>/plots/*.png; a failure is a warning, not a failed run
+        if job.cfg.train.plots:  # <run>/plots/*.png; a failure is a warning, not a failed run
+            plot_run_safely(job.run_dir)
         _closing_line(job, state)
     job.tracker.finish()
     D.barrier()

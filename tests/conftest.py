@@ -188,3 +188,19 @@ def slurm_cluster_multi(slurm_cluster) -> SlurmCluster:
             pytest.fail(f"no namespace nodes: {slurm_cluster.multi_skip}")
         pytest.skip(slurm_cluster.multi_skip)
     return slurm_cluster
+
+
+@pytest.fixture(scope="session")
+def two_task_job(slurm_cluster, shards, wandb_home, tmp_path_factory) -> Path:
+    """launch/submit.py's tiny 2-task DeepSpeed job on one node, run to its end (--wait): the
+    reference of the Slurm tests (tests/test_launch.py, tests/test_slurm_multinode.py)."""
+    import re
+
+    from helpers import submit_two_tasks
+
+    out = tmp_path_factory.mktemp("submit") / "run"
+    proc = submit_two_tasks(slurm_cluster, shards, out, wandb_home, "--wait")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert re.search(r"submitted job \d+: 1 node\(s\) x 2 task\(s\)", proc.stdout)
+    assert "logs: " in proc.stdout and str(out) in proc.stdout
+    return out

@@ -145,7 +145,6 @@ def offline_runs(run_dir: Path, run_id: str) -> list[Path]:
     return sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}*/run-{run_id}.wandb"))
 
 
-
 def until(what: str, predicate, timeout: float = 30):
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -157,16 +156,19 @@ def until(what: str, predicate, timeout: float = 30):
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
-
-def sacct_state(job_id: str) -> str:
+def sacct_field(job_id: str, field: str) -> str:
+    """One field of a job's accounting record (sacct), "" while it has none."""
     res = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id],
+        ["sacct", "-X", "-n", "-P", "-o", field, "-j", job_id],
         capture_output=True,
         text=True,
         timeout=60,
     )
     return res.stdout.strip().splitlines()[0] if res.stdout.strip() else ""
 
+
+def sacct_state(job_id: str) -> str:
+    return sacct_field(job_id, "State")
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -208,6 +210,7 @@ TINY_RUN = {
     "train.log_every_steps": 1,
     "train.precision": "fp32",
     "train.progress": "false",
+    "train.plots": "false",  # tests/test_plots.py checks the pictures of a finished training
     "optim.warmup_epochs": 0,
     "teacher.dtype": "fp32",
     "tracking.wandb.mode": "disabled",
@@ -250,7 +253,7 @@ def slurm_tiny(shards: Path, out: Path, *extra: str) -> list[str]:
         "train.stage=distill", "loss.name=fundus-only", "model.backbone=test_resnet",
         f"data.shards={shards}", "data.image_size=32", "data.batch_size=8",
         "data.samples_per_epoch=128", "train.epochs=2", f"train.out_dir={out}",
-        "train.log_every_steps=1", "train.progress=false", *extra,
+        "train.log_every_steps=1", "train.progress=false", "train.plots=false", *extra,
     ]  # fmt: skip
 
 
@@ -262,6 +265,16 @@ def launch(script: str, *args: str, env: dict, timeout: float = 300):
     return subprocess.run(
         [sys.executable, str(ROOT / "launch" / script), *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+def submit_two_tasks(cluster, shards: Path, out: Path, env: dict, *flags: str):
+    """launch/submit.py: the tiny distillation run (:func:`slurm_tiny`) as one job of 2 tasks
+    (ranks) on one node of `cluster`'s default partition."""
+    return launch(
+        "submit.py", "--config", "configs/demo.yaml", "--tasks-per-node", "2",
+        "--partition", cluster.partition, "--time", "10", *flags, *slurm_tiny(shards, out),
+        env=env,
     )  # fmt: skip
 
 

@@ -21,8 +21,6 @@ import pytest
 from helpers import free_port, run_ranks, tiny_overrides, train_losses
 
 from multieye_dist.config import ConfigError, DataConfig, load_config
-from multieye_dist.data.preprocess import Preprocess
-from multieye_dist.data.shards import ConvertOptions, convert
 from multieye_dist.data.stream import PairedTrainStream, ShardSet, StreamConfig, make_loader
 from multieye_dist.tracking import read_metrics
 
@@ -36,14 +34,6 @@ CFG = StreamConfig.from_data(
     augment_on="cpu",
     streams=4,
 )
-
-
-@pytest.fixture(scope="module")
-def shard_dir(synth_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("elastic") / "shards"
-    opts = ConvertOptions(shard_samples=10, workers=2, preprocess=Preprocess(image_size=32))
-    convert(synth_root, out, opts, progress=False)
-    return out
 
 
 def _global_batches(
@@ -61,28 +51,28 @@ def _global_batches(
 
 
 @pytest.mark.slow
-def test_an_epoch_is_the_same_micro_batches_on_any_ranks_and_workers(shard_dir):
-    want = _global_batches(shard_dir, CFG, world=1, workers=0)
+def test_an_epoch_is_the_same_micro_batches_on_any_ranks_and_workers(shards):
+    want = _global_batches(shards, CFG, world=1, workers=0)
     assert len(want) == 96 // 4
     for world, workers in ((2, 0), (4, 1), (3, 2)):
-        got = _global_batches(shard_dir, CFG, world, workers)
+        got = _global_batches(shards, CFG, world, workers)
         common = sorted(set(got) & set(want))  # the last partial row of ranks is not yielded
         assert len(common) == (96 // world // 4) * world
         assert [got[j] for j in common] == [want[j] for j in common], (world, workers)
     # Another epoch, or other streams, are other micro-batches (the check above can fail).
-    assert _global_batches(shard_dir, CFG, 1, 0, epoch=2) != want
-    assert _global_batches(shard_dir, replace(CFG, streams=2), 1, 0) != want
+    assert _global_batches(shards, CFG, 1, 0, epoch=2) != want
+    assert _global_batches(shards, replace(CFG, streams=2), 1, 0) != want
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 3), (2, 3)])
-def test_resuming_on_other_ranks_yields_the_rest_of_the_epoch(shard_dir, before, after):
+def test_resuming_on_other_ranks_yields_the_rest_of_the_epoch(shards, before, after):
     """Stopped after 2 optimizer steps of 6 micro-batches (before x grad_accum), resumed on
     `after` ranks: the consumed and the remaining micro-batches are the epoch, none twice."""
-    want = _global_batches(shard_dir, CFG, world=1, workers=0)
+    want = _global_batches(shards, CFG, world=1, workers=0)
     consumed = 2 * 6
-    rest = _global_batches(shard_dir, CFG, world=after, workers=2, skip=consumed // after)
-    first = _global_batches(shard_dir, CFG, world=before, workers=1)
+    rest = _global_batches(shards, CFG, world=after, workers=2, skip=consumed // after)
+    first = _global_batches(shards, CFG, world=before, workers=1)
     done = {j: first[j] for j in range(consumed)}
     assert set(done) | set(rest) == set(want) and not set(done) & set(rest)
     assert {**done, **rest} == want
@@ -180,6 +170,7 @@ def _elastic(shards, tmp_path, before: int, after: int, zero: int, stop: int) ->
         (resumed / "checkpoints" / f"step{last:08d}" / "trainer_state.json").read_text()
     )
     assert state["world"] == after and state["step"] == last
+    assert not (resumed / "plots").exists()  # train.plots=false (tiny_overrides)
 
 
 @pytest.mark.slow

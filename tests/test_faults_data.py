@@ -477,7 +477,8 @@ def test_training_on_a_truncated_shard_stops_with_a_data_error(shards, tmp_path)
         "model.backbone=test_resnet", f"data.shards={d}", "data.image_size=32",
         "data.batch_size=8", "data.samples_per_epoch=64", "data.num_workers=0",
         "data.augment=false", "train.epochs=1", f"train.out_dir={out}", "train.precision=fp32",
-        "train.progress=false", "optim.warmup_epochs=0", "tracking.wandb.mode=disabled",
+        "train.progress=false", "train.plots=false", "optim.warmup_epochs=0",
+        "tracking.wandb.mode=disabled",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

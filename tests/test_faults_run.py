@@ -48,7 +48,7 @@ def _tiny(shards: Path, out: Path, *extra: str) -> list[str]:
         "data.batch_size=8", "data.samples_per_epoch=64", "data.num_workers=0",
         "data.augment=false", "train.epochs=200", "train.keep_checkpoints=2",
         f"train.out_dir={out}", "train.log_every_steps=1", "train.checkpoint_every_steps=1000",
-        "train.precision=fp32", "train.progress=false", "optim.lr=2e-3",
+        "train.precision=fp32", "train.progress=false", "train.plots=false", "optim.lr=2e-3",
         "optim.warmup_epochs=0", "loss.name=fundus-only", "tracking.backend=local", *extra,
     ]  # fmt: skip
 
@@ -371,9 +371,11 @@ REFUSALS = [
     (["model.backbone=resnet18"], "model.backbone 'test_resnet' -> 'resnet18'"),
     (["model.level2_norm=true"], "model.level2_norm False -> True"),
     (["data.batch_size=4"], "data.batch_size 8 -> 4 differ from the run that saved it"),
-    (["optim.grad_accum=2"], "optim.grad_accum 1 -> 2"),
+    # The optimizer step's micro-batches (ranks x grad_accum) must stay: another grad_accum
+    # on the same ranks, or 2 ranks for a step of 1 micro-batch, cannot resume the run.
+    (["optim.grad_accum=2"], "takes 1 micro-batch(es) (ranks x optim.grad_accum), this run's 2"),
     (["concepts.bank=BANK"], "concepts.bank (content) "),
-    (["WORLD_SIZE=2"], "ranks (WORLD_SIZE) 1 -> 2"),
+    (["WORLD_SIZE=2"], "2 rank(s) cannot: use a number of ranks that divides 1 ([1])"),
 ]
 
 
@@ -419,7 +421,7 @@ def _load_script(name: str):
     "extra, message",
     [
         (["data.batch_size=4"], "data.batch_size 8 -> 4"),
-        (["--tasks-per-node", "2"], "ranks (WORLD_SIZE) 1 -> 2"),
+        (["--tasks-per-node", "2"], "2 rank(s) cannot: use a number of ranks that divides 1"),
         (["loss.name=octcoda", "teacher.checkpoint=/nonexistent/t.safetensors"], "no such file"),
         (["optim.lr=.inf"], "optim.lr=inf: must be a finite number"),
     ],

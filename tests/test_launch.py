@@ -16,10 +16,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import sacct_state, train_losses, until
+from helpers import (
+    launch,
+    sacct_state,
+    slurm_tiny,
+    submit_two_tasks,
+    train_losses,
+    train_steps,
+    until,
+)
 
 from multieye_dist.config import load_config
-from multieye_dist.tracking import RUN_ID_FILE, Tracker, read_metrics, read_run_id
+from multieye_dist.tracking import RUN_ID_FILE, Tracker, read_run_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -27,57 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16  # 2 epochs x 128 samples / 2 ranks / batch 8
 
 
-def _tiny(shards: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train.stage=distill", "loss.name=fundus-only", "model.backbone=test_resnet",
-        f"data.shards={shards}", "data.image_size=32", "data.batch_size=8",
-        "data.samples_per_epoch=128", "train.epochs=2", f"train.out_dir={out}",
-        "train.log_every_steps=1", "train.progress=false", *extra,
-    ]  # fmt: skip
-
-
-def _launch(script: str, *args: str, env: dict, timeout: float = 300):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launch" / script), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        env={**__import__("os").environ, **env},
-    )  # fmt: skip
-
-
-def _submit_two_tasks(cluster, shards: Path, out: Path, env: dict, *flags: str):
-    """launch/submit.py: the tiny distillation run as one job of 2 tasks (ranks)."""
-    return _launch(
-        "submit.py",
-        "--config",
-        "configs/demo.yaml",
-        "--tasks-per-node",
-        "2",
-        "--partition",
-        cluster.partition,
-        "--time",
-        "10",
-        *flags,
-        *_tiny(shards, out),
-        env=env,
-    )
-
-
-def _steps(run_dir: Path) -> list[int]:
-    return [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
-
-
-@pytest.fixture(scope="module")
-def two_task_job(slurm_cluster, shards, wandb_home, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("submit") / "run"
-    proc = _submit_two_tasks(slurm_cluster, shards, out, wandb_home, "--wait")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert re.search(r"submitted job \d+: 1 node\(s\) x 2 task\(s\)", proc.stdout)
-    assert "logs: " in proc.stdout and str(out) in proc.stdout
-    return out
-
-
 def test_two_task_deepspeed_job_finishes_and_writes_its_metrics(two_task_job):
-    assert _steps(two_task_job) == list(range(1, STEPS + 1))
+    assert train_steps(two_task_job) == list(range(1, STEPS + 1))
     summary = json.loads((two_task_job / "summary.json").read_text())
     assert summary["step"] == STEPS and "test/best/f1" in summary
     assert (two_task_job / "config.yaml").is_file()
@@ -98,12 +57,12 @@ def test_preempted_job_saves_requeues_and_resumes_without_losing_a_step(
     the same step, the job is requeued, and it resumes there in the same W&B run, ending at the
     uninterrupted job's step count with the same losses."""
     out = tmp_path / "run"
-    proc = _submit_two_tasks(slurm_cluster, shards, out, wandb_home)
+    proc = submit_two_tasks(slurm_cluster, shards, out, wandb_home)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     until(
         "3 training steps",
-        lambda: (out / "metrics.jsonl").is_file() and len(_steps(out)) >= 3,
+        lambda: (out / "metrics.jsonl").is_file() and len(train_steps(out)) >= 3,
         timeout=180,
     )
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
@@ -115,7 +74,7 @@ def test_preempted_job_saves_requeues_and_resumes_without_losing_a_step(
 
     show = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
     assert "Restarts=1" in show.stdout
-    steps = _steps(out)
+    steps = train_steps(out)
     assert steps == list(range(1, STEPS + 1))  # none lost, none repeated
     expected = train_losses(two_task_job)
     for step, loss in train_losses(out).items():
@@ -135,9 +94,9 @@ def test_offline_sweep_array_runs_every_run_and_summarizes(
         "parameters:\n  optim.lr: {values: [0.001, 0.003]}\n  loss.alpha: {values: [0.3, 0.6]}\n"
     )
     out = tmp_path / "sweep"
-    base = _tiny(shards, tmp_path / "unused", "train.epochs=1", "data.samples_per_epoch=32")
+    base = slurm_tiny(shards, tmp_path / "unused", "train.epochs=1", "data.samples_per_epoch=32")
     base = [o for o in base if not o.startswith("train.out_dir")]
-    proc = _launch(
+    proc = launch(
         "sweep.py",
         "--sweep",
         str(sweep),
@@ -158,7 +117,7 @@ def test_offline_sweep_array_runs_every_run_and_summarizes(
     assert "submitted 4 run(s)" in proc.stdout
     manifest = json.loads((out / "sweep.json").read_text())
     assert len({j.split("_")[0] for j in manifest["job_ids"]}) == 1  # one array
-    summary = _launch("sweep.py", "--summary", str(out), env={})
+    summary = launch("sweep.py", "--summary", str(out), env={})
     assert summary.returncode == 0, summary.stderr
     rows = [ln for ln in summary.stdout.splitlines() if ln.startswith("run-")]
     assert len(rows) == 4
@@ -202,11 +161,11 @@ def test_bad_input_is_refused_before_anything_is_queued(
     before = _queue()
     over = [
         o
-        for o in _tiny(shards, tmp_path / "run")
+        for o in slurm_tiny(shards, tmp_path / "run")
         if script == "submit.py" or not o.startswith("train.out_dir")
     ]
     extra = ["--out", str(tmp_path / "sw")] if script == "sweep.py" else []
-    proc = _launch(script, "--config", "configs/demo.yaml", *extra, *args, *over, env={})
+    proc = launch(script, "--config", "configs/demo.yaml", *extra, *args, *over, env={})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr
     assert _queue() == before  # nothing submitted
@@ -214,7 +173,7 @@ def test_bad_input_is_refused_before_anything_is_queued(
 
 
 def test_missing_config_file_is_named(slurm_cluster, tmp_path):
-    proc = _launch("submit.py", "--config", str(tmp_path / "nope.yaml"), env={})
+    proc = launch("submit.py", "--config", str(tmp_path / "nope.yaml"), env={})
     assert proc.returncode == 2 and "nope.yaml: no such file" in proc.stderr
 
 

@@ -176,6 +176,7 @@ def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
         "train.log_every_steps=1",
         "train.precision=fp32",
         "train.progress=false",
+        "train.plots=false",
         "optim.warmup_epochs=0",
         "teacher.dtype=fp32",
         "tracking.wandb.mode=disabled",

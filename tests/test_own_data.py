@@ -226,7 +226,7 @@ def test_imagefolder_trains_and_evaluates_with_its_three_classes(tmp_path):
         "model.backbone=test_resnet", f"data.shards={out}", "data.image_size=32",
         "data.batch_size=8", "data.samples_per_epoch=16", "data.num_workers=0",
         "data.augment=false", "train.epochs=1", "optim.warmup_epochs=0",
-        f"train.out_dir={run}", "train.precision=fp32", "train.progress=false",
+        f"train.out_dir={run}", "train.precision=fp32", "train.progress=false", "train.plots=false",
         "loss.name=fundus-only", "tracking.wandb.mode=disabled",
     ]  # fmt: skip
     cmd = [

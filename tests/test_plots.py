@@ -271,7 +271,9 @@ def _train_teacher(rank: int, world: int, overrides: list[str]) -> None:
 def test_a_finished_training_leaves_its_records_and_pictures(shards, tmp_path):
 
     out = tmp_path / "teacher"
-    overrides = tiny_overrides(shards, out, "train.stage=teacher", "data.samples_per_epoch=16")
+    overrides = tiny_overrides(
+        shards, out, "train.stage=teacher", "data.samples_per_epoch=16", "train.plots=true"
+    )
     spawn_single(_train_teacher, overrides)
     for name in ("dev_last", "test_best", "test_last"):
         rec = plots.read_records(out / "eval" / f"{name}{plots.RECORDS_SUFFIX}")

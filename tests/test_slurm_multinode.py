@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import launch, sacct_state, slurm_tiny, train_losses, train_steps, until
+from helpers import launch, sacct_field, sacct_state, slurm_tiny, train_losses, train_steps, until
 
 from multieye_dist.cluster import interface_towards, rendezvous
 from multieye_dist.tracking import RUN_ID_FILE
@@ -72,13 +72,7 @@ def _places(out: Path, job_id: str) -> dict[int, list[tuple[int, int, int, int]]
 
 
 def _node_list(job_id: str) -> str:
-    res = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "NodeList", "-j", job_id],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return res.stdout.strip().splitlines()[0] if res.stdout.strip() else ""
+    return sacct_field(job_id, "NodeList")
 
 
 class _JobEnv:  # what rendezvous reads of submitit's JobEnvironment
@@ -109,28 +103,25 @@ def test_rendezvous_meets_at_the_launch_node_address(monkeypatch):
 
 @pytest.fixture(scope="module")
 def two_by_one(slurm_cluster_multi, shards, wandb_home, tmp_path_factory):
-    """A 2-node x 1-task job and its reference, a 1-node x 2-task job on the default partition
-    (this host's node), submitted together: they share no node."""
-    root = tmp_path_factory.mktemp("multinode")
-    multi, ref = root / "2x1", root / "1x2"
+    """A 2-node x 1-task job of the tiny run."""
+    multi = tmp_path_factory.mktemp("multinode") / "2x1"
     multi_id = _submit(slurm_cluster_multi.multi_partition, 2, 1, shards, multi, wandb_home)
-    ref_id = _submit(slurm_cluster_multi.partition, 1, 2, shards, ref, wandb_home)
     _finished(multi_id, multi)
-    _finished(ref_id, ref)
-    return multi, multi_id, ref, ref_id
+    return multi, multi_id
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_two_nodes_one_task_each_compute_what_one_node_two_tasks_do(two_by_one):
-    multi, multi_id, ref, ref_id = two_by_one
+def test_two_nodes_one_task_each_compute_what_one_node_two_tasks_do(two_by_one, two_task_job):
+    """The same run as the 1-node x 2-task job of tests/test_launch.py (conftest's
+    two_task_job, on the default partition: this host's node): the same losses."""
+    multi, multi_id = two_by_one
     assert _node_list(multi_id) == "node[1-2]"
-    assert _node_list(ref_id) not in ("", "node[1-2]")
     # Global rank r ran on node r, as the only task there.
     assert _places(multi, multi_id) == {0: [(0, 0, 0, 2)], 1: [(0, 1, 1, 2)]}
     steps = SAMPLES // (2 * 8)
     assert train_steps(multi) == list(range(1, steps + 1))
-    expected = train_losses(ref)
+    expected = train_losses(two_task_job)
     assert sorted(expected) == list(range(1, steps + 1))
     for step, loss in train_losses(multi).items():
         assert loss == pytest.approx(expected[step], rel=1e-5), step

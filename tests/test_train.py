@@ -43,6 +43,7 @@ def _overrides(shards: Path, out: Path, teacher: Path, *extra: str) -> list[str]
         "train.checkpoint_every_steps=100",
         "train.precision=fp32",
         "train.progress=false",
+        "train.plots=false",
         "optim.lr=2e-3",
         "optim.warmup_epochs=0",
         "teacher.dtype=fp32",
