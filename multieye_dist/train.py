@@ -397,6 +397,10 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     if env.is_main:
         _log_start(cfg, env, device, objective, stream, steps_per_epoch)
     E.init_distributed(env, device)
+    # Every rank's preflight (its probe of the run directory's lock included) is over before
+    # rank 0 takes the lock: joining a new process group waits for all ranks, but a group made
+    # before run() (a caller's own) would not, and a slow rank would see its own job's lock.
+    D.barrier()
     run_dir = Path(cfg.train.out_dir)
     lock = _lock_run_dir(env, run_dir)
     try:
