@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from helpers import spawn_single, tiny_overrides
+from helpers import spawn_single, tiny_overrides, until
 
 from multieye_dist import search, sweeps
 from multieye_dist.sweeps import SweepError
@@ -468,12 +468,18 @@ def _elapsed(array_id: str) -> str:
 
 
 def _max_overlap(array_id: str) -> int:
-    got = subprocess.run(
-        ["sacct", "-j", array_id, "-X", "-n", "-P", "-o", "JobID,Start,End"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    def times() -> list[str] | None:
+        got = subprocess.run(
+            ["sacct", "-j", array_id, "-X", "-n", "-P", "-o", "JobID,Start,End"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        lines = got.stdout.split()
+        # slurmctld hands a task's end to the accounting daemon a moment after it ends: until
+        # then sacct says "Unknown"
+        return None if any("Unknown" in ln for ln in lines) else lines
+
     events = []
-    for line in got.stdout.split():
+    for line in until("every task's start and end in sacct", times, timeout=60):
         _, start, end = line.split("|")
         events += [(datetime.fromisoformat(start), 1), (datetime.fromisoformat(end), -1)]
     running = peak = 0
