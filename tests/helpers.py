@@ -278,6 +278,41 @@ def submit_two_tasks(cluster, shards: Path, out: Path, env: dict, *flags: str):
     )  # fmt: skip
 
 
+def load_script(name: str, as_name: str):
+    """launch/`name` as module `as_name` (it is a script: launched, it runs as __main__),
+    registered in sys.modules (submitit's pickling looks it up there)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(as_name, ROOT / "launch" / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[as_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def shipped_by_value(module, obj, code: str, cwd: Path) -> str:
+    """Pickle `obj` as submitit does a launcher's task (cloudpickle, `module` by value: launched,
+    a launch/ script is __main__), run `code` in a fresh interpreter that cannot import the
+    launcher (no PYTHONPATH, another working directory) with the pickle on stdin; its stdout."""
+    import os
+    import sys
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        blob = cloudpickle.dumps(obj)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], input=blob, capture_output=True, cwd=cwd, env=env
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return proc.stdout.decode()
+
+
 def train_steps(run_dir: Path) -> list[int]:
     """The steps of a run's metrics.jsonl that logged a training loss, in order."""
     from multieye_dist.tracking import read_metrics

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, until
+from helpers import free_port, load_script, until
 
 from multieye_dist.checkpoint import export_inference
 from multieye_dist.cli import main
@@ -408,14 +407,6 @@ def test_refused_command_leaves_the_run_directory_byte_identical(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"faults_{name}", ROOT / "launch" / name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, message",
@@ -432,7 +423,7 @@ def test_submit_checks_as_the_trainer_before_queueing(
     """launch/submit.py (--local: no cluster needed) refuses what the trainer would refuse,
     with exit 2, before submitit writes its folder: the run directory is not touched."""
     monkeypatch.chdir(ROOT)
-    submit = _load_script("submit.py")
+    submit = load_script("submit.py", "faults_submit.py")
     out = stopped_run["out"]
     before = _tree(out)
     flags = [e for e in extra if e.startswith("--") or e.isdigit()]
@@ -446,7 +437,7 @@ def test_submit_checks_as_the_trainer_before_queueing(
 @pytest.mark.slow
 def test_submit_refuses_a_run_directory_a_training_holds(shards, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    submit = _load_script("submit.py")
+    submit = load_script("submit.py", "faults_submit.py")
     out = tmp_path / "run"
     proc = _holder(out, "hold")
     try:
@@ -469,7 +460,7 @@ def test_sweep_refuses_an_array_with_one_bad_run_and_writes_nothing(
     """Each run is checked as its trainer will check it: one run's teacher export does not
     exist (a config that resolves, a file that is not there), so no run is queued."""
     monkeypatch.chdir(ROOT)
-    sweep = _load_script("sweep.py")
+    sweep = load_script("sweep.py", "faults_sweep.py")
     spec = tmp_path / "s.yaml"
     spec.write_text(
         "method: grid\nmetric: {name: dev/f1}\nparameters:\n"
@@ -492,7 +483,7 @@ def test_sbatch_refusal_leaves_the_run_directory_byte_identical(
     """A real sbatch refusal (an unknown partition): submitit had already written its batch
     script and pickles into <run>/slurm; they are removed, config.yaml is not rewritten."""
     monkeypatch.chdir(ROOT)
-    submit = _load_script("submit.py")
+    submit = load_script("submit.py", "faults_submit.py")
     out = stopped_run["out"]
     before = _tree(out)
     args = ["--config", str(PLAIN), "--partition", "nosuchpartition"]

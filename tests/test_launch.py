@@ -6,9 +6,7 @@ hand-off (a fake agent step injected) and its AgentTask shipped by value, as sub
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,7 +16,9 @@ import pytest
 import yaml
 from helpers import (
     launch,
+    load_script,
     sacct_state,
+    shipped_by_value,
     slurm_tiny,
     submit_two_tasks,
     train_losses,
@@ -182,13 +182,9 @@ def test_missing_config_file_is_named(slurm_cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def sweep_launcher():
-    """launch/sweep.py as a module (it is a script: launched, it runs as __main__)."""
-    spec = importlib.util.spec_from_file_location("sweep_launcher", ROOT / "launch" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    """launch/sweep.py as a module."""
+    yield load_script("sweep.py", "sweep_launcher")
+    del sys.modules["sweep_launcher"]
 
 
 def test_online_sweep_hand_off_without_the_network(sweep_launcher, tmp_path):
@@ -233,15 +229,7 @@ def test_agent_task_is_shipped_by_value(sweep_launcher, tmp_path):
     """Launched, launch/sweep.py is __main__, so cloudpickle (submitit) pickles AgentTask by
     value: a fresh interpreter that cannot import the launcher still loads it, requeues it and
     builds its overrides from what is installed (multieye_dist)."""
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sweep_launcher)  # what __main__ gets by default
-    try:
-        blob = cloudpickle.dumps(
-            sweep_launcher.AgentTask("sweep1", "c.yaml", ["train.epochs=1"], str(tmp_path), 2)
-        )
-    finally:
-        cloudpickle.unregister_pickle_by_value(sweep_launcher)
+    task = sweep_launcher.AgentTask("sweep1", "c.yaml", ["train.epochs=1"], str(tmp_path), 2)
     code = (
         "import pickle, sys\n"
         "task = pickle.loads(sys.stdin.buffer.read())\n"
@@ -249,12 +237,8 @@ def test_agent_task_is_shipped_by_value(sweep_launcher, tmp_path):
         "assert type(again).__name__ == 'AgentTask' and again.max_requeues == 2\n"
         "print(again.train_overrides({'params': {'loss.alpha': 0.3}, 'out_dir': '/o'}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], input=blob, capture_output=True, cwd=tmp_path, env=env
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    assert proc.stdout.decode().strip() == str(
+    out = shipped_by_value(sweep_launcher, task, code, tmp_path)
+    assert out.strip() == str(
         [
             "train.epochs=1",
             "loss.alpha=0.3",

@@ -5,7 +5,6 @@ to 3 tasks whose later trials are checked to come from the earlier ones' results
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from helpers import spawn_single, tiny_overrides, until
+from helpers import load_script, shipped_by_value, spawn_single, tiny_overrides, until
 
 from multieye_dist import search, sweeps
 from multieye_dist.sweeps import SweepError
@@ -47,13 +46,9 @@ SPEC["tpe"] = {"n_startup_trials": 2}
 
 @pytest.fixture(scope="module")
 def launcher():
-    """launch/sweep.py as a module (it is a script: launched, it runs as __main__)."""
-    spec = importlib.util.spec_from_file_location("sweep_launcher_s", ROOT / "launch" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    """launch/sweep.py as a module."""
+    yield load_script("sweep.py", "sweep_launcher_s")
+    del sys.modules["sweep_launcher_s"]
 
 
 # ----------------------------------------------------------------------------- the sweep file
@@ -300,14 +295,7 @@ def test_resubmit_submits_one_array_of_the_unfinished(launcher, monkeypatch, cap
 def test_bayes_task_is_shipped_by_value(launcher, tmp_path):
     """Launched, launch/sweep.py is __main__: cloudpickle ships BayesTask by value; a fresh
     interpreter loads it, requeues it with its trial record, and its hook pickles too."""
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(launcher)
-    try:
-        task = launcher.BayesTask("c.yaml", ["train.epochs=1"], str(tmp_path), SPEC, 3, "t", 2)
-        blob = cloudpickle.dumps((task, search.TrialHook(str(tmp_path), SPEC, 4)))
-    finally:
-        cloudpickle.unregister_pickle_by_value(launcher)
+    task = launcher.BayesTask("c.yaml", ["train.epochs=1"], str(tmp_path), SPEC, 3, "t", 2)
     code = (
         "import pickle, sys\n"
         "task, hook = pickle.loads(sys.stdin.buffer.read())\n"
@@ -317,12 +305,9 @@ def test_bayes_task_is_shipped_by_value(launcher, tmp_path):
         "rec = {'name': 'trial-0004', 'params': {'optim.lr': 0.001}, 'out_dir': '/o'}\n"
         "print(again.train_overrides(rec))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], input=blob, capture_output=True, cwd=tmp_path, env=env
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    assert proc.stdout.decode().split() == [
+    hook = search.TrialHook(str(tmp_path), SPEC, 4)
+    out = shipped_by_value(launcher, (task, hook), code, tmp_path)
+    assert out.split() == [
         "['train.epochs=1',", "'optim.lr=0.001',", "'train.out_dir=/o',",
         "'tracking.run_name=trial-0004',", "'tracking.tags=[\"t\"]']",
     ]  # fmt: skip
