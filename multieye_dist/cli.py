@@ -118,6 +118,12 @@ def _add_synth(sub) -> None:
         help="most/least frequent class ratio (default 1: balanced)",
     )
     p.add_argument("--workers", type=positive_int, default=1, help="processes (default 1)")
+    p.add_argument(
+        "--pool",
+        action="store_true",
+        help="write a pretraining pool: names prefixed pool-, images and findings drawn apart "
+        "from the data of the same --seed; for train.stage=align",
+    )
     p.set_defaults(func=cmd_synth)
 
 
@@ -265,6 +271,13 @@ def _add_demo(sub) -> None:
         default=None,
         help="multiplier of the synthetic findings' fundus opacity (default: the demo's, "
         "learnable in a short CPU run)",
+    )
+    p.add_argument(
+        "--pool-per-class",
+        type=positive_int,
+        default=None,
+        help="pretraining pool images per class and modality (default: --per-class): the "
+        "concept alignment's data, disjoint from the students'",
     )
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=nonneg_int, default=0)
@@ -517,6 +530,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
         device=args.device,
+        concept_findings=meta.get("extra", {}).get("concept_findings"),
     )
     print(f"{args.checkpoint} on {modality}-{args.split} ({args.shards}):")
     print(format_table(result))
@@ -594,6 +608,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         workers=args.workers,
         fundus_per_class=args.fundus_per_class,
         fundus_visibility=args.fundus_visibility,
+        pool=args.pool,
     )
     t0 = time.perf_counter()
     summary = generate(args.out, opts)
@@ -635,6 +650,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         extra=args.overrides,
         fundus_per_class=args.fundus_per_class,
         fundus_visibility=args.fundus_visibility,
+        pool_per_class=args.pool_per_class,
     )
 
 

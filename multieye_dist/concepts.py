@@ -386,6 +386,35 @@ def load_bank(path: str | os.PathLike) -> tuple[torch.Tensor, list[str], dict[st
     return tensor, sentences, metadata
 
 
+def concept_findings(
+    meta: dict[str, str], k: int, num_findings: int | None = None, where: str = "concept bank"
+) -> list[int] | None:
+    """The finding each of the bank's K rows describes (indices into the data's findings), or
+    None when not known. A bank's ``concept_findings`` metadata (a JSON list of K ints: the
+    paraphrase bank, several rows per finding) says it; without it, row k is finding k when
+    the bank has exactly one row per finding (``num_findings == k``: the 8-caption bank)."""
+    raw = meta.get("concept_findings")
+    if raw is None:
+        return list(range(k)) if num_findings == k else None
+    try:
+        rows = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError as e:
+        raise ConceptBankError(f"{where}: metadata 'concept_findings' is not JSON ({e})") from e
+    ok = isinstance(rows, list) and len(rows) == k
+    ok = ok and all(type(f) is int and f >= 0 for f in rows)
+    if not ok:
+        raise ConceptBankError(
+            f"{where}: metadata 'concept_findings' must be a list of {k} non-negative ints (one "
+            "finding index per row)"
+        )
+    if num_findings is not None and max(rows) >= num_findings:
+        raise ConceptBankError(
+            f"{where}: 'concept_findings' names finding {max(rows)}, but the data has "
+            f"{num_findings} findings"
+        )
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Bank statistics
 # --------------------------------------------------------------------------------------------
@@ -453,10 +482,12 @@ def run_encode(
     allow_duplicates: bool | None = None,
     batch_size: int = 32,
     device: str = "cpu",
+    extra_meta: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, list[str], dict[str, str]]:
     """Read sentences, encode them, save the bank to ``out`` and print a one-line summary.
 
     ``encoder_name`` (recorded in the metadata) defaults to the encoder directory's name.
+    ``extra_meta``: more metadata keys (non-strings JSON-encoded), none of those written here.
     Returns what :func:`load_bank` would return.
     """
     model_dir = resolve_encoder_dir(text_encoder)  # fail fast, before reading sentences
@@ -486,6 +517,11 @@ def run_encode(
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
+    clash = set(meta).intersection(extra_meta or {})
+    if clash:
+        raise ConceptBankError(f"{out}: extra metadata keys {sorted(clash)} are set by run_encode")
+    for key, value in (extra_meta or {}).items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
     save_bank(out, emb, sentences, meta)
     k, d = emb.shape
     print(f"concept bank {k} x {d} (encoder {name}, pooling {info['pooling']}) -> {out}")

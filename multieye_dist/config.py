@@ -139,6 +139,9 @@ class ConceptsConfig(_Section):
     bank: str = "configs/concepts/minilm-l6.safetensors"  # concept bank (concepts.save_bank)
 
 
+TeacherKind = Literal["model", "oracle", "oracle-class", "oracle-permuted", "oracle-shuffled"]
+
+
 @dataclass(frozen=True)
 class TeacherConfig(_Section):
     _key: ClassVar[str] = "teacher"
@@ -147,6 +150,11 @@ class TeacherConfig(_Section):
     # init (strict=False load). True = train W_4 with the teacher's CE in the teacher stage.
     train_level2: bool = False
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # the frozen teacher's weights
+    # model: the OCT teacher of teacher.checkpoint. The oracles are controls for studies on the
+    # synthetic data (multieye_dist.oracle): no model, each OCT partner's true findings from its
+    # shard record as concept similarities (oracle), its class's finding probabilities
+    # (oracle-class), classes deranged (oracle-permuted) or findings deranged (oracle-shuffled).
+    kind: TeacherKind = "model"
 
 
 @dataclass(frozen=True)
@@ -173,8 +181,9 @@ class LossConfig(_Section):
     # Controls for studies (benchmarks/efficacy.py), octcoda only: gate-never computes
     # everything but never lets distillation in; permuted-teacher pairs each fundus class with
     # the OCT of another class (a derangement drawn from train.seed) and relabels the teacher's
-    # outputs as the fundus class: a teacher as confident as the real one, about the wrong class.
-    control: Literal["none", "gate-never", "permuted-teacher"] = "none"
+    # outputs as the fundus class: a teacher as confident as the real one, about the wrong class;
+    # gate-open applies distillation at every step, whatever the gate says.
+    control: Literal["none", "gate-never", "gate-open", "permuted-teacher"] = "none"
 
     def _validate(self) -> None:
         _check_finite(self, ("alpha", "beta", "temperature"))
@@ -267,6 +276,10 @@ class TrainConfig(_Section):
     # Stop (after a checkpoint) once this process has made this many optimizer steps: time-boxed
     # jobs, and tests of resumption. None = run to the last epoch.
     stop_after_steps: int | None = None
+    # Stop once dev macro-F1 has not improved for this many dev evaluations in a row, then
+    # export and score test as at the last epoch (a teacher trained until it stops improving).
+    # 0 = off: train every epoch.
+    early_stop_evals: int = 0
     progress: bool = True  # progress bars on rank 0
     # Draw the run's pictures (plots/*.png: curves, confusion, ROC/PR) when it finishes, ~3 s
     # on a CPU; false skips them (e.g. many short sweep runs): `multieye-dist plots RUN_DIR`
@@ -279,6 +292,7 @@ class TrainConfig(_Section):
         if self.stop_after_steps is not None:
             self._check(self.stop_after_steps >= 1, "stop_after_steps", ">= 1 or null")
         self._check(self.seed >= 0, "seed", ">= 0")
+        self._check(self.early_stop_evals >= 0, "early_stop_evals", ">= 0 (0: off)")
         self._check(self.keep_checkpoints >= 0, "keep_checkpoints", ">= 0 (0: keep all)")
         self._check(bool(self.out_dir), "out_dir", "a non-empty path")
         self._check(bool(self.resume), "resume", '"auto", "never" or a checkpoint path')
@@ -337,6 +351,18 @@ class Config:
                 f"loss.control={self.loss.control} controls the octcoda student; this run's "
                 f"objective is {cls.stage}/{cls.name}"
             )
+        if self.teacher.kind != "model":
+            if cls is not objectives.OctCoda:
+                raise ConfigError(
+                    f"teacher.kind={self.teacher.kind} is a teacher of the octcoda student; this "
+                    f"run's objective is {cls.stage}/{cls.name}"
+                )
+            if self.loss.impl == "triton" or self.loss.control == "permuted-teacher":
+                raise ConfigError(
+                    f"teacher.kind={self.teacher.kind} gives concept similarities, not "
+                    "embeddings: use loss.impl=auto or torch (not triton), and "
+                    "teacher.kind=oracle-permuted rather than loss.control=permuted-teacher"
+                )
         _check_backbone(self.model.backbone)
         _check_deepspeed_extra(self)
 

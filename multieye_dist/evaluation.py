@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from multieye_dist.concepts import concept_findings as bank_concept_findings
 from multieye_dist.data.prepare import BatchPreparer
+from multieye_dist.data.schema import FINDINGS
 from multieye_dist.data.stream import (
     Batch,
     DataError,
@@ -25,7 +27,7 @@ from multieye_dist.data.stream import (
     gather_records,
     make_loader,
 )
-from multieye_dist.metrics import evaluate
+from multieye_dist.metrics import concept_auc, evaluate
 from multieye_dist.model import param_dtype
 from multieye_dist.plots import write_records
 
@@ -47,8 +49,10 @@ def predict(
     desc: str = "eval",
     prepare: Callable[[Batch], Batch] | None = None,
 ) -> tuple[list[dict], int]:
-    """Records {key, label, probs} for every sample the loader yields, and the number of
-    undecodable samples (each worker's counters are cumulative: keep the last per worker).
+    """Records {key, label, probs} for every sample the loader yields (and, for a sample whose
+    shard record has ``findings``, those and its level-1 concept similarities ``sims``: the
+    concept readout's inputs), and the number of undecodable samples (each worker's counters
+    are cumulative: keep the last per worker).
     `prepare` turns a batch on the device into model input (uint8 batches of
     ``data.augment_on=device``: :class:`~multieye_dist.data.prepare.BatchPreparer`)."""
     was_training = model.training
@@ -66,10 +70,16 @@ def predict(
                 batch = prepare(batch)
             x = batch.image.to(dtype=dtype)
             with _autocast(device, autocast_dtype):
-                logits, _ = model(x)
+                logits, sims = model(x)
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            for k, y, p in zip(batch.keys, batch.label.tolist(), probs, strict=True):
-                records.append({"key": k, "label": int(y), "probs": p.tolist()})
+            s1 = sims[:, 0].float().cpu().numpy()
+            for k, y, p, s, m in zip(
+                batch.keys, batch.label.tolist(), probs, s1, batch.meta, strict=True
+            ):
+                record = {"key": k, "label": int(y), "probs": p.tolist()}
+                if m.get(FINDINGS) is not None:
+                    record.update(findings=list(m[FINDINGS]), sims=s.tolist())
+                records.append(record)
     finally:
         model.train(was_training)
     return records, sum(per_worker.values())
@@ -90,6 +100,7 @@ def evaluate_split(
     progress: bool = False,
     augment_on: str = "auto",
     records_path: Path | None = None,
+    concept_findings: list[int] | None = None,
 ) -> dict | None:
     """Metrics of `model` on `modality`-`split` (on rank 0; None on other ranks). The result is
     :func:`metrics.evaluate`'s dict plus ``split``, ``modality``, ``listed`` (the manifest's
@@ -97,7 +108,12 @@ def evaluate_split(
     mislabelled or missing from their shard, up to `max_bad_fraction`). Every listed sample is
     scored or counted bad: a result on part of a split without saying so is a DataError.
     `records_path`: rank 0 also writes the per-sample records there
-    (:func:`multieye_dist.plots.write_records`): the pictures are redrawn from them."""
+    (:func:`multieye_dist.plots.write_records`): the pictures are redrawn from them.
+
+    Where every scored sample's shard record has ``findings`` (the synthetic data), the result
+    also has the concept readout (:func:`multieye_dist.metrics.concept_auc`: ``concept_auc``
+    and ``concept_auc_per_finding``), with ``concept_findings`` the finding of each concept
+    (None: concept k is finding k, when the bank has one concept per finding)."""
     shards = ShardSet.from_manifest(shard_dir, modality, split)  # a directory or a URL prefix
     n_model = getattr(getattr(model, "module", model), "num_classes", None)
     if n_model is not None and n_model != shards.num_classes:  # scores would mean other classes
@@ -136,6 +152,7 @@ def evaluate_split(
     names = list(shards.class_names)  # the manifest's (MultiEYE's 9 for older shards)
     result = evaluate(labels, probs, names)
     result.update(split=split, modality=modality, listed=shards.listed, scored=len(rows), bad=bad)
+    result.update(_concept_readout(rows, shards, concept_findings))
     if records_path is not None:  # after evaluate(): non-finite probabilities never get here
         write_records(records_path, rows, split=split, modality=modality, class_names=names)
     if bad:
@@ -148,3 +165,24 @@ def evaluate_split(
             shards.listed,
         )
     return result
+
+
+def _concept_readout(rows: list[dict], shards: ShardSet, mapping: list[int] | None) -> dict:
+    """The concept readout of scored records (empty where it does not apply: records without
+    findings, or a bank whose concepts are not tied to the data's findings)."""
+    if not all("findings" in r for r in rows):
+        return {}
+    k = len(rows[0]["sims"])
+    names = list(shards.finding_names or [])
+    if not names:  # a findings sidecar without findings.json: name them by index
+        names = [
+            f"finding{i}" for i in range(1 + max(max(r["findings"], default=-1) for r in rows))
+        ]
+    mapping = mapping if mapping is not None else bank_concept_findings({}, k, len(names))
+    if mapping is None:
+        logger.info(
+            "no concept readout: the %d concepts are not tied to the %d findings", k, len(names)
+        )
+        return {}
+    sims = np.array([r["sims"] for r in rows])
+    return concept_auc(sims, [r["findings"] for r in rows], mapping, names)

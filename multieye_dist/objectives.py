@@ -29,9 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multieye_dist.concepts import concept_findings, load_bank
 from multieye_dist.data.stream import Batch
+from multieye_dist.data.synth import FINDING_PROBS
 from multieye_dist.losses import LossOutput, fundus_only_loss, octcoda_loss
 from multieye_dist.model import param_dtype
+from multieye_dist.oracle import OracleTeacher
+from multieye_dist.resources import user_path
 
 if TYPE_CHECKING:
     from multieye_dist.config import Config, LossConfig
@@ -209,7 +213,26 @@ class OctCoda(Objective):
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
         self.impl = resolve_loss_impl(cfg.loss, device)
-        if cfg.loss.control == "permuted-teacher":
+        self.oracle: OracleTeacher | None = None
+        if cfg.teacher.kind != "model":  # a control that reads the partners' findings
+            self.needs_teacher = False  # no model to load (an instance attribute, as modality)
+            self.impl = "torch"  # it gives similarities, which the fused kernel does not take
+            mapping = bank_concept_findings(cfg.concepts.bank, FINDING_PROBS.shape[1])
+            if mapping is None:
+                raise ValueError(
+                    f"teacher.kind={cfg.teacher.kind}: concepts.bank={cfg.concepts.bank} does not "
+                    "say which finding each concept describes (one row per finding, or its "
+                    "'concept_findings' metadata); use a findings bank, e.g. "
+                    "configs/concepts/synth-findings-minilm.safetensors"
+                )
+            self.oracle = OracleTeacher(
+                cfg.teacher.kind,
+                mapping,
+                cfg.model.num_classes,
+                cfg.train.seed,
+                device,
+            )
+        if cfg.loss.control == "permuted-teacher" or cfg.teacher.kind == "oracle-permuted":
             n = cfg.model.num_classes  # the training data's (train.data_classes)
             self.partner_classes = derangement(n, cfg.train.seed)
             inverse = [0] * n
@@ -227,10 +250,14 @@ class OctCoda(Objective):
         n = self.cfg.loss.distill_warmup_steps
         return 1.0 if n == 0 else min(1.0, self.step / n)
 
-    def _teacher(self, teacher, partner, labels, embeddings: bool):
+    def _teacher(self, teacher, batch, partner, labels, embeddings: bool):
         """The teacher's (logits, sims or embeddings) and the partners' labels; under the
-        permuted control, relabelled as the fundus class each partner stands in for."""
-        zo, out = teacher.embeddings(partner) if embeddings else teacher(partner)
+        permuted controls, relabelled as the fundus class each partner stands in for. An oracle
+        answers from the partners' shard records instead of their images."""
+        if self.oracle is not None:
+            zo, out = self.oracle(batch.partner_meta, labels, batch.partner_keys)
+        else:
+            zo, out = teacher.embeddings(partner) if embeddings else teacher(partner)
         if self.partner_classes is not None:  # OCT of class perm[c] speaks for class c
             zo, labels = zo[:, self._perm], self._inverse[labels]
         return zo, out, labels
@@ -241,7 +268,7 @@ class OctCoda(Objective):
         x = self.inputs(batch.image, param_dtype(model))
         partner = self.inputs(batch.partner_image)
         fused = self.impl == "triton"
-        zo, to, yo = self._teacher(teacher, partner, batch.partner_label, embeddings=fused)
+        zo, to, yo = self._teacher(teacher, batch, partner, batch.partner_label, fused)
         if fused:
             from multieye_dist.kernels import octcoda_loss_fused
 
@@ -267,7 +294,19 @@ class OctCoda(Objective):
             # Same graph and terms, nothing of distillation in the total (its gradient is 0).
             terms["gate_open"] = torch.zeros_like(terms["gate_open"])
             return out.cls + (out.total - out.cls) * 0.0, terms
+        if c.control == "gate-open":  # the released rule's decision overruled at every step
+            distill = ramp * (c.beta * out.prototype + c.alpha * out.contrastive)
+            used = torch.where(distill.isfinite(), distill, torch.zeros_like(distill))
+            terms["gate_open"] = torch.ones_like(terms["gate_open"])
+            return out.cls + used.to(out.cls.dtype), terms
         return out.total, terms
+
+
+def bank_concept_findings(bank: str, num_findings: int | None) -> list[int] | None:
+    """The finding each row of the bank ``concepts.bank`` describes (None: not known)."""
+    path = user_path(bank)
+    concepts, _, meta = load_bank(path)
+    return concept_findings(meta, concepts.shape[0], num_findings, str(path))
 
 
 def to_sims(emb: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
@@ -303,6 +342,9 @@ class ConceptAlign(Objective):
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
         self.modality = cfg.align.modality  # an instance attribute: one objective, two modalities
+        # A bank with several concepts per finding (its concept_findings metadata): an image is
+        # positive with all of its findings' concepts. Without it, a finding index is a row.
+        self._rows_of = bank_concept_findings(cfg.concepts.bank, None)
 
     def freeze_unreached(self, model: ConceptModel) -> None:
         super().freeze_unreached(model)
@@ -320,6 +362,8 @@ class ConceptAlign(Objective):
                     "alignment needs per-image findings (the synthetic data has them; for real "
                     "data start from FLAIR: multieye-dist import flair)"
                 )
+            if self._rows_of is not None:  # the concepts that describe one of its findings
+                findings = [r for r, f in enumerate(self._rows_of) if f in findings]
             bad = [f for f in findings if not 0 <= f < k]
             if bad:
                 raise ValueError(

@@ -63,7 +63,13 @@ from multieye_dist.data.stream import (
 from multieye_dist.evaluation import evaluate_split
 from multieye_dist.metrics import NonFiniteError, format_table
 from multieye_dist.model import FrozenTeacher, ModelConfig, build_model, param_dtype
-from multieye_dist.objectives import Objective, Terms, build_objective, objective_class
+from multieye_dist.objectives import (
+    Objective,
+    Terms,
+    bank_concept_findings,
+    build_objective,
+    objective_class,
+)
 from multieye_dist.plots import RECORDS_SUFFIX, plot_run_safely
 from multieye_dist.runlock import NoLock, RunLock, RunLocked, acquire, check_free
 from multieye_dist.tracking import OLD_RUN_ID_KEY, Tracker
@@ -304,6 +310,17 @@ def _train(
         last = state.epoch == cfg.train.epochs
         if last or state.epoch % cfg.train.eval_every_epochs == 0:
             evaluate_dev(job, state)
+            if _no_better(cfg, state):  # every rank: best_epoch is the broadcast F1's
+                logger.info(
+                    "early stop at epoch %d: dev macro-F1 not better than %.2f (epoch %d) for "
+                    "%d evaluations (train.early_stop_evals)",
+                    state.epoch,
+                    100 * state.best_f1,
+                    state.best_epoch,
+                    cfg.train.early_stop_evals,
+                )
+                save(job, state)
+                break
             if on_dev_f1 is not None:  # rank 0 asks the sweep's pruner; every rank obeys it
                 prune = job.env.is_main and on_dev_f1(state.epoch, state.best_f1)
                 if D.broadcast_object(bool(prune)):
@@ -313,6 +330,12 @@ def _train(
         save(job, state)
         clock.pause(time.perf_counter() - t_end, meter)
     return finish(job, state)
+
+
+def _no_better(cfg: Config, state: TrainState) -> bool:
+    """train.early_stop_evals dev evaluations in a row without a better macro-F1."""
+    patience = cfg.train.early_stop_evals * cfg.train.eval_every_epochs
+    return patience > 0 and state.best_epoch >= 0 and state.epoch - state.best_epoch >= patience
 
 
 def train_step(job: Job, batch: Batch, stop: bool = False) -> tuple[Terms | None, bool]:
@@ -566,7 +589,8 @@ def preflight(cfg: Config, world: int, *, in_run_dir: bool = True) -> Checked:
         check_free(cfg.train.out_dir)
         checkpoint = E.find_checkpoint(cfg.train.resume, Path(cfg.train.out_dir) / "checkpoints")
     cls = objective_class(cfg.train.stage, cfg.loss)
-    if cls.needs_teacher and cfg.teacher.checkpoint is None:
+    needs_teacher = cls.needs_teacher and cfg.teacher.kind == "model"  # not an oracle's
+    if needs_teacher and cfg.teacher.checkpoint is None:
         raise ValueError(
             "teacher.checkpoint is not set: distillation needs the teacher run's inference "
             "export (e.g. teacher.checkpoint=runs/teacher/best.safetensors), or use "
@@ -575,7 +599,7 @@ def preflight(cfg: Config, world: int, *, in_run_dir: bool = True) -> Checked:
     bank, sentences, _ = load_bank(resolve_path(cfg.concepts.bank))
     if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
         raise FileNotFoundError(f"model.weights={cfg.model.weights}: no such file")
-    if cls.needs_teacher:
+    if needs_teacher:
         check_teacher(cfg, bank)
     saved = checkpoint_state(checkpoint) if checkpoint is not None else {}
     streams = resolve_streams(cfg, world, saved)
@@ -974,6 +998,7 @@ def _evaluate_split(
         progress=job.env.is_main and job.cfg.train.progress,
         augment_on=d.augment_on,
         records_path=keep,
+        concept_findings=bank_concept_findings(job.cfg.concepts.bank, None),
     )
 
 
@@ -1009,6 +1034,8 @@ def export(job: Job, state: TrainState, name: str) -> Path:
             "step": state.step,
             "dev_f1": state.best_f1 if name == "best" else None,
             "modality": job.objective.modality,
+            # which finding each concept describes, where the bank says: the concept readout
+            "concept_findings": bank_concept_findings(job.cfg.concepts.bank, None),
         }
         export_inference(
             path,
@@ -1047,6 +1074,7 @@ def finish(job: Job, state: TrainState) -> dict[str, Any]:
     export(job, state, "last")
     summary: dict[str, Any] = {
         "step": state.step,
+        "epochs": state.epoch,  # trained: fewer than train.epochs after an early stop
         "best_epoch": state.best_epoch,
         "best_dev_f1": state.best_f1,
         "nonfinite_skipped": state.nonfinite,
@@ -1070,6 +1098,8 @@ def finish(job: Job, state: TrainState) -> dict[str, Any]:
             summary.update(
                 {f"test/{name}/{k}": result[k] for k in ("accuracy", "f1", "auc", "map", "kappa")}
             )
+            if result.get("concept_auc") is not None:  # the concept readout (findings data)
+                summary[f"test/{name}/concept_auc"] = result["concept_auc"]
             logger.info("test, %s model (%s):\n%s", name, path, format_table(result))
     if job.env.is_main:
         job.tracker.summary(summary)

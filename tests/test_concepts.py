@@ -435,3 +435,70 @@ def test_load_sentences_errors(tmp_path):
             "c: three",
             "a: one",
         ]
+
+
+# --------------------------------------------------------------------------------------------
+# The paraphrase bank (K = 96: 12 paraphrases of each synthetic finding)
+# --------------------------------------------------------------------------------------------
+
+PARAPHRASE_BANK = SHIPPED / "concepts" / "synth-paraphrases-minilm.safetensors"
+
+
+def test_paraphrases_module():
+    from multieye_dist.data.synth import FINDINGS
+    from multieye_dist.data.synth_paraphrases import PARAPHRASES, paraphrase_sentences
+
+    sentences, findings = paraphrase_sentences()
+    assert len(PARAPHRASES) == len(FINDINGS) == 8
+    assert all(len(group) == 12 for group in PARAPHRASES)
+    assert len(sentences) == len(findings) == 96 == len(set(sentences))
+    assert findings == [i for i in range(8) for _ in range(12)]
+    for i, f in enumerate(FINDINGS):
+        assert PARAPHRASES[i][0] == f.caption == sentences[12 * i]
+    assert all(s == s.strip() and "\n" not in s and "{}" not in s for s in sentences)
+
+
+def test_shipped_paraphrase_bank():
+    """The 96 paraphrases, encoded as the 8-caption bank was, plus their row -> finding map."""
+    from multieye_dist.data.synth import FINDINGS
+    from multieye_dist.data.synth_paraphrases import paraphrase_sentences
+
+    emb, sentences, meta = load_bank(PARAPHRASE_BANK)
+    _, _, findings_meta = load_bank(FINDINGS_BANK)
+    want_sentences, want_findings = paraphrase_sentences()
+    assert emb.shape == (96, 384) and len(sentences) == 96
+    assert sentences == want_sentences  # raw sentences; the prompt is stored separately
+    assert len(set(sentences)) == 96
+    assert not any(s.startswith("A fundus photograph") for s in sentences)
+    for i, f in enumerate(FINDINGS):
+        assert sentences[12 * i] == f.caption
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(96), atol=1e-5, rtol=0)
+    for key in ("encoder", "prompt", "pooling", "normalized", "max_length"):
+        assert meta[key] == findings_meta[key], key
+    assert meta["encoder_weights_sha256"] == findings_meta["encoder_weights_sha256"]
+    assert meta["sentences_sha256"] == concepts.sentences_sha256(sentences)
+    rows = json.loads(meta["concept_findings"])
+    assert isinstance(rows, list) and all(type(r) is int for r in rows)
+    assert rows == want_findings
+    assert [rows.count(i) for i in range(len(FINDINGS))] == [12] * len(FINDINGS)
+    # The 8-caption bank's rows equal this bank's first row of each finding up to the
+    # transformers version (same encoder, prompt and sentence).
+    captions = load_bank(FINDINGS_BANK)[0]
+    torch.testing.assert_close(emb[::12], captions, atol=1e-5, rtol=0)
+
+
+def test_paraphrase_bank_rows_cluster_by_finding():
+    """Paraphrases of one finding are closer to each other than to other findings' (the bank
+    means something): mean cosine within 0.67 vs between 0.50, and so for every finding."""
+    emb, _, meta = load_bank(PARAPHRASE_BANK)
+    f = torch.tensor(json.loads(meta["concept_findings"]))
+    sim = emb @ emb.T
+    same = f[:, None] == f[None, :]
+    off = ~torch.eye(len(f), dtype=torch.bool)
+    within, between = sim[same & off].mean(), sim[~same].mean()
+    assert within > between + 0.1, (within, between)
+    for i in range(8):
+        rows = f == i
+        w = sim[rows[:, None] & rows[None, :] & off].mean()
+        b = sim[rows[:, None] & ~rows[None, :]].mean()
+        assert w > b + 0.05, (i, w, b)

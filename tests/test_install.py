@@ -32,6 +32,7 @@ PACKAGE_DATA = (
     "configs/sweeps/distill.yaml",
     "configs/concepts/minilm-l6.safetensors",
     "configs/concepts/synth-findings-minilm.safetensors",
+    "configs/concepts/synth-paraphrases-minilm.safetensors",
     "configs/multieye_concepts.txt",
 )
 

@@ -239,3 +239,88 @@ def test_oct_image_size_sets_the_oct_resolution_only(tmp_path):
     assert fundus and all(c[k] == a[k] for k in fundus)  # fundus pictures unchanged
     with pytest.raises(ValueError, match="--oct-image-size 16: must be >= 32"):
         SynthOptions(oct_image_size=16)
+
+
+# ----------------------------------------------------------------- the pretraining pool
+
+
+def _content(path: Path) -> bytes:
+    """A file's content: decoded pixels (with mode and size) for PNGs, else its bytes."""
+    if path.suffix == ".png":
+        with Image.open(path) as img:
+            return f"{img.mode} {img.size}".encode() + img.tobytes()
+    return path.read_bytes()
+
+
+def _content_digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(_content(p)).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _findings_by_name(root: Path, modality: str, split: str) -> dict[str, str]:
+    lines = findings_file(root, modality, split).read_text().splitlines()
+    return dict(ln.split() for ln in lines)
+
+
+def test_data_unchanged_by_the_pool_option(tmp_path):
+    """Regression pin of the non-pool output (the demo's published numbers depend on it). The
+    digests were taken with synth.py as it was before the pretraining pool was added."""
+    generate(tmp_path, SynthOptions(per_class=2, image_size=32, seed=0))
+    digests = _content_digests(tmp_path)
+    tree = hashlib.sha256()
+    for rel, digest in digests.items():
+        tree.update(rel.encode() + b"\0" + bytes.fromhex(digest))
+    fundus = "assemble/train/ImageData/cfp-clahe-224x224/fundus-train-0-000000.png"
+    oct_ = "assemble_oct/train/ImageData/oct-filter-448x448/oct-train-3-000006.png"
+    assert digests[fundus] == "b544e3834b54c41bb9098147ccb6d87e187e49f08d194af7efda372862f68ad2"
+    assert digests[oct_] == "1cbb5a6a79aff8415413037c55629db58cb94027e57714bd2518601244baed78"
+    assert tree.hexdigest() == "bd9ed1e4227fc9ec542e2a67ca24c4a7316b6e140c4831f20381d8fc7d3169ee"
+
+
+def test_pool_is_disjoint_from_the_data_of_the_same_seed(tmp_path):
+    opts = SynthOptions(per_class=2, image_size=32, seed=0)
+    generate(tmp_path / "data", opts)
+    summary = generate(tmp_path / "pool", replace(opts, pool=True))
+    data = read_layout(tmp_path / "data", ("fundus", "oct"), SPLITS)
+    pool = read_layout(tmp_path / "pool", ("fundus", "oct"), SPLITS)
+    data_names = {s.path.name for samples, _ in data.values() for s in samples}
+    data_pixels = {
+        hashlib.sha256(_content(s.path)).hexdigest()
+        for samples, _ in data.values()
+        for s in samples
+    }
+    for (modality, split), (samples, bad) in pool.items():
+        assert not bad
+        assert Counter(s.label for s in samples) == dict(enumerate(summary[modality][split]))
+        for s in samples:
+            assert s.path.name.startswith(f"pool-{modality}-{split}-")
+            assert s.path.name not in data_names
+            assert hashlib.sha256(_content(s.path)).hexdigest() not in data_pixels, s.path.name
+        # The findings are drawn apart too (same index, other findings), and so is the listing.
+        side = _findings_by_name(tmp_path / "pool", modality, split)
+        unprefixed = {k.removeprefix("pool-"): v for k, v in side.items()}
+        assert unprefixed != _findings_by_name(tmp_path / "data", modality, split)
+        assert list(unprefixed) != list(_findings_by_name(tmp_path / "data", modality, split))
+    # Still deterministic for a seed, whatever the worker count.
+    generate(tmp_path / "pool2", replace(opts, pool=True, workers=2))
+    assert _digest(tmp_path / "pool2") == _digest(tmp_path / "pool")
+
+
+def test_synth_cli_pool_writes_pool_names(tmp_path, capsys):
+    out = tmp_path / "pool"
+    assert (
+        main(["synth", "--out", str(out), "--pool", "--per-class", "2", "--image-size", "32"]) == 0
+    )
+    pngs = sorted(p.name for p in out.rglob("*.png"))
+    assert pngs and all(n.startswith("pool-") for n in pngs)
+    for modality in ("fundus", "oct"):
+        for split in SPLITS:
+            lines = label_file(out, modality, split).read_text().splitlines()
+            assert lines and all(ln.startswith(f"pool-{modality}-{split}-") for ln in lines)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    assert "--pool" in capsys.readouterr().out

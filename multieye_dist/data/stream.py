@@ -106,6 +106,8 @@ class ShardSet:
     # The manifest's classes, in label order (a manifest without them: MultiEYE's 9).
     class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES
     manifest: str = field(default="", compare=False)  # where it was read, for messages
+    # The manifest's finding names (synthetic data: ROOT/findings.json), None without them.
+    finding_names: tuple[str, ...] | None = None
 
     @classmethod
     def from_manifest(cls, location: str | Path, modality: str, split: str) -> ShardSet:
@@ -143,6 +145,7 @@ class ShardSet:
             _int_or_none(m.get("num_skipped")),
             manifest_class_names(m),
             str(path) if where.is_local else where.member(name),
+            _finding_names(m),
         )
 
     @property
@@ -166,6 +169,12 @@ class ShardSet:
             out.append(ShardExpect(n, prefix, lo, lo + n + (self.key_slack or 0)))
             lo += n
         return out
+
+
+def _finding_names(manifest: dict[str, Any]) -> tuple[str, ...] | None:
+    names = manifest.get("finding_names")
+    ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
+    return tuple(names) if ok else None
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -446,10 +455,11 @@ class Batch:
 
     ``image``/``label`` are the primary modality (fundus for the students, OCT for the teacher
     and for an OCT split's evaluation). A paired stream adds each sample's label-matched OCT
-    partner in ``partner_*``; otherwise they are None. ``meta`` is each primary sample's ``.json``
-    record from its shard (:mod:`multieye_dist.data.schema`). ``stats`` are the cumulative
-    counters of the worker that made the batch. An evaluation batch may be empty (it then only
-    carries the stats of a worker whose last samples were undecodable).
+    partner in ``partner_*``; otherwise they are None. ``meta`` (``partner_meta``) is each primary
+    sample's (partner's) ``.json`` record from its shard (:mod:`multieye_dist.data.schema`).
+    ``stats`` are the cumulative counters of the worker that made the batch. An evaluation batch
+    may be empty (it then only carries the stats of a worker whose last samples were
+    undecodable).
 
     With ``data.augment_on=device`` the loader sends images as decoded, uint8 at their stored
     size (grey kept to one channel), and ``aug``/``partner_aug`` carry each sample's random
@@ -465,6 +475,7 @@ class Batch:
     partner_image: torch.Tensor | None = None
     partner_label: torch.Tensor | None = None
     partner_keys: list[str] | None = None
+    partner_meta: list[dict[str, Any]] | None = None  # the partners' .json records
     aug: AugmentParams | None = None
     partner_aug: AugmentParams | None = None
 
@@ -917,6 +928,7 @@ class PairedTrainStream(IterableDataset):
             partner_aug=aug,
             partner_label=_labels(o_s),
             partner_keys=[s.key for s in o_s],
+            partner_meta=[s.metadata() for s in o_s],
             stats=stats.snapshot(),
         )
 

@@ -55,6 +55,12 @@ Per-image findings are written next to each label file (``<top>/<split>/findings
 names and captions to ``ROOT/findings.json``; ``shards convert`` copies them into every sample's
 json record. Every image is drawn from its own generators seeded by (seed, modality, split,
 index): the output does not depend on the worker count.
+
+**Pretraining pool.** ``SynthOptions(pool=True)`` (``synth --pool``) writes the same layout with
+every name prefixed ``pool-`` and every image's findings and picture drawn from generators keyed
+apart (:data:`POOL_KEY`): for the same seed, images and findings that no student trains on. It is
+the stand-in for the captioned images of concept-alignment pre-training (``train.stage=align``),
+as FLAIR was pretrained on other fundus collections than the ones it is evaluated on.
 """
 
 from __future__ import annotations
@@ -156,6 +162,11 @@ FUNDUS_OPACITY: dict[str, float] = {
 FUNDUS_NOISE = 20.0
 OCT_NOISE = 6.0
 
+# Appended to every seed-sequence key of the pretraining pool (never to the data's: those keys
+# and so the data's bytes are as before the pool existed). "POOL" in ASCII.
+POOL_KEY = 0x504F4F4C
+POOL_PREFIX = "pool-"
+
 
 def sample_findings(rng: np.random.Generator, label: int) -> tuple[int, ...]:
     """The findings of one image of class `label` (sorted indices into FINDINGS)."""
@@ -190,6 +201,9 @@ class SynthOptions:
     # OCT B-scan width (height 3/4 of it; zero-padded to this square at conversion). None: the
     # same as image_size. The release ships fundus at 224 px and OCT at 448 px.
     oct_image_size: int | None = None
+    # A pretraining pool: names prefixed "pool-", every image drawn from generators keyed apart
+    # from the data of the same seed (POOL_KEY).
+    pool: bool = False
 
     def __post_init__(self) -> None:
         if self.per_class < 1:
@@ -460,15 +474,18 @@ def oct_image(
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
 
 
-def _generators(seed: int, modality: str, split: str, index: int):
-    """(findings generator, picture generator) of one image."""
+def _generators(seed: int, modality: str, split: str, index: int, pool: bool = False):
+    """(findings generator, picture generator) of one image (`pool`: of the pretraining pool,
+    keyed apart by POOL_KEY; the data's keys are unchanged)."""
     key = [seed, MODALITIES.index(modality), SPLITS.index(split), index]
+    if pool:
+        key.append(POOL_KEY)
     return np.random.default_rng([*key, 0]), np.random.default_rng([*key, 1])
 
 
-def _draw(job: tuple[str, str, int, tuple[int, ...], int, int, float, str]) -> None:
-    modality, split, index, findings, seed, size, visibility, path = job
-    _, rng = _generators(seed, modality, split, index)
+def _draw(job: tuple[str, str, int, tuple[int, ...], int, int, float, bool, str]) -> None:
+    modality, split, index, findings, seed, size, visibility, pool, path = job
+    _, rng = _generators(seed, modality, split, index, pool)
     if modality == "fundus":
         img = fundus_image(rng, findings, size, visibility=visibility)
     else:
@@ -493,6 +510,7 @@ def findings_json() -> str:
 def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]]:
     """Write the dataset; returns {modality: {split: per-class counts}}."""
     out = Path(out)
+    prefix = POOL_PREFIX if options.pool else ""
     jobs, summary = [], {}
     for modality in MODALITIES:
         image_dir(out, modality).mkdir(parents=True, exist_ok=True)
@@ -503,9 +521,9 @@ def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]
             lines, sidecar, index = [], [], 0
             for label, n in enumerate(counts):
                 for _ in range(n):
-                    name = f"{modality}-{split}-{label}-{index:06d}"
+                    name = f"{prefix}{modality}-{split}-{label}-{index:06d}"
                     path = image_dir(out, modality) / f"{name}.png"
-                    rng, _ = _generators(options.seed, modality, split, index)
+                    rng, _ = _generators(options.seed, modality, split, index, options.pool)
                     findings = sample_findings(rng, label)
                     jobs.append(
                         (
@@ -516,6 +534,7 @@ def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]
                             options.seed,
                             picture_size(options, modality),
                             options.fundus_visibility,
+                            options.pool,
                             path,
                         )
                     )
@@ -523,9 +542,10 @@ def generate(out: Path, options: SynthOptions) -> dict[str, dict[str, list[int]]
                     sidecar.append(f"{name} {format_findings(findings)}\n")
                     index += 1
             # Shuffle the listing (deterministically): real label files are not sorted by class.
-            order = np.random.default_rng([options.seed, 99, SPLITS.index(split)]).permutation(
-                len(lines)
-            )
+            shuffle_key = [options.seed, 99, SPLITS.index(split)]
+            if options.pool:
+                shuffle_key.append(POOL_KEY)
+            order = np.random.default_rng(shuffle_key).permutation(len(lines))
             split_dir = out / LAYOUT[modality][0] / split
             split_dir.mkdir(parents=True, exist_ok=True)
             write_text(split_dir / LABEL_FILE, "".join(lines[i] for i in order))
