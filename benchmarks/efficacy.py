@@ -176,6 +176,22 @@ def interval(diffs: list[float]) -> tuple[float, float, float]:
     return m, float(lo), float(hi)
 
 
+def seeds_for_power(sd: float, effect: float, power: float = 0.8, alpha: float = 0.05) -> int:
+    """Seeds a paired two-sided t-test needs to detect a mean difference ``effect`` with
+    probability ``power``, when the paired differences have standard deviation ``sd`` (the
+    noncentral t distribution, scipy)."""
+    from scipy import stats
+
+    if sd <= 0:
+        return 2
+    for n in range(2, 10_000):
+        crit = stats.t.ppf(1 - alpha / 2, n - 1)
+        nc = effect / (sd / math.sqrt(n))
+        if stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc) >= power:
+            return n
+    return 10_000
+
+
 def _pm(values: list[float]) -> str:
     if not values:
         return "-"
@@ -222,11 +238,18 @@ def arm_table(results: dict, cells: list[Cell], arms: list[str], seeds: list[int
 
 
 def contrast_table(
-    results: dict, cells: list[Cell], contrasts: list[tuple[str, str]], seeds: list[int]
+    results: dict,
+    cells: list[Cell],
+    contrasts: list[tuple[str, str]],
+    seeds: list[int],
+    effects: dict[str, float],
 ) -> tuple[str, dict]:
+    """Paired contrasts (arm - reference, same seed) per cell and metric: mean, 95% interval,
+    the differences' sd and the seeds needed for 80% power at ``effects[metric]`` points."""
     lines = [
-        "| cell | contrast | metric | n | mean diff. (points) | 95% interval |",
-        "|---|---|---|---|---|---|",
+        "| cell | contrast | metric | n | mean diff. (points) | 95% interval | sd | "
+        "seeds for 80% power at " + ", ".join(f"{m} {e:g}" for m, e in effects.items()) + " |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     found: dict = {}
     for cell in cells:
@@ -244,12 +267,14 @@ def contrast_table(
                 if not d:
                     continue
                 m, lo, hi = interval(d)
+                sd = statistics.stdev(d) if len(d) > 1 else math.nan
+                need = seeds_for_power(sd, effects[metric]) if len(d) > 1 else None
                 found[f"{cell.name()}|{arm} - {ref}|{metric}"] = {
-                    "n": len(d), "mean": m, "lo": lo, "hi": hi,
+                    "n": len(d), "mean": m, "lo": lo, "hi": hi, "sd": sd, "seeds_for_power": need,
                 }  # fmt: skip
                 lines.append(
                     f"| {cell.name()} | {arm} - {ref} | {metric} | {len(d)} | {m:+.2f} | "
-                    f"[{lo:+.2f}, {hi:+.2f}] |"
+                    f"[{lo:+.2f}, {hi:+.2f}] | {sd:.2f} | {need} |"
                 )
     return "\n".join(lines), found
 
@@ -269,6 +294,11 @@ def _parser() -> argparse.ArgumentParser:
         "--contrasts",
         default=";".join(DEFAULT_CONTRASTS),
         help="ARM:REFERENCE pairs separated by ';' (those whose arms ran are reported)",
+    )
+    p.add_argument(
+        "--effect",
+        default="f1=2,cauc=1",
+        help="the effect sizes (points) the power column is computed for (default f1=2,cauc=1)",
     )
     p.add_argument("--per-class", type=int, default=100, help="OCT train images per class")
     p.add_argument("--pool-per-class", type=int, default=100, help="pool images per class")
@@ -390,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             for k in (*METRICS.values(), "gate_open", "contrastive", "contrastive_chance")
         }
     text = arm_table(results, cells, arms, seeds)
-    ctext, found = contrast_table(results, cells, contrasts, seeds)
+    effects = {k: float(v) for k, _, v in (e.partition("=") for e in args.effect.split(","))}
+    ctext, found = contrast_table(results, cells, contrasts, seeds, effects)
     minutes = (time.perf_counter() - t0) / 60
     teachers = {
         f"fam{f}/K{k}": {

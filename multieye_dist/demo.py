@@ -53,7 +53,7 @@ DEMO_VISIBILITY = 3.0
 METRICS = ("accuracy", "f1", "auc", "map", "kappa")
 # The OCT teacher trains until dev macro-F1 stops improving (at most this many epochs of the
 # demo config's 128 steps): an undertrained teacher would close the gate for the wrong reason.
-TEACHER = ("train.epochs=16", "train.early_stop_evals=3")
+TEACHER = ("train.epochs=30", "train.early_stop_evals=5")
 
 
 @dataclass(frozen=True)
@@ -337,7 +337,7 @@ def run_demo(
         *extra,
     ]
     print("[pretrain] concept alignment of OCT and fundus on the pool, then the OCT teacher")
-    pre = pretrain(out, common, data)
+    pre = pretrain(out, common, data, teacher=(*TEACHER, *extra))  # the user's overrides win
     rows = [("teacher (OCT)", "OCT", pre.summaries["teacher"])]
     print("[students] fundus, same seed, steps and fundus batches; the oracle is the control")
     students = {}

@@ -278,13 +278,14 @@ def submit_two_tasks(cluster, shards: Path, out: Path, env: dict, *flags: str):
     )  # fmt: skip
 
 
-def load_script(name: str, as_name: str):
-    """launch/`name` as module `as_name` (it is a script: launched, it runs as __main__),
-    registered in sys.modules (submitit's pickling looks it up there)."""
+def load_script(name: str, as_name: str, folder: str = "launch"):
+    """`folder`/`name` (launch/, benchmarks/) as module `as_name` (it is a script: launched,
+    it runs as __main__), registered in sys.modules (submitit's pickling and dataclasses look
+    it up there)."""
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location(as_name, ROOT / "launch" / name)
+    spec = importlib.util.spec_from_file_location(as_name, ROOT / folder / name)
     module = importlib.util.module_from_spec(spec)
     sys.modules[as_name] = module
     spec.loader.exec_module(module)

@@ -32,20 +32,33 @@ def test_demo_runs_end_to_end(tmp_path, wandb_home):
     manifest = json.loads((out / "shards" / "fundus-train.manifest.json").read_text())
     assert manifest["num_samples"] == 18  # scarce fundus labels: 2 per class
     table = printed[printed.index("Test split") :]
-    for row in ("teacher (OCT)", "fundus-only", "OCT-CoDA", "OCT-CoDA - fundus-only"):
+    for row in ("teacher (OCT)", "fundus-only", "OCT-CoDA", "oracle teacher"):
         assert row in table
+    assert "OCT-CoDA - fundus-only" in table and "oracle - fundus-only" in table
+    assert "One seed shows the pipeline" in printed and "BENCHMARKS.md 'Efficacy'" in printed
     assert "concepts for" in printed and "weight x similarity" in printed
     comparison = json.loads((out / "comparison.json").read_text())
     assert {s["step"] for s in comparison.values()} == {16}  # same steps for every run
-    for run in ("align-oct", "align-fundus", "teacher", "fundus-only", "octcoda"):
+    for run in ("align-oct", "align-fundus", "teacher", "fundus-only", "octcoda", "oracle"):
         assert (out / run / "best.safetensors").is_file()
-    # the students start from the aligned fundus init, the teacher from the aligned OCT one
+    # the students start from the fundus init aligned on the pool, the teacher from the OCT
+    # one; no pool image is a student's (nor any name: the pool's are pool-*)
     for run, init in (("teacher", "align-oct"), ("octcoda", "align-fundus")):
         config = (out / run / "config.yaml").read_text()
         assert f"weights: {out / init / 'best.safetensors'}" in config
+    for name in ("align-oct", "align-fundus"):
+        assert f"shards: {out / 'pool' / 'shards'}" in (out / name / "config.yaml").read_text()
+    pool = {p.name for p in (out / "pool" / "raw").rglob("*.png")}
+    data = {p.name for p in (out / "raw").rglob("*.png")}
+    assert pool and data and not pool & data and all(n.startswith("pool-") for n in pool)
+    # the new columns: concept AUC everywhere, gate and contrastive for the distilled students
+    for name in ("fundus-only", "OCT-CoDA", "oracle teacher"):
+        assert 0 <= comparison[name]["test/best/concept_auc"] <= 1
+    assert comparison["oracle teacher"]["gate_open"] is not None
+    assert comparison["fundus-only"]["gate_open"] is None
     diff = next(line for line in table.splitlines() if line.startswith("OCT-CoDA - fundus-only"))
     f1 = {n: 100 * comparison[n]["test/best/f1"] for n in ("OCT-CoDA", "fundus-only")}
-    assert float(diff.split()[-4]) == pytest.approx(f1["OCT-CoDA"] - f1["fundus-only"], abs=0.006)
+    assert float(diff.split()[-3]) == pytest.approx(f1["OCT-CoDA"] - f1["fundus-only"], abs=0.006)
 
 
 def test_version(capsys):

@@ -63,7 +63,7 @@ def test_every_shipped_yaml_loads(name):
 
 def test_demo_is_tiny():
     cfg = load_config(CONFIGS / "demo.yaml")
-    assert (cfg.model.backbone, cfg.data.image_size, cfg.train.epochs) == ("resnet18", 64, 4)
+    assert (cfg.model.backbone, cfg.data.image_size, cfg.train.epochs) == ("test_resnet", 64, 6)
     assert cfg.train.precision == "fp32" and cfg.optim.warmup_epochs == 0
     assert cfg.data.samples_per_epoch * cfg.train.epochs <= 4096 and not cfg.data.augment
     assert cfg.tracking.backend == "wandb" and cfg.tracking.wandb.mode == "offline"

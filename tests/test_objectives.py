@@ -426,3 +426,64 @@ def test_distill_warmup_ramps_alpha_and_beta():
             zf, sf, batch.label, zo, so, batch.partner_label, alpha=0.6 * share, beta=0.05 * share
         )
         assert total.item() == pytest.approx(ref.total.item(), rel=1e-6), step
+
+
+FINDINGS_BANK = BANK.parent / "synth-findings-minilm.safetensors"
+
+
+def _findings_model(seed: int = 0) -> ConceptModel:
+    torch.manual_seed(seed)
+    return ConceptModel(ModelConfig(backbone="test_resnet"), load_bank(FINDINGS_BANK)[0])
+
+
+@pytest.mark.parametrize("kind", ["oracle", "oracle-class", "oracle-permuted", "oracle-shuffled"])
+def test_oracle_teacher_runs_through_the_octcoda_objective_from_the_partners_records(kind):
+    from multieye_dist.oracle import OracleTeacher
+
+    cfg = _cfg(f"teacher.kind={kind}", f"concepts.bank={FINDINGS_BANK}", "train.seed=2")
+    objective = O.build_objective(cfg, CPU)
+    assert not objective.needs_teacher and objective.impl == "torch"
+    batch = random_batch(6)
+    batch = replace(batch, partner_meta=[{"findings": [i % 8, 7 - i % 8]} for i in range(6)])
+    model = _findings_model()
+    total, terms = objective(model, None, batch)  # no teacher model at all
+    # the same loss computed by hand from the oracle's outputs (relabelled when permuted)
+    oracle = OracleTeacher(kind, list(range(8)), 9, seed=2)
+    zo, so = oracle(batch.partner_meta, batch.partner_label)
+    yo = batch.partner_label
+    if kind == "oracle-permuted":
+        perm = torch.tensor(objective.partner_classes)
+        inverse = torch.argsort(perm)
+        zo, yo = zo[:, perm], inverse[yo]
+    logits, sims = model(batch.image)
+    want = octcoda_loss(logits, sims, batch.label, zo, so, yo, check_labels=False)
+    torch.testing.assert_close(total, want.total)
+    torch.testing.assert_close(terms["contrastive"], want.contrastive)
+    assert (objective.partner_classes is not None) == (kind == "oracle-permuted")
+
+
+def test_oracle_needs_findings_a_findings_bank_and_the_torch_loss():
+    cfg = _cfg("teacher.kind=oracle", f"concepts.bank={FINDINGS_BANK}")
+    with pytest.raises(ValueError, match="OCT partner o0-0 has no 'findings'"):
+        O.build_objective(cfg, CPU)(_findings_model(), None, replace(
+            random_batch(4), partner_meta=[{} for _ in range(4)]))  # fmt: skip
+    with pytest.raises(ValueError, match="does not say which finding each concept describes"):
+        O.build_objective(_cfg("teacher.kind=oracle"), CPU)  # the release's 98 sentences
+    with pytest.raises(ConfigError, match="not triton"):
+        load_config(None, ["teacher.kind=oracle", "loss.impl=triton"])
+    with pytest.raises(ConfigError, match="teacher.kind=oracle is a teacher of the octcoda"):
+        load_config(None, ["teacher.kind=oracle", "loss.name=fundus-only"])
+
+
+def test_gate_open_control_applies_distillation_whatever_the_gate_says():
+    model, teacher = _model(), FrozenTeacher(_model(1), dtype=torch.float32)
+    batch = random_batch(6)
+    out = {}
+    for control in ("none", "gate-open", "gate-never"):
+        objective = O.build_objective(_cfg(f"loss.control={control}", "loss.beta=5"), CPU)
+        out[control] = objective(model, teacher, batch)
+    total, terms = out["gate-open"]
+    want = terms["cls"] + 5 * terms["prototype"] + 0.6 * terms["contrastive"]
+    torch.testing.assert_close(total, want)
+    assert terms["gate_open"] == 1.0 and out["gate-never"][1]["gate_open"] == 0.0
+    torch.testing.assert_close(out["gate-never"][0], terms["cls"])
