@@ -1,12 +1,14 @@
-"""The main job on the embedded default: synthetic MultiEYE with latent findings -> shards ->
-concept alignment of each modality -> OCT teacher -> two fundus students (fundus-only and
-OCT-CoDA, same seed, steps and fundus batches) -> comparison with their paired difference -> one
-explanation.
+"""The main job on the embedded default: synthetic MultiEYE with latent findings and its
+disjoint pretraining pool -> shards -> concept alignment of each modality on the pool -> OCT
+teacher (until its dev F1 stops improving) -> three fundus students on the same seed, steps and
+fundus batches (fundus-only, OCT-CoDA, and OCT-CoDA from the oracle teacher: the positive
+control) -> a table of test F1, concept AUC, gate and contrastive term -> one explanation.
 
 Every stage goes through the same :func:`multieye_dist.train.run` that the cluster runs (a world
-of one, CPU). The pieces (:func:`make_data`, :func:`pretrain`, :func:`train_student`, ``ARMS``)
-are also what ``benchmarks/efficacy.py`` runs, over seeds, arms and label budgets. Outputs under
-``--out`` (default ``runs/demo``).
+of one, CPU). The pieces (:func:`make_students_data`, :func:`make_pool`, :func:`pretrain`,
+:func:`student_overrides`, :func:`distill_diagnostics`, ``ARMS``) are also what
+``benchmarks/efficacy.py`` runs, over data families, banks, weights, label budgets, seeds and
+arms. Outputs under ``--out`` (default ``runs/demo``).
 """
 
 from __future__ import annotations
