@@ -314,6 +314,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="finish an interrupted study: reuse its data, pre-training and every finished run",
     )
+    p.add_argument(
+        "--report",
+        default="efficacy",
+        help="name of the tables written under --out: NAME.json and NAME.md (default efficacy); "
+        "studies that share --out (and so, with --resume, their data and pre-training) keep "
+        "their own",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes (the test): 2 min on 2 cores")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run")
     return p
@@ -431,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         for (f, k), p_ in pre.items()
     }
     write_text(
-        args.out / "efficacy.json",
+        args.out / f"{args.report}.json",
         json.dumps(
             {
                 "args": {k: str(v) for k, v in vars(args).items()},
@@ -443,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         ),
     )
-    write_text(args.out / "efficacy.md", text + "\n\n" + ctext + "\n")
-    print(f"\n{text}\n\n{ctext}\n\n({minutes:.1f} min; {args.out / 'efficacy.json'})")
+    write_text(args.out / f"{args.report}.md", text + "\n\n" + ctext + "\n")
+    print(f"\n{text}\n\n{ctext}\n\n({minutes:.1f} min; {args.out / args.report}.json)")
     return 0
 
 
