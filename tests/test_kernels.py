@@ -178,7 +178,10 @@ def test_edge_values_are_exact_zeros() -> None:
 def test_fp16_and_large_logits() -> None:
     """fp16 inputs; and fp32 inputs with logits in the hundreds, where a log-sum-exp without the
     running maximum would overflow. Logits that large cost fp32 digits in any implementation, so
-    there the bar is the fp32 PyTorch reference's own error (or 1e-5, whichever is larger)."""
+    there the bar is the fp32 PyTorch reference's own error (or 4e-5, whichever is larger):
+    logits of 300 carry ~300 x 6e-8 = 2e-5 of rounding into every exponent, and over seeds
+    5000-5039 the gradient's error exceeded 1e-5 (the old floor, a CI flake) 3 times, by at
+    most 1.43e-5."""
     inp = make_inputs(fresh_seed(), "random", torch.float16)
     assert_matches(inp, fused(inp))
 
@@ -190,7 +193,7 @@ def test_fp16_and_large_logits() -> None:
     desc = f"{inp['desc']} T={inp['temperature']:.3g} (logits up to 300)"
     want, got, fp32 = reference(inp), fused(inp), reference(inp, torch.float32)
     for name, a, b, c32 in zip(NAMES, got, want, fp32, strict=True):
-        bar = max(1e-5, 4 * rel_err(c32, b))
+        bar = max(4e-5, 4 * rel_err(c32, b))
         assert rel_err(a, b) <= bar, f"{name}: {rel_err(a, b):.3g} > {bar:.3g} ({desc})"
 
 
