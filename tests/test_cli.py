@@ -35,7 +35,7 @@ def test_demo_runs_end_to_end(tmp_path, wandb_home):
     for row in ("teacher (OCT)", "fundus-only", "OCT-CoDA", "oracle teacher"):
         assert row in table
     assert "OCT-CoDA - fundus-only" in table and "oracle - fundus-only" in table
-    assert "One seed shows the pipeline" in printed and "BENCHMARKS.md 'Efficacy'" in printed
+    assert "One seed shows the pipeline" in printed and "benchmarks/efficacy.py" in printed
     assert "concepts for" in printed and "weight x similarity" in printed
     comparison = json.loads((out / "comparison.json").read_text())
     assert {s["step"] for s in comparison.values()} == {16}  # same steps for every run
