@@ -207,6 +207,7 @@ TINY_RUN = {
     "data.num_workers": 0,
     "data.augment": "false",
     "train.epochs": 1,
+    "train.eval_every_epochs": 1,  # the demo config evaluates every 2nd epoch
     "train.log_every_steps": 1,
     "train.precision": "fp32",
     "train.progress": "false",

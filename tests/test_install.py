@@ -325,6 +325,9 @@ def test_wheel_installed_elsewhere_runs_the_demo_and_config_show(tmp_path):
     for run_dir in ("align-oct", "align-fundus", "teacher", "fundus-only", "octcoda"):
         assert (out / run_dir / "best.safetensors").is_file(), run_dir
     assert (out / "comparison.json").is_file() and (out / "comparison.txt").is_file()
-    # the demo's bank came from the installed package: the findings' captions
-    assert "drusen, small yellow deposits" in printed
+    # the demo's bank came from the installed package: the findings' captions (the explanation
+    # prints its top concepts, which ones depends on the image)
+    from multieye_dist.data.synth import FINDINGS
+
+    assert sum(f.caption in printed for f in FINDINGS) >= 3
     assert sorted(p.name for p in elsewhere.iterdir()) == []  # nothing in the working directory
