@@ -6,9 +6,9 @@ what each needs: shared memory against the chip's limit, registers, spills, the 
     .venv/bin/python benchmarks/aot_report.py --arch 90 --dtype bf16 --config 64,64,64,8
 
 The launches are the ones ``fused_distill``'s host code makes for a batch of 512 at D = 512
-(``multieye_dist.kernels.aot``); ``--config M,N,D,WARPS`` replaces ``LaunchConfig.choose``'s tile
-sizes, to try others. ``spills`` is triton's ``n_spills`` (local memory per thread / 4). Exits 1
-if a kernel needs more shared memory than the chip has, or a 16-bit dot is off the tensor cores.
+(``multieye_dist.model.kernels.aot``); ``--config M,N,D,WARPS`` replaces ``LaunchConfig.choose``'s
+tile sizes, to try others. ``spills`` is triton's ``n_spills`` (local memory per thread / 4). Exits
+1 if a kernel needs more shared memory than the chip has, or a 16-bit dot is off the tensor cores.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton
 
-    from multieye_dist.kernels import LaunchConfig, aot
+    from multieye_dist.model.kernels import LaunchConfig, aot
 
     config = None
     if args.config:

@@ -125,7 +125,7 @@ def make_inputs(b: int, k: int, d: int, dtype: torch.dtype, seed: int, device: s
 
 
 def fused_step(inp: dict, exchange=None, config=None) -> None:
-    from multieye_dist.kernels import fused_distill
+    from multieye_dist.model.kernels import fused_distill
 
     es = inp["student_emb"].detach().requires_grad_()
     proto, con = fused_distill(
@@ -138,7 +138,7 @@ def fused_step(inp: dict, exchange=None, config=None) -> None:
 
 def eager_step(inp: dict) -> None:
     """The PyTorch loss as octcoda_loss runs it: sims upcast to fp32, global scope."""
-    from multieye_dist.losses import contrastive_loss, prototype_loss
+    from multieye_dist.model.losses import contrastive_loss, prototype_loss
 
     es = inp["student_emb"].detach().requires_grad_()
     sf = torch.einsum("bld,kd->blk", es, inp["concepts"]).float()
@@ -166,7 +166,7 @@ def formula(impl: str, world: int, b: int, k: int, elt: int) -> tuple[int, int, 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from multieye_dist.kernels import LaunchConfig
+    from multieye_dist.model.kernels import LaunchConfig
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -279,8 +279,8 @@ def _timed(fn, device: str) -> tuple[str, float | None, float | None]:
 
 
 def run_one_gpu(args: argparse.Namespace) -> int:
-    from multieye_dist.kernels import SimulatedPeers
-    from multieye_dist.losses import prototype_loss, supcon_loss
+    from multieye_dist.model.kernels import SimulatedPeers
+    from multieye_dist.model.losses import prototype_loss, supcon_loss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":

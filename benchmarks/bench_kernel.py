@@ -11,7 +11,7 @@ N is the batch (fundus samples; as many OCT partners), so each level's contrasti
 * eager: sims = einsum(emb, C) upcast to fp32 as ``octcoda_loss`` does, then
   ``beta * prototype_loss + alpha * contrastive_loss`` (variant "paper", local scope);
 * compile: ``torch.compile`` of that same function (compile time excluded by the warm-up);
-* triton: ``multieye_dist.kernels.fused_distill`` on the embeddings.
+* triton: ``multieye_dist.model.kernels.fused_distill`` on the embeddings.
 
 Time: median over ``--repeat`` runs of forward + backward (gradient to the student embeddings),
 CUDA events. Memory: peak allocated during one step minus what was allocated before it (the
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from multieye_dist.losses import contrastive_loss, prototype_loss
+from multieye_dist.model.losses import contrastive_loss, prototype_loss
 
 logger = logging.getLogger("bench_kernel")
 
@@ -61,7 +61,7 @@ def reference_terms(es, et, concepts, ys, yt) -> tuple[torch.Tensor, torch.Tenso
 
 
 def fused_terms(es, et, concepts, ys, yt) -> tuple[torch.Tensor, torch.Tensor]:
-    from multieye_dist.kernels import fused_distill
+    from multieye_dist.model.kernels import fused_distill
 
     return fused_distill(
         es, et, concepts, ys, yt, num_classes=CLASSES, temperature=TEMPERATURE

@@ -1,6 +1,6 @@
 """DeepSpeed precision modes for the student step: speed, memory and agreement with fp32.
 
-One process (a world of one), the real engine from ``multieye_dist.engine`` around the real
+One process (a world of one), the real engine from ``multieye_dist.train.engine`` around the real
 ConceptModel, the OCT-CoDA loss against a fixed frozen teacher, identical initial weights and
 identical batches for every mode. For each ``train.precision`` it reports the step time (median
 after warm-up) and its ratio to fp32, peak GPU memory (CUDA only), and how far the loss curve
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from multieye_dist import engine as E
-from multieye_dist.concepts import load_bank
 from multieye_dist.config import DeepSpeedConfig, OptimConfig
-from multieye_dist.distributed import DistEnv
-from multieye_dist.losses import octcoda_loss
-from multieye_dist.model import ConceptModel, FrozenTeacher, ModelConfig
+from multieye_dist.core.distributed import DistEnv
+from multieye_dist.model.concept_model import ConceptModel, FrozenTeacher, ModelConfig
+from multieye_dist.model.concepts import load_bank
+from multieye_dist.model.losses import octcoda_loss
+from multieye_dist.train import engine as E
 
 BANK = Path(__file__).resolve().parents[1] / "multieye_dist/configs/concepts/minilm-l6.safetensors"
 MODES = ("fp32", "autocast-bf16", "bf16")

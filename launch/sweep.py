@@ -10,7 +10,7 @@ sweeps are expanded here, deterministically (--seed), every run is checked as th
 it (config, backbone, teacher export, concept bank, batch geometry, a resume's compatibility, no
 live training in its directory), and the array is submitted with each task's overrides; runs log
 offline (`wandb sync` later). A refused array (ours or sbatch's) writes nothing.
-Offline bayes: an optuna study in the sweep directory (study.journal, multieye_dist.search):
+Offline bayes: an optuna study in the sweep directory (study.journal, multieye_dist.cluster.search):
 each array task's rank 0 asks it for a trial, trains it in runs/trial-NNNN, reports each dev
 macro-F1 (the sweep's early_terminate: Hyperband pruning) and tells it the best one.
 --mode online: the sweep is created on the W&B server and each array task runs one agent step
@@ -25,10 +25,10 @@ again, not the overrides. Refused while a task of the sweep is still queued or r
 
 The W&B sweep agent lives here, not in the library: choosing a run's parameters is the sweep
 controller's business, not tracking's, and this launcher is the one place besides
-multieye_dist.tracking allowed to import wandb. AgentTask is defined in this script, which runs
-as __main__, so submitit's cloudpickle ships the class by value; what it uses by import
-(multieye_dist.cluster.TrainTask, multieye_dist.tracking, multieye_dist.sweeps) is installed on
-the nodes, and it uses nothing from launch/common.py. BayesTask likewise.
+multieye_dist.track.tracking allowed to import wandb. AgentTask is defined in this script, which
+runs as __main__, so submitit's cloudpickle ships the class by value; what it uses by import
+(multieye_dist.cluster.submit.TrainTask, multieye_dist.track.tracking, multieye_dist.cluster.sweeps)
+is installed on the nodes, and it uses nothing from launch/common.py. BayesTask likewise.
 """
 
 from __future__ import annotations
@@ -46,17 +46,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import add_slurm_options, check_run, slurm_options, undone_if_refused  # noqa: E402
 
-from multieye_dist import sweeps  # noqa: E402
-from multieye_dist.atomic import write_text  # noqa: E402
-from multieye_dist.cluster import (  # noqa: E402
+from multieye_dist.cluster import summaries, sweeps  # noqa: E402
+from multieye_dist.cluster.submit import (  # noqa: E402
     SubmissionError,
     TrainTask,
     make_executor,
     submit_array,
 )
 from multieye_dist.config import load_config  # noqa: E402
-from multieye_dist.resources import config_argument, path_argument  # noqa: E402
-from multieye_dist.tracking import TrackingConfig, write_run_id  # noqa: E402
+from multieye_dist.core.atomic import write_text  # noqa: E402
+from multieye_dist.core.resources import config_argument, path_argument  # noqa: E402
+from multieye_dist.track.records import write_run_id
+from multieye_dist.track.tracking import TrackingConfig  # noqa: E402
 
 HANDOFF_WAIT_S = 900  # how long a task's other ranks wait for rank 0's agent step
 
@@ -79,7 +80,7 @@ def next_sweep_run(sweep_id: str, tracking: TrackingConfig) -> tuple[str, dict[s
     logs the training itself."""
     import wandb
 
-    from multieye_dist.tracking import wandb_settings
+    from multieye_dist.track.tracking import wandb_settings
 
     got: dict[str, Any] = {}
 
@@ -192,7 +193,7 @@ class AgentTask:
 
 class BayesTask:
     """An offline bayes sweep's array task: rank 0 asks the study for a trial
-    (:func:`multieye_dist.search.ask`, under the study's lock), hands it to the other ranks
+    (:func:`multieye_dist.cluster.search.ask`, under the study's lock), hands it to the other ranks
     (``<sweep_dir>/trials/<job_id>.json``: a requeued task keeps its trial), all ranks train it
     as :class:`TrainTask` with the trial's pruning hook, and rank 0 tells the study how it
     ended: its best dev macro-F1, pruned, or failed (the error is raised again).
@@ -217,7 +218,7 @@ class BayesTask:
     def __call__(self) -> dict[str, Any]:
         import submitit
 
-        from multieye_dist import search
+        from multieye_dist.cluster import search
 
         job_env = submitit.JobEnvironment()
         rank, job_id = job_env.global_rank, str(job_env.job_id)
@@ -240,7 +241,7 @@ class BayesTask:
 
     def ask(self, job_id: str) -> dict[str, Any]:
         """A trial for this task: its number, parameters, run name and directory."""
-        from multieye_dist import search
+        from multieye_dist.cluster import search
 
         got = search.ask(Path(self.sweep_dir), self.spec, self.seed, self.continues)
         name = self.continues["name"] if self.continues else f"trial-{got['trial']:04d}"
@@ -329,7 +330,7 @@ def plan(args: argparse.Namespace, world: int) -> tuple[dict, Path, list[dict]]:
 
 
 def check_bayes(args: argparse.Namespace, spec: dict, out: Path) -> None:
-    from multieye_dist import search
+    from multieye_dist.cluster import search
 
     search.check_spec(spec, str(args.sweep))
     search.require_optuna()
@@ -411,7 +412,7 @@ def submit(args: argparse.Namespace) -> int:
 
     def new_study() -> None:  # the empty study: --summary works at once
         if args.mode == "offline" and spec["method"] == "bayes":
-            from multieye_dist import search
+            from multieye_dist.cluster import search
 
             out.mkdir(parents=True, exist_ok=True)
             search.load_study(out, spec)
@@ -453,7 +454,7 @@ def wait_for(jobs: list, out: Path) -> int:
         except Exception as exc:  # one failed run does not hide the others
             failed += 1
             print(f"sweep: task {job.job_id} failed: {exc}", file=sys.stderr)
-    print(sweeps.format_summary(*sweeps.summarize(out)))
+    print(summaries.format_summary(*summaries.summarize(out)))
     return 1 if failed else 0
 
 
@@ -516,7 +517,7 @@ def resubmit(args: argparse.Namespace) -> int:
         print(f"nothing to resubmit: every run of sweep {manifest['name']} in {out} is finished")
         return 0
     if manifest["method"] == "bayes":
-        from multieye_dist import search
+        from multieye_dist.cluster import search
 
         # their tasks are gone (nothing of the sweep is queued): RUNNING is no longer true
         search.fail_running(out, [r["trial"] for r in runs])
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.summary:
         try:
-            print(sweeps.format_summary(*sweeps.summarize(args.summary)))
+            print(summaries.format_summary(*summaries.summarize(args.summary)))
         except (ValueError, FileNotFoundError) as exc:
             print(f"sweep: error: {exc}", file=sys.stderr)
             return 2

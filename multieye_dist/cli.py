@@ -244,7 +244,7 @@ def _add_shards(sub) -> None:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from multieye_dist.plots import draw_shard_preview
+    from multieye_dist.track.plots import draw_shard_preview
 
     print(draw_shard_preview(args.shard_dir, args.modality, args.split, args.per_class, args.out))
     return 0
@@ -291,7 +291,7 @@ def _add_demo(sub) -> None:
 
 
 def _add_concepts(sub) -> None:
-    from multieye_dist import concepts
+    from multieye_dist.model import concepts
 
     c = sub.add_parser("concepts", help="concept banks (text embeddings of the concept sentences)")
     csub = c.add_subparsers(dest="concepts_cmd", required=True)
@@ -306,7 +306,7 @@ def _add_concepts(sub) -> None:
 
 
 def _add_import(sub) -> None:
-    from multieye_dist.concepts import DEFAULT_PROMPT, DEFAULT_SENTENCES
+    from multieye_dist.model.concepts import DEFAULT_PROMPT, DEFAULT_SENTENCES
 
     p = sub.add_parser("import", help="map real weights (FLAIR, the released checkpoints) in")
     isub = p.add_subparsers(dest="import_cmd", required=True)
@@ -368,7 +368,7 @@ def _add_plots(sub) -> None:
 
 
 def cmd_plots(args: argparse.Namespace) -> int:
-    from multieye_dist.plots import plot_run
+    from multieye_dist.track.plots import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)
@@ -425,7 +425,7 @@ def _add_config(sub) -> None:
 def cmd_config_show(args: argparse.Namespace) -> int:
     from multieye_dist.config import load_config
     from multieye_dist.confighelp import describe, render
-    from multieye_dist.resources import find_config
+    from multieye_dist.core.resources import find_config
 
     path = find_config(args.config) if args.config is not None else None
     cfg = load_config(path, args.overrides)
@@ -497,7 +497,7 @@ def device_arg(text: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from multieye_dist.config import ConfigError, load_config
-    from multieye_dist.train import run
+    from multieye_dist.train.loop import run
 
     overrides = [f"train.stage={args.stage}", *args.overrides]
     if args.resume is not None:
@@ -514,9 +514,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from multieye_dist.checkpoint import load_inference
-    from multieye_dist.evaluation import evaluate_split
-    from multieye_dist.metrics import format_table
+    from multieye_dist.model.checkpoint import load_inference
+    from multieye_dist.track.metrics import format_table
+    from multieye_dist.train.evaluation import evaluate_split
 
     model, meta = load_inference(args.checkpoint)
     model = model.to(args.device)
@@ -535,14 +535,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.checkpoint} on {modality}-{args.split} ({args.shards}):")
     print(format_table(result))
     if args.json:
-        from multieye_dist.atomic import write_text
+        from multieye_dist.core.atomic import write_text
 
         write_text(args.json, json.dumps(result, indent=1))  # creates the parent directories
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from multieye_dist.importers import import_flair, import_release
+    from multieye_dist.model.importers import import_flair, import_release
 
     if args.import_cmd == "flair":
         summary = import_flair(
@@ -571,8 +571,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     import json
 
-    from multieye_dist.checkpoint import load_inference
-    from multieye_dist.explain import explain_images
+    from multieye_dist.model.checkpoint import load_inference
+    from multieye_dist.model.explain import explain_images
 
     model, meta = load_inference(args.checkpoint)
     results = explain_images(
@@ -589,7 +589,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         print("\n\n".join(r.text() for r in results))
     if args.plot is not None:
-        from multieye_dist.explain import plot_explanations
+        from multieye_dist.track.plots import plot_explanations
 
         picture = plot_explanations(results, args.plot)
         print(f"picture: {picture}", file=sys.stderr if args.json else sys.stdout)
@@ -719,7 +719,7 @@ _OS_HINTS = {
 
 def _os_error_text(exc: OSError) -> str:
     """One line for the user: ``cannot OPERATION PATH: REASON (HINT)``. Our writers' errors
-    carry their own text (``cannot write PATH: ...``, see multieye_dist.atomic); an error a
+    carry their own text (``cannot write PATH: ...``, see multieye_dist.core.atomic); an error a
     worker process re-raised has the original on its last line."""
     if exc.filename is None:
         text = exc.strerror if exc.errno is not None and exc.strerror else str(exc)
@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multieye-dist: data error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except RuntimeError as exc:
-        from multieye_dist.engine import CheckpointError
+        from multieye_dist.train.engine import CheckpointError
 
         if isinstance(exc, CheckpointError):
             print(f"multieye-dist: error: {exc}", file=sys.stderr)

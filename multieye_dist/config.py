@@ -2,8 +2,8 @@
 
 The defaults live in ONE place, the dataclasses below; the shipped YAML files
 (``multieye_dist/configs/``, package data) only state what differs. Every section is a *frozen*
-dataclass (like :class:`multieye_dist.model.ModelConfig`, which is reused as the ``model``
-section): a resolved config cannot drift during a run, and code
+dataclass (like :class:`multieye_dist.model.concept_model.ModelConfig`, which is reused as the
+``model`` section): a resolved config cannot drift during a run, and code
 that needs a variant makes one with :func:`dataclasses.replace`. Library functions take the
 section they read (``cfg.loss``, ``cfg.optim``); only what spans sections takes the whole
 :class:`Config`: the trainer, the objectives (stage, loss, teacher and perf together) and the
@@ -12,13 +12,13 @@ launchers.
 Loading (:func:`load_config`):
 
 * The file is a path or a packaged config's name (``demo``, ``teacher``, ``distill``: the
-  stems of the shipped files; :func:`multieye_dist.resources.find_config`).
+  stems of the shipped files; :func:`multieye_dist.core.resources.find_config`).
 * A YAML file is a mapping of sections to mappings of fields. ``base: other.yaml`` (relative to
   the file; else a packaged config's name, ``base: distill``) names one file it is a diff over;
   that file may have a ``base:`` of its own.
 * An override is ``section.field=value``; the value is parsed with ``yaml.safe_load`` (``3e-4``,
   ``true``, ``[1, 2]``, ``null``). Dotted keys reach into dict fields (``deepspeed.extra.a.b=1``)
-  and into nested sections (a field whose type is a section, :mod:`multieye_dist.sections`:
+  and into nested sections (a field whose type is a section, :mod:`multieye_dist.core.sections`:
   ``tracking.<backend>.<field>=...``), which YAML writes as nested mappings.
 * Every value is checked against its field's type (an int is fine for a float; YAML 1.1 reads
   ``3e-4`` as a string, which is accepted for a float field); choices and ranges are checked in
@@ -28,11 +28,11 @@ Loading (:func:`load_config`):
 * Secrets (API keys, tokens, passwords) are never configuration: keys that look like one are
   rejected; set them in the environment (the tracking backend reads its API key from there).
 
-The ``tracking`` section is defined in :mod:`multieye_dist.tracking`, next to the backends it
-configures, and the ``model`` section in :mod:`multieye_dist.model`; this module only assembles
-them. The section machinery (:class:`~multieye_dist.sections.Section`, type coercion,
-:class:`ConfigError`) is :mod:`multieye_dist.sections`, so that those modules need not import this
-one.
+The ``tracking`` section is defined in :mod:`multieye_dist.track.tracking`, next to the backends it
+configures, and the ``model`` section in :mod:`multieye_dist.model.concept_model`; this module only
+assembles them. The section machinery (:class:`~multieye_dist.core.sections.Section`, type coercion,
+:class:`ConfigError`) is :mod:`multieye_dist.core.sections`, so that those modules need not import
+this one.
 
 :func:`save_resolved` writes the resolved config to ``run_dir/config.yaml`` (atomically); loading
 that file back gives an equal :class:`Config`. Only ``yaml.safe_load``/``safe_dump``, no pickle.
@@ -50,14 +50,20 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from multieye_dist.atomic import write_text
-from multieye_dist.data.remote import location_problem
-from multieye_dist.model import ModelConfig
-from multieye_dist.resources import CONFIG_DIR, config_names, find_config, find_packaged
-from multieye_dist.sections import SECRET_PARTS, ConfigError, is_section
-from multieye_dist.sections import Section as _Section
-from multieye_dist.sections import coerce as _coerce
-from multieye_dist.tracking import TrackingConfig
+from multieye_dist.core.atomic import write_text
+from multieye_dist.core.resources import (
+    CONFIG_DIR,
+    config_names,
+    find_config,
+    find_packaged,
+    user_path,
+)
+from multieye_dist.core.sections import SECRET_PARTS, ConfigError, is_section
+from multieye_dist.core.sections import Section as _Section
+from multieye_dist.core.sections import coerce as _coerce
+from multieye_dist.data.config import DataConfig
+from multieye_dist.model.concept_model import ModelConfig
+from multieye_dist.track.tracking import TrackingConfig
 
 __all__ = [
     "AlignConfig",
@@ -91,49 +97,6 @@ def _check_finite(section: _Section, names: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
-class DataConfig(_Section):
-    _key: ClassVar[str] = "data"
-    # Where the WebDataset shards and their manifests are: a directory, or a URL prefix
-    # (http(s)://host/path, file:/abs/dir, pipe:CMD with {name}: multieye_dist/data/remote.py).
-    # No default: a forgotten override must not train on some other data set (training refuses
-    # an empty value; the demo sets its own).
-    shards: str = ""
-    image_size: int = 512  # training and evaluation input side, px (the release: 512)
-    batch_size: int = 64  # per rank
-    samples_per_epoch: int = 36000  # class-balanced draws per epoch (all ranks together)
-    num_workers: int = 8  # loader worker processes per rank (0: load in the training process)
-    pool_size: int = 32  # per-class pool for balanced sampling and OCT partners
-    resampled: bool = False  # draw shards with replacement (endless) instead of splitting them
-    seed: int = 0  # seed of the stream's draws and augmentation
-    max_bad_fraction: float = 0.01  # corrupt samples tolerated before the run stops
-    # The release's training augmentation (random resized crop, flip, RandAugment, erasing);
-    # false = evaluation transform only (tiny CPU runs on position-coded synthetic data).
-    augment: bool = True
-    # Where the augmentation (or, without it, the resize and centre crop) runs. device: loader
-    # workers only decode, to uint8 at the stored size, and draw each sample's parameters; the
-    # ops run batched where the model runs (multieye_dist.data.device_augment). cpu: timm's
-    # per-image transforms in the workers, as released. auto: device on a GPU, else cpu (on a
-    # CPU the batched ops in the training process cost more than timm's in the workers).
-    augment_on: Literal["auto", "device", "cpu"] = "auto"
-    # Logical streams an epoch's class-balanced draws are split into (multieye_dist.data.stream):
-    # 0 = ranks x max(num_workers, 1) at the run's start. A run keeps its value when resumed on
-    # another number of ranks, so its epochs stay the same micro-batches; set it to a multiple
-    # of every rank x worker count you may resume on (e.g. 512) to avoid a stream being read by
-    # more than one worker after growing.
-    streams: int = 0
-
-    def _validate(self) -> None:
-        for name in ("image_size", "batch_size", "samples_per_epoch", "pool_size"):
-            self._check(getattr(self, name) >= 1, name, ">= 1")
-        self._check(self.num_workers >= 0, "num_workers", ">= 0")
-        self._check(self.streams >= 0, "streams", ">= 0 (0: ranks x loader workers)")
-        self._check(self.seed >= 0, "seed", ">= 0")
-        self._check(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "in [0, 1]")
-        problem = location_problem(self.shards) if self.shards else None  # "": not set yet
-        self._check(problem is None, "shards", problem or "")
-
-
-@dataclass(frozen=True)
 class ConceptsConfig(_Section):
     _key: ClassVar[str] = "concepts"
     bank: str = "configs/concepts/minilm-l6.safetensors"  # concept bank (concepts.save_bank)
@@ -151,8 +114,8 @@ class TeacherConfig(_Section):
     train_level2: bool = False
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # the frozen teacher's weights
     # model: the OCT teacher of teacher.checkpoint. The oracles are controls for studies on the
-    # synthetic data (multieye_dist.oracle): no model, each OCT partner's true findings from its
-    # shard record as concept similarities (oracle), its class's finding probabilities
+    # synthetic data (multieye_dist.model.oracle): no model, each OCT partner's true findings from
+    # its shard record as concept similarities (oracle), its class's finding probabilities
     # (oracle-class), classes deranged (oracle-permuted) or findings deranged (oracle-shuffled).
     kind: TeacherKind = "model"
 
@@ -161,8 +124,8 @@ class TeacherConfig(_Section):
 class LossConfig(_Section):
     """As in the release: ``alpha`` scales the contrastive term, ``beta`` the prototype term.
 
-    ``name`` and ``variant`` choose an objective of :mod:`multieye_dist.objectives` (its registry
-    is the list of choices, checked with ``train.stage`` in :class:`Config`): ``octcoda``
+    ``name`` and ``variant`` choose an objective of :mod:`multieye_dist.train.objectives` (its
+    registry is the list of choices, checked with ``train.stage`` in :class:`Config`): ``octcoda``
     (variants ``paper``, ``official``: METHOD.md "Where the released code differs") or
     ``fundus-only`` (cross-entropy on fundus, no teacher). The teacher stage has one objective
     and does not read them."""
@@ -195,11 +158,12 @@ class LossConfig(_Section):
 
 @dataclass(frozen=True)
 class AlignConfig(_Section):
-    """Concept-alignment pre-training (``train.stage=align``, :mod:`multieye_dist.objectives`):
-    CLIP/FLAIR-style image-text contrastive training of the backbone and the projection W_p
-    against the concept bank, one modality per run, with multiple positives (an image is positive
-    with the captions of all its findings: the ``findings`` of each sample's shard record). Its
-    export is a ``model.weights`` init for the teacher (oct) or the student (fundus)."""
+    """Concept-alignment pre-training (``train.stage=align``,
+    :mod:`multieye_dist.train.objectives`): CLIP/FLAIR-style image-text contrastive training of the
+    backbone and the projection W_p against the concept bank, one modality per run, with multiple
+    positives (an image is positive with the captions of all its findings: the ``findings`` of each
+    sample's shard record). Its export is a ``model.weights`` init for the teacher (oct) or the
+    student (fundus)."""
 
     _key: ClassVar[str] = "align"
     modality: Literal["fundus", "oct"] = "fundus"  # the images this alignment run trains on
@@ -270,8 +234,8 @@ class TrainConfig(_Section):
     resume: str = "auto"  # "auto" (latest in out_dir), "never", or a checkpoint path
     log_every_steps: int = 10  # one console line and tracker record every N optimizer steps
     seed: int = 0  # initial weights and per-step randomness (dropout)
-    # Mixed precision (multieye_dist/engine.py): DeepSpeed's torch-autocast mode with bf16, its
-    # bf16 mode (bf16 weights, fp32 master copies), or none. See BENCHMARKS.md, "Precision".
+    # Mixed precision (multieye_dist/train/engine.py): DeepSpeed's torch-autocast mode with bf16,
+    # its bf16 mode (bf16 weights, fp32 master copies), or none. See BENCHMARKS.md, "Precision".
     precision: Literal["autocast-bf16", "bf16", "fp32"] = "autocast-bf16"
     # Stop (after a checkpoint) once this process has made this many optimizer steps: time-boxed
     # jobs, and tests of resumption. None = run to the last epoch.
@@ -317,6 +281,58 @@ class DeepSpeedConfig(_Section):
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed JSON config
 
 
+# ----------------------------------------------------------------------------- objectives
+
+# The objectives a run can choose: train.stage -> loss.name -> the loss.variant values that
+# objective computes differently (() = none: loss.variant does not change it). The trainer's
+# objective classes (multieye_dist.train.objectives) implement these entries, and registering a
+# new class adds its entry (register_objective); the table lives here so that a config is checked
+# without importing the trainer.
+OBJECTIVE_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "teacher": {"teacher-ce": ()},
+    "distill": {"fundus-only": (), "octcoda": ("paper", "official")},
+    "align": {"concept-align": ()},
+}
+
+
+def register_objective(stage: str, name: str, variants: tuple[str, ...]) -> None:
+    """Make (``train.stage``, ``loss.name``) a choice; an entry already there must agree."""
+    known = OBJECTIVE_CHOICES.setdefault(stage, {}).setdefault(name, tuple(variants))
+    if known != tuple(variants):
+        raise ValueError(f"objective {stage}/{name}: variants {variants} differ from {known}")
+
+
+def objective_name(stage: str, loss: LossConfig) -> str:
+    """The ``loss.name`` of the objective that ``train.stage`` and the ``loss`` section choose;
+    ConfigError naming the option and its choices when there is none. A stage with one objective
+    (the teacher's) uses it whatever ``loss.name`` says, but a name no stage knows is a typo."""
+    if stage not in OBJECTIVE_CHOICES:
+        raise ConfigError(
+            f"train.stage={stage!r}: choose one of {', '.join(sorted(OBJECTIVE_CHOICES))}"
+        )
+    by_name = OBJECTIVE_CHOICES[stage]
+    known = sorted({n for names in OBJECTIVE_CHOICES.values() for n in names})
+    if loss.name not in known:
+        raise ConfigError(f"loss.name={loss.name!r}: choose one of {', '.join(known)}")
+    if len(by_name) == 1:
+        name = next(iter(by_name))
+    elif loss.name in by_name:
+        name = loss.name
+    else:
+        raise ConfigError(
+            f"loss.name={loss.name!r} for train.stage={stage}: choose one of "
+            f"{', '.join(sorted(by_name))}"
+        )
+    every = sorted({v for names in OBJECTIVE_CHOICES.values() for vs in names.values() for v in vs})
+    choices = by_name[name] or every
+    if loss.variant not in choices:
+        raise ConfigError(
+            f"loss.variant={loss.variant!r} for loss.name={name}: choose one of "
+            f"{', '.join(choices)}"
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -340,22 +356,17 @@ class Config:
                 f"optim.warmup_epochs={self.optim.warmup_epochs}: must be <= "
                 f"train.epochs={self.train.epochs}"
             )
-        from multieye_dist import objectives  # lazily: it imports the model and the losses
-
-        try:
-            cls = objectives.objective_class(self.train.stage, self.loss)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self.loss.control != "none" and cls is not objectives.OctCoda:
+        name = objective_name(self.train.stage, self.loss)
+        if self.loss.control != "none" and name != "octcoda":
             raise ConfigError(
                 f"loss.control={self.loss.control} controls the octcoda student; this run's "
-                f"objective is {cls.stage}/{cls.name}"
+                f"objective is {self.train.stage}/{name}"
             )
         if self.teacher.kind != "model":
-            if cls is not objectives.OctCoda:
+            if name != "octcoda":
                 raise ConfigError(
                     f"teacher.kind={self.teacher.kind} is a teacher of the octcoda student; this "
-                    f"run's objective is {cls.stage}/{cls.name}"
+                    f"run's objective is {self.train.stage}/{name}"
                 )
             if self.loss.impl == "triton" or self.loss.control == "permuted-teacher":
                 raise ConfigError(
@@ -630,7 +641,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
     """Defaults <- YAML file at ``path`` (with its ``base:`` chain) <- ``overrides``. ``path``
-    is a file, or a packaged config's name (``demo``): :func:`multieye_dist.resources.find_config`.
+    is a file, or a packaged config's name (``demo``):
+    :func:`multieye_dist.core.resources.find_config`.
     """
     tree, sources = _read_yaml(find_config(path)) if path is not None else ({}, {})
     for text in overrides:
@@ -692,18 +704,17 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 def resolve_paths(cfg: Config) -> Config:
-    """`cfg` with every file path absolute, as the run found it (``train.resolve_path``: the
-    working directory, else the package's data): shards (URLs untouched), concept bank, teacher
-    checkpoint, init weights, out_dir. What config.yaml records, so that it still names the same
-    files from another directory."""
+    """`cfg` with every file path absolute, as the run found it
+    (:func:`~multieye_dist.core.resources.user_path`: the working directory, else the package's
+    data): shards (URLs untouched), concept bank, teacher checkpoint, init weights, out_dir. What
+    config.yaml records, so that it still names the same files from another directory."""
     import dataclasses
     import os
 
     from multieye_dist.data.remote import is_url
-    from multieye_dist.train import resolve_path  # the project's one rule for relative paths
 
     def absolute(path: str | None) -> str | None:
-        return path if not path or is_url(path) else os.path.abspath(resolve_path(path))
+        return path if not path or is_url(path) else os.path.abspath(user_path(path))
 
     return dataclasses.replace(
         cfg,

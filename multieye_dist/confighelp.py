@@ -2,11 +2,12 @@
 
 The help text has one source, the comments the config's owners already write next to the
 dataclass fields (:mod:`multieye_dist.config`, and the sections it reuses from
-:mod:`multieye_dist.model` and :mod:`multieye_dist.tracking`): :func:`field_help` reads them
-from the classes' source once (:mod:`ast` for where each field is, :mod:`tokenize` for the
-comments), so nothing is written twice and the sections need no extra metadata. A field's help
-is its trailing comment, else the comment block right above it, else the sentence of the class
-docstring that names it in double backquotes; its first sentence is the one line shown.
+:mod:`multieye_dist.model.concept_model` and :mod:`multieye_dist.track.tracking`):
+:func:`field_help` reads them from the classes' source once (:mod:`ast` for where each field is,
+:mod:`tokenize` for the comments), so nothing is written twice and the sections need no extra
+metadata. A field's help is its trailing comment, else the comment block right above it, else the
+sentence of the class docstring that names it in double backquotes; its first sentence is the one
+line shown.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from multieye_dist.sections import is_section
+from multieye_dist.core.sections import is_section
 
 __all__ = ["KeyInfo", "describe", "field_help", "render", "type_name"]
 

@@ -4,8 +4,8 @@ teacher (until its dev F1 stops improving) -> three fundus students on the same 
 fundus batches (fundus-only, OCT-CoDA, and OCT-CoDA from the oracle teacher: the positive
 control) -> a table of test F1, concept AUC, gate and contrastive term -> one explanation.
 
-Every stage goes through the same :func:`multieye_dist.train.run` that the cluster runs (a world
-of one, CPU). The pieces (:func:`make_students_data`, :func:`make_pool`, :func:`pretrain`,
+Every stage goes through the same :func:`multieye_dist.train.loop.run` that the cluster runs (a
+world of one, CPU). The pieces (:func:`make_students_data`, :func:`make_pool`, :func:`pretrain`,
 :func:`student_overrides`, :func:`distill_diagnostics`, ``ARMS``) are also what
 ``benchmarks/efficacy.py`` runs, over data families, banks, weights, label budgets, seeds and
 arms. Outputs under ``--out`` (default ``runs/demo``).
@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from multieye_dist.atomic import write_text
 from multieye_dist.config import load_config
-from multieye_dist.resources import packaged
+from multieye_dist.core.atomic import write_text
+from multieye_dist.core.resources import packaged
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,10 @@ DEMO_CONFIG = packaged("configs/demo.yaml")  # package data: the demo runs from 
 
 # The student arms a study can run: name -> overrides of the distill stage. The controls are
 # OCT-CoDA with the teacher's knowledge removed (gate-never), scrambled across classes (permuted
-# teacher) or let in at every step (gate-open), and the oracle teachers (multieye_dist.oracle):
-# the partners' true findings (oracle: the positive control), their class's finding rates
-# (oracle-class), another class's findings (oracle-permuted) or findings that mean nothing
-# (oracle-shuffled: the negative controls).
+# teacher) or let in at every step (gate-open), and the oracle teachers
+# (multieye_dist.model.oracle): the partners' true findings (oracle: the positive control), their
+# class's finding rates (oracle-class), another class's findings (oracle-permuted) or findings that
+# mean nothing (oracle-shuffled: the negative controls).
 ARMS: dict[str, tuple[str, ...]] = {
     "fundus-only": ("loss.name=fundus-only",),
     "OCT-CoDA": ("loss.name=octcoda", "loss.variant=paper"),
@@ -164,7 +164,7 @@ def make_pool(
 
 def train_stage(name: str, out_dir: Path, overrides: list[str], quiet: bool = False) -> dict:
     """One training run of the demo config (its previous output removed first)."""
-    from multieye_dist.train import run
+    from multieye_dist.train.loop import run
 
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = load_config(DEMO_CONFIG, [f"train.out_dir={out_dir}", *overrides])
@@ -247,7 +247,7 @@ def distill_diagnostics(run_dir: Path, batch_size: int) -> dict[str, float | Non
     (the share of steps the gate let distillation in) and of ``train/contrastive`` over the
     logged intervals, and the contrastive term's chance value, log(2B - 1): its value when
     every anchor's logits are equal (B fundus and B OCT anchors). None for a run without them."""
-    from multieye_dist.tracking import read_metrics
+    from multieye_dist.track.records import read_metrics
 
     records = read_metrics(run_dir)
 
@@ -371,9 +371,9 @@ def run_demo(
 
 
 def _explain_one(out: Path, checkpoint: Path) -> None:
-    from multieye_dist.checkpoint import load_inference
     from multieye_dist.data.layout import read_split
-    from multieye_dist.explain import explain_images
+    from multieye_dist.model.checkpoint import load_inference
+    from multieye_dist.model.explain import explain_images
 
     model, meta = load_inference(checkpoint)
     sample = read_split(out / "raw", "fundus", "test", seen={})[0][0]

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from multieye_dist.cli import add_convert_options, convert_options
-from multieye_dist.cluster import SlurmOptions, add_dependency, make_executor
+from multieye_dist.cluster.submit import SlurmOptions, add_dependency, make_executor
 from multieye_dist.data.layout import LayoutError
 from multieye_dist.data.shards import (
     ConversionError,

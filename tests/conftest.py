@@ -46,9 +46,9 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     """An (untrained) OCT teacher export: distillation only needs a frozen model to read."""
     import torch
 
-    from multieye_dist.checkpoint import export_inference
-    from multieye_dist.concepts import load_bank
-    from multieye_dist.model import ConceptModel, ModelConfig
+    from multieye_dist.model.checkpoint import export_inference
+    from multieye_dist.model.concept_model import ConceptModel, ModelConfig
+    from multieye_dist.model.concepts import load_bank
 
     bank, sentences, _ = load_bank(
         Path(__file__).resolve().parents[1] / "multieye_dist/configs/concepts/minilm-l6.safetensors"

@@ -172,7 +172,7 @@ def sacct_state(job_id: str) -> str:
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    from multieye_dist.tracking import read_metrics
+    from multieye_dist.track.records import read_metrics
 
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
 
@@ -317,6 +317,6 @@ def shipped_by_value(module, obj, code: str, cwd: Path) -> str:
 
 def train_steps(run_dir: Path) -> list[int]:
     """The steps of a run's metrics.jsonl that logged a training loss, in order."""
-    from multieye_dist.tracking import read_metrics
+    from multieye_dist.track.records import read_metrics
 
     return [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]

@@ -1,4 +1,4 @@
-"""multieye_dist.atomic, the one file writer: umask permissions, no temporary file left behind,
+"""multieye_dist.core.atomic, the one file writer: umask permissions, no temporary file left behind,
 the old file intact after a failed rewrite; and each kind of writer that goes through it."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from multieye_dist import atomic
-from multieye_dist.atomic import is_temp_name, open_atomic, temp_files, write_bytes, write_text
+from multieye_dist.core import atomic
+from multieye_dist.core.atomic import is_temp_name, open_atomic, temp_files, write_bytes, write_text
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002], ids=["umask022", "umask077", "umask002"])
@@ -146,7 +146,7 @@ def test_file_and_directory_are_fsynced_unless_told(tmp_path, monkeypatch):
 
 
 def _tiny_model():
-    from multieye_dist.model import ConceptModel, ModelConfig
+    from multieye_dist.model.concept_model import ConceptModel, ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="test_resnet")
@@ -155,7 +155,7 @@ def _tiny_model():
 
 
 def test_safetensors_export_mode_and_clean(tmp_path, umask):
-    from multieye_dist.checkpoint import export_inference, load_inference
+    from multieye_dist.model.checkpoint import export_inference, load_inference
 
     model, cfg = _tiny_model()
     path = tmp_path / "best.safetensors"
@@ -166,7 +166,7 @@ def test_safetensors_export_mode_and_clean(tmp_path, umask):
 
 
 def test_concept_bank_mode_and_clean(tmp_path, umask):
-    from multieye_dist.concepts import load_bank, save_bank
+    from multieye_dist.model.concepts import load_bank, save_bank
 
     path = tmp_path / "bank.safetensors"
     save_bank(path, torch.nn.functional.normalize(torch.randn(3, 5), dim=1), ["a", "b", "c"])
@@ -208,7 +208,7 @@ def test_deepspeed_checkpoint_files_mode_clean_and_failed_save(tmp_path, umask):
         TorchCheckpointEngine,
     )
 
-    from multieye_dist.engine import _safe_checkpoint_engine
+    from multieye_dist.train.engine import _safe_checkpoint_engine
 
     safe = _safe_checkpoint_engine(TorchCheckpointEngine())
     path = tmp_path / "mp_rank_00_model_states.pt"
@@ -250,10 +250,10 @@ def test_resolved_config_mode_and_clean(tmp_path, umask):
 
 
 def test_eval_json_mode_and_clean(synth_root, tmp_path):
-    from multieye_dist.checkpoint import export_inference
     from multieye_dist.cli import main
     from multieye_dist.data.preprocess import Preprocess
     from multieye_dist.data.shards import ConvertOptions, convert
+    from multieye_dist.model.checkpoint import export_inference
 
     shards = tmp_path / "shards"
     opts = ConvertOptions(

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from multieye_dist import concepts
-from multieye_dist.concepts import (
+from multieye_dist.model import concepts
+from multieye_dist.model.concepts import (
     ConceptBankError,
     encode,
     encode_main,

@@ -20,7 +20,7 @@ from multieye_dist.config import (
     save_resolved,
     to_dict,
 )
-from multieye_dist.model import ModelConfig as ModelModelConfig
+from multieye_dist.model.concept_model import ModelConfig as ModelModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "multieye_dist" / "configs"
 

@@ -168,7 +168,7 @@ def test_run_outputs_follow_umask_022(console_run):
 
 
 def test_config_and_export_follow_umask_077(tmp_path, teacher_ckpt):
-    from multieye_dist.checkpoint import export_inference, load_inference
+    from multieye_dist.model.checkpoint import export_inference, load_inference
 
     old = os.umask(0o077)
     try:
@@ -251,7 +251,7 @@ def test_eval_and_explain_run_on_the_auto_device(console_run, shards, synth_root
 
 
 def test_data_wait_is_the_time_spent_waiting_for_batches():
-    from multieye_dist.train import Clock
+    from multieye_dist.train.loop import Clock
 
     def slow_loader():
         for i in range(3):
@@ -265,7 +265,7 @@ def test_data_wait_is_the_time_spent_waiting_for_batches():
 
 
 def test_deepspeed_compile_is_announced_only_when_not_built(tmp_path, monkeypatch):
-    from multieye_dist.engine import jit_builds_pending
+    from multieye_dist.train.engine import jit_builds_pending
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     pending = jit_builds_pending()

@@ -151,7 +151,7 @@ def test_stack_native_brings_mixed_batches_to_one_size():
 
 
 def _train_two_steps(rank: int, world: int, overrides: list[str]) -> None:
-    from multieye_dist.train import run
+    from multieye_dist.train.loop import run
 
     summary = run(load_config(None, overrides))
     assert summary["stopped"] and summary["step"] == 2, summary
@@ -160,7 +160,7 @@ def _train_two_steps(rank: int, world: int, overrides: list[str]) -> None:
 @pytest.mark.slow
 def test_training_with_the_device_augmentation(shard_dir, tmp_path):
     """Shards stored at 40 px train at 32 px with the release's augmentation on the device."""
-    from multieye_dist.tracking import read_metrics
+    from multieye_dist.track.records import read_metrics
 
     out = tmp_path / "run"
     overrides = tiny_overrides(

@@ -22,7 +22,7 @@ from helpers import free_port, run_ranks, tiny_overrides, train_losses
 
 from multieye_dist.config import ConfigError, DataConfig, load_config
 from multieye_dist.data.stream import PairedTrainStream, ShardSet, StreamConfig, make_loader
-from multieye_dist.tracking import read_metrics
+from multieye_dist.track.records import read_metrics
 
 CFG = StreamConfig.from_data(
     DataConfig(),
@@ -91,7 +91,7 @@ def _train_ranks(rank: int, world: int, overrides: list[str], keys_dir: str) -> 
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
     )  # fmt: skip
-    import multieye_dist.train as T
+    import multieye_dist.train.loop as T
 
     step = T.train_step
     log = Path(keys_dir) / f"rank{rank}.jsonl"
@@ -198,7 +198,7 @@ def _checkpoint(tmp_path: Path, identity: dict, world: int | None) -> Path:
 
 
 def test_a_resume_that_changes_the_optimizer_step_says_which_settings_fit(tmp_path):
-    from multieye_dist.train import PER_STEP, check_resume
+    from multieye_dist.train.loop import PER_STEP, check_resume
 
     ckpt = _checkpoint(tmp_path, {"data.batch_size": 4, PER_STEP: 4}, world=2)
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -210,7 +210,7 @@ def test_a_resume_that_changes_the_optimizer_step_says_which_settings_fit(tmp_pa
 
 
 def test_a_checkpoint_from_before_elastic_resume_needs_its_own_ranks(tmp_path):
-    from multieye_dist.train import PER_STEP, check_resume
+    from multieye_dist.train.loop import PER_STEP, check_resume
 
     old = {"data.batch_size": 4, "optim.grad_accum": 1, "ranks (WORLD_SIZE)": 2}
     ckpt = _checkpoint(tmp_path, old, world=None)
@@ -221,7 +221,7 @@ def test_a_checkpoint_from_before_elastic_resume_needs_its_own_ranks(tmp_path):
 
 
 def test_streams_are_kept_from_the_checkpoint_and_explicit_ones_checked(tmp_path):
-    from multieye_dist.train import resolve_streams
+    from multieye_dist.train.loop import resolve_streams
 
     cfg = load_config(None, ["data.num_workers=3", f"data.shards={tmp_path}"])
     assert resolve_streams(cfg, 2, {}) == 6  # ranks x workers at the start

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import run_ranks
 
-from multieye_dist import distributed as D
-from multieye_dist import engine as E
 from multieye_dist.config import DeepSpeedConfig, OptimConfig
-from multieye_dist.schedule import lr_at
-from multieye_dist.train import TrainState
+from multieye_dist.core import distributed as D
+from multieye_dist.train import engine as E
+from multieye_dist.train.loop import TrainState
+from multieye_dist.train.schedule import lr_at
 
 
 def test_schedule_warms_up_linearly_then_follows_the_cosine():
@@ -126,7 +126,7 @@ def test_deepspeed_config_follows_the_sections():
 def test_prune_checkpoints_keeps_the_newest_and_latest(tmp_path):
     import json
 
-    from multieye_dist.engine import LATEST, STATE_FILE, prune_checkpoints
+    from multieye_dist.train.engine import LATEST, STATE_FILE, prune_checkpoints
 
     for step in (5, 8, 16, 100):
         d = tmp_path / f"step{step:08d}"

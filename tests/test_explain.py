@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from multieye_dist.atomic import temp_files
-from multieye_dist.checkpoint import export_inference, load_inference
 from multieye_dist.cli import main
+from multieye_dist.core.atomic import temp_files
 from multieye_dist.data.classes import CLASS_NAMES
 from multieye_dist.data.layout import read_layout
-from multieye_dist.model import ConceptModel, ModelConfig
+from multieye_dist.model.checkpoint import export_inference, load_inference
+from multieye_dist.model.concept_model import ConceptModel, ModelConfig
 
 K, D = 12, 16
 SENTENCES = [f"concept number {i}" for i in range(K)]

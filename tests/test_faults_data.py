@@ -280,13 +280,13 @@ def test_keys_are_checked_around_samples_skipped_at_conversion(fresh_root, tmp_p
 
 
 def _model(teacher_ckpt: Path):
-    from multieye_dist.checkpoint import load_inference
+    from multieye_dist.model.checkpoint import load_inference
 
     return load_inference(teacher_ckpt)[0]
 
 
 def test_evaluation_result_carries_listed_scored_and_bad(shards, teacher_ckpt, tmp_path):
-    from multieye_dist.evaluation import evaluate_split
+    from multieye_dist.train.evaluation import evaluate_split
 
     model = _model(teacher_ckpt)
     kw = dict(image_size=SIZE, batch_size=8, device=CPU)
@@ -303,7 +303,7 @@ def test_evaluation_result_carries_listed_scored_and_bad(shards, teacher_ckpt, t
 def test_evaluation_counts_what_each_loader_worker_missed(shards, teacher_ckpt, tmp_path):
     """Two DataLoader worker processes read the one shard as two strided units; their counts
     travel with their batches."""
-    from multieye_dist.evaluation import evaluate_split
+    from multieye_dist.train.evaluation import evaluate_split
 
     d = _copy(shards, tmp_path, "oct-dev-000000.tar", "oct-dev.manifest.json")
     _cut(d / "oct-dev-000000.tar", 11)
@@ -317,7 +317,7 @@ def test_evaluation_counts_what_each_loader_worker_missed(shards, teacher_ckpt, 
 def test_evaluation_refuses_a_total_its_shards_do_not_give(shards, teacher_ckpt, tmp_path):
     """A remote manifest is taken as served (multieye_dist/data/remote.py): one whose total
     exceeds its shards' is caught where the scores are counted."""
-    from multieye_dist.evaluation import evaluate_split
+    from multieye_dist.train.evaluation import evaluate_split
 
     d = _copy(shards, tmp_path, "oct-dev-000000.tar", "oct-dev.manifest.json")
     path = d / "oct-dev.manifest.json"

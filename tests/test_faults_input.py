@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from multieye_dist.atomic import is_temp_name
 from multieye_dist.cli import build_parser, main
+from multieye_dist.core.atomic import is_temp_name
 from multieye_dist.data.decode import decode_pil, decode_uint8
 from multieye_dist.data.layout import (
     LayoutError,

@@ -21,12 +21,12 @@ import pytest
 import torch
 from helpers import tiny_overrides
 
-from multieye_dist import engine as E
-from multieye_dist.atomic import is_temp_name, open_atomic, remove_temp_files, write_bytes
 from multieye_dist.cli import EXIT_IOERR, EXIT_USAGE, main
+from multieye_dist.core.atomic import is_temp_name, open_atomic, remove_temp_files, write_bytes
 from multieye_dist.data.preprocess import Preprocess
 from multieye_dist.data.shards import PROGRESS_DIR, ConversionError, ConvertOptions, convert
 from multieye_dist.data.verify import verify
+from multieye_dist.train import engine as E
 
 NOBODY = 65534
 
@@ -110,7 +110,7 @@ def _killed_writer(target: Path) -> Path:
     temporary file it leaves behind."""
     code = (
         "import os, signal, sys\n"
-        "from multieye_dist.atomic import open_atomic\n"
+        "from multieye_dist.core.atomic import open_atomic\n"
         "with open_atomic(sys.argv[1], 'wb') as fh:\n"
         "    fh.write(b'half of it'); fh.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -255,8 +255,8 @@ def public_dir():
 
 
 def test_eval_of_an_unreadable_checkpoint_exits_74(public_dir, teacher_ckpt, as_nobody, capsys):
-    import multieye_dist.evaluation  # noqa: F401  imported as root
-    import multieye_dist.metrics  # noqa: F401
+    import multieye_dist.track.metrics  # noqa: F401
+    import multieye_dist.train.evaluation  # noqa: F401  imported as root
 
     ckpt = public_dir / "best.safetensors"  # nobody reaches it, but may not read it
     shutil.copy(teacher_ckpt, ckpt)
@@ -379,7 +379,7 @@ class FakeDeepSpeed:
         self.loaded: str | None = None
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest) -> bool:
-        from multieye_dist.distributed import barrier
+        from multieye_dist.core.distributed import barrier
 
         ce, tag_dir = self.checkpoint_engine, Path(save_dir) / tag
         ce.makedirs(str(tag_dir), exist_ok=True)
@@ -441,7 +441,7 @@ def test_damaged_latest_falls_back_to_the_newest_whole_checkpoint(damage, tmp_pa
     assert (ckpt / E.LATEST).read_text() == three.name and E.checkpoint_problem(three) is None
     do, reason = DAMAGE[damage]
     do(three)
-    with caplog.at_level(logging.WARNING, logger="multieye_dist.engine"):
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.train.engine"):
         assert E.find_checkpoint("auto", ckpt) == two
     assert f"{three} is damaged: " in caplog.text
     assert __import__("re").search(reason, caplog.text), caplog.text
@@ -456,7 +456,7 @@ def test_damaged_latest_file_and_all_damaged(tmp_path, caplog):
     ckpt = tmp_path / "checkpoints"
     one, two = _save(ckpt, 1), _save(ckpt, 2)
     (ckpt / E.LATEST).write_text("../../etc")
-    with caplog.at_level(logging.WARNING, logger="multieye_dist.engine"):
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.train.engine"):
         assert E.find_checkpoint("auto", ckpt) == two
     assert "latest is damaged (it names '../../etc'" in caplog.text
     (ckpt / E.LATEST).unlink()
@@ -485,7 +485,7 @@ def test_a_checkpoint_that_fails_to_load_falls_back_with_a_warning(tmp_path, cap
     (two / E.STATE_FILE).write_text(json.dumps(state))
     assert E.checkpoint_problem(two) is None
     engine = FakeDeepSpeed()
-    with caplog.at_level(logging.WARNING, logger="multieye_dist.engine"):
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.train.engine"):
         path = E.find_checkpoint("auto", ckpt)
         state = E.load_checkpoint(engine, path)
     assert path == two and engine.loaded == "step00000001" and state == {"step": 1}
@@ -518,7 +518,7 @@ def _save_ranks(rank: int, world: int, ckpt: Path) -> None:
     """Rank 1 cannot write its ZeRO file (`latest`, a file, stands where its directory would
     be): every rank raises, rank 1 its own error naming the file, rank 0 that another rank
     failed; `latest` and the previous checkpoint are untouched, the half-saved one is gone."""
-    from multieye_dist.distributed import barrier
+    from multieye_dist.core.distributed import barrier
 
     engine = FakeDeepSpeed(rank, world, zero_dir=ckpt / E.LATEST if rank == 1 else None)
     with pytest.raises(Exception) as info:

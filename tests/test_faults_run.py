@@ -24,14 +24,14 @@ import pytest
 import torch
 from helpers import free_port, load_script, until
 
-from multieye_dist.checkpoint import export_inference
 from multieye_dist.cli import main
-from multieye_dist.cluster import Interrupted
-from multieye_dist.concepts import load_bank, save_bank
 from multieye_dist.config import ConfigError, check_world, load_config
-from multieye_dist.model import ConceptModel, ModelConfig
-from multieye_dist.runlock import LOCK_FILE, RunLocked, acquire, holder
-from multieye_dist.tracking import read_metrics
+from multieye_dist.core.runlock import LOCK_FILE, RunLocked, acquire, holder
+from multieye_dist.model.checkpoint import export_inference
+from multieye_dist.model.concept_model import ConceptModel, ModelConfig
+from multieye_dist.model.concepts import load_bank, save_bank
+from multieye_dist.track.records import read_metrics
+from multieye_dist.train.signals import Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 BANK = ROOT / "multieye_dist" / "configs" / "concepts" / "minilm-l6.safetensors"
@@ -153,7 +153,7 @@ def test_train_batch_size_in_deepspeed_extra_must_match_the_ranks():
 
 _HOLD = (
     "import os, signal, sys, time\n"
-    "from multieye_dist.runlock import acquire\n"
+    "from multieye_dist.core.runlock import acquire\n"
     "lock = acquire(sys.argv[1])\n"
     "print('locked', flush=True)\n"
     "if sys.argv[2] == 'die':\n"
@@ -194,7 +194,7 @@ def test_stale_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_path, c
     proc = _holder(run_dir, "die")
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == proc.pid  # left behind
-    with caplog.at_level(logging.WARNING, logger="multieye_dist.runlock"):
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.core.runlock"):
         lock = acquire(run_dir)
     (record,) = caplog.records
     assert f"taking over a stale lock of host {socket.gethostname()}, pid {proc.pid}" in (
@@ -221,11 +221,11 @@ def test_stop_flag_takes_sigterm_then_aborts_on_a_second_sigint(caplog):
     """The flag of `multieye-dist train`: SIGTERM is recorded (and logged at the loop's poll,
     not in the handler); a SIGINT after it raises KeyboardInterrupt and leaves SIGINT's default
     action for a third; the previous handlers come back after."""
-    from multieye_dist.cluster import StopFlag, handle_stop_signals
+    from multieye_dist.train.signals import StopFlag, handle_stop_signals
 
     before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
     flag = StopFlag()
-    with caplog.at_level(logging.WARNING, logger="multieye_dist.cluster"):
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.cluster.submit"):
         with handle_stop_signals(flag):
             _deliver(signal.SIGTERM)
             assert (flag.name, caplog.records) == ("SIGTERM", [])
@@ -522,7 +522,7 @@ def test_divergence_is_stopped_by_the_guard_across_epochs(shards, tmp_path):
 def test_interrupted_is_a_quiet_exit_with_the_signal_status():
     """What a stop signal ends the process with: a SystemExit (no traceback) of 128 + signal."""
     code = (
-        "import signal\nfrom multieye_dist.cluster import Interrupted\n"
+        "import signal\nfrom multieye_dist.train.signals import Interrupted\n"
         "raise Interrupted(128 + signal.SIGTERM)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -23,16 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from multieye_dist import cli
-from multieye_dist.checkpoint import load_inference
-from multieye_dist.concepts import load_bank, save_bank
-from multieye_dist.importers import (
+from multieye_dist.model.checkpoint import load_inference
+from multieye_dist.model.concept_model import ConceptModel, ModelConfig
+from multieye_dist.model.concepts import load_bank, save_bank
+from multieye_dist.model.importers import (
     CheckpointImportError,
     StandIn,
     import_flair,
     import_release,
     read_checkpoint,
 )
-from multieye_dist.model import ConceptModel, ModelConfig
 
 K, D, HID = 98, 512, 32
 VOCAB = (

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from multieye_dist import resources
 from multieye_dist.cli import main
 from multieye_dist.config import ConfigError, load_config, to_dict
 from multieye_dist.confighelp import describe, field_help, render, type_name
-from multieye_dist.resources import find_config, find_packaged, packaged, user_path
-from multieye_dist.train import resolve_path
+from multieye_dist.core import resources
+from multieye_dist.core.resources import find_config, find_packaged, packaged, user_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "multieye_dist" / "configs"
@@ -64,12 +63,12 @@ def test_packaged_finds_the_shipped_files():
 def test_relative_paths_resolve_from_the_working_directory_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bank = "configs/concepts/minilm-l6.safetensors"
-    assert user_path(bank) == resolve_path(bank) == SHIPPED / "concepts" / "minilm-l6.safetensors"
+    assert user_path(bank) == SHIPPED / "concepts" / "minilm-l6.safetensors"
     (tmp_path / "configs" / "concepts").mkdir(parents=True)
     (tmp_path / bank).write_bytes(b"mine")
-    assert resolve_path(bank) == Path(bank)  # the user's own file wins
-    assert resolve_path("runs/none") == Path("runs/none")  # neither: unchanged, for the error
-    assert resolve_path(str(tmp_path / "abs")) == tmp_path / "abs"
+    assert user_path(bank) == Path(bank)  # the user's own file wins
+    assert user_path("runs/none") == Path("runs/none")  # neither: unchanged, for the error
+    assert user_path(str(tmp_path / "abs")) == tmp_path / "abs"
 
 
 # ----------------------------------------------------------------------------- --config
@@ -248,8 +247,8 @@ def test_config_show_defaults_and_the_help_source():
     by_key = {r.key: r for r in rows}
     assert by_key["concepts.bank"].value == "configs/concepts/minilm-l6.safetensors"
     assert by_key["concepts.bank"].help == "concept bank (concepts.save_bank)"
-    # the comments in config.py are the one source: edit one and the help follows
-    source = (ROOT / "multieye_dist" / "config.py").read_text()
+    # the comments beside the fields are the one source: edit one and the help follows
+    source = (ROOT / "multieye_dist" / "data" / "config.py").read_text()
     assert "max_bad_fraction: float = 0.01  # corrupt samples tolerated before the run stops" in (
         source
     )

@@ -1,5 +1,5 @@
-"""Tests for multieye_dist.kernels: the fused Triton distillation step against the float64
-reference of multieye_dist.losses, on CPU under triton's interpreter (TRITON_INTERPRET=1).
+"""Tests for multieye_dist.model.kernels: the fused Triton distillation step against the float64
+reference of multieye_dist.model.losses, on CPU under triton's interpreter (TRITON_INTERPRET=1).
 
 Every check draws fresh random inputs from a seed printed in its failure message; set
 MULTIEYE_TEST_SEED=<seed> to replay one. The interpreter is slow, so shapes are small (B <= 40,
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from kernelcheck import NAMES, TOL, assert_close, fresh_seed, interpreter, rel_err  # noqa: F401
 
-from multieye_dist.kernels import (
+from multieye_dist.model.kernels import (
     LaunchConfig,
     fused_distill,
     interpret_mode,
@@ -28,7 +28,7 @@ from multieye_dist.kernels import (
     resolve_impl,
     triton_available,
 )
-from multieye_dist.losses import contrastive_loss, octcoda_loss, prototype_loss
+from multieye_dist.model.losses import contrastive_loss, octcoda_loss, prototype_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ["random", "missing", "single_class", "singletons", "disjoint", "one_pair"]
@@ -291,8 +291,8 @@ def test_cuda_fused_loss_in_a_training_step(
     cancellation (5 % apart on the CPU), so all gradients together agree to 3e-2."""
     import copy
 
-    from multieye_dist.concepts import load_bank
-    from multieye_dist.model import ConceptModel, FrozenTeacher, ModelConfig
+    from multieye_dist.model.concept_model import ConceptModel, FrozenTeacher, ModelConfig
+    from multieye_dist.model.concepts import load_bank
 
     monkeypatch.delenv("TRITON_INTERPRET")  # the kernel module re-imports itself compiled
     seed = fresh_seed()
@@ -478,7 +478,7 @@ def test_import_without_triton() -> None:
     the Triton implementation is then a clear error."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import torch, multieye_dist.kernels as k\n"
+        "import torch, multieye_dist.model.kernels as k\n"
         "assert not k.triton_available()\n"
         "assert k.resolve_impl('auto', torch.device('cuda')) == 'torch'\n"
         "try:\n"

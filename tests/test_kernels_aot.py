@@ -1,7 +1,7 @@
 """The fused distillation kernels compile for real GPUs, on this machine without one: every
 Triton kernel ahead of time for sm_90 (H100/H200) and sm_80 (A100) with the wheel's ptxas, at
 the tile sizes LaunchConfig picks on a GPU, from the launches the host code makes
-(multieye_dist.kernels.aot). The compiled metadata is checked against the chip: shared memory
+(multieye_dist.model.kernels.aot). The compiled metadata is checked against the chip: shared memory
 per block within its limit, 16-bit dots on the tensor cores. Registers and spills are printed
 (``pytest -s``, or ``benchmarks/aot_report.py``), not asserted: see BENCHMARKS.md.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multieye_dist.kernels import LaunchConfig, triton_available
+from multieye_dist.model.kernels import LaunchConfig, triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -39,7 +39,7 @@ def _compiled_mode(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("k", [98, 256])
 def test_one_step_launches_every_kernel_with_gpu_tiles(dtype: torch.dtype, k: int) -> None:
-    from multieye_dist.kernels import aot
+    from multieye_dist.model.kernels import aot
 
     launches = aot.record_launches(dtype, k)
     assert sorted(la.kernel for la in launches) == aot.kernel_names() == [
@@ -62,7 +62,7 @@ def test_one_step_launches_every_kernel_with_gpu_tiles(dtype: torch.dtype, k: in
 def test_specialisation_follows_the_jit() -> None:
     """Integers equal to 1 are constants, multiples of 16 and aligned pointers are marked; and,
     where this triton exposes its own specialiser, ours agrees with it on every argument."""
-    from multieye_dist.kernels import aot
+    from multieye_dist.model.kernels import aot
 
     launches = {la.kernel: la for la in aot.record_launches(torch.bfloat16, 98)}
     with aot._compiled_module() as mod:
@@ -96,7 +96,7 @@ def test_specialisation_follows_the_jit() -> None:
 
 @pytest.mark.parametrize(("arch", "dtype", "k"), CASES)
 def test_kernels_compile_for_the_gpu(arch: int, dtype: torch.dtype, k: int) -> None:
-    from multieye_dist.kernels import aot
+    from multieye_dist.model.kernels import aot
 
     name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     rows = [aot.compile_launch(la, arch, dtype=name, k=k) for la in aot.record_launches(dtype, k)]
@@ -113,7 +113,7 @@ def test_global_scope_launches_compile_for_the_gpu(arch: int) -> None:
     """The global contrastive scope runs the same three kernels over every rank's candidates
     (M = this rank's 2B plus the peers', this rank's rows from ROW0 on; constexpr GLOBAL): its
     launches, as a rank > 0 makes them, compile with the same checks (bf16, K = 98)."""
-    from multieye_dist.kernels import aot
+    from multieye_dist.model.kernels import aot
 
     peers = 3 * 2 * aot.BATCH  # three more ranks of BATCH samples (2 anchors per sample)
     launches = aot.record_launches(torch.bfloat16, 98, peers=peers)
@@ -129,7 +129,7 @@ def test_global_scope_launches_compile_for_the_gpu(arch: int) -> None:
 
 
 def test_problems_names_what_the_chip_cannot_run() -> None:
-    from multieye_dist.kernels import aot
+    from multieye_dist.model.kernels import aot
 
     ok = aot.Compiled(
         kernel="_sims_kernel", arch=90, dtype="bf16", k=98, tiles={"BLOCK_M": 64},

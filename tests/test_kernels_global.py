@@ -1,6 +1,6 @@
 """Tests for the global contrastive scope of the fused Triton kernel
 (``fused_distill(scope="global")``), on CPU under triton's interpreter (TRITON_INTERPRET=1),
-against the float64 PyTorch global scope of multieye_dist.losses.
+against the float64 PyTorch global scope of multieye_dist.model.losses.
 
 Two spawned gloo ranks with ragged batch sizes run every label scenario in fp32 and bf16; one
 process checks the world-1 case (global == local) and the one-process stand-in for other ranks
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from helpers import run_ranks
 from kernelcheck import TOL, assert_close, fresh_seed, interpreter  # noqa: F401
 
-from multieye_dist.kernels import SimulatedPeers, fused_distill, triton_available
-from multieye_dist.losses import contrastive_loss, prototype_loss, supcon_loss
+from multieye_dist.model.kernels import SimulatedPeers, fused_distill, triton_available
+from multieye_dist.model.losses import contrastive_loss, prototype_loss, supcon_loss
 
 # Scenarios of labels across the ranks: "random"; "rank_classes" (each rank its own classes:
 # the other rank's anchors are negatives only); "cross_only" (a class appears once per rank:
@@ -176,7 +176,7 @@ def test_global_scope_matches_pytorch_on_two_gloo_ranks() -> None:
 def _octcoda_worker(rank: int, world: int, seed: int) -> None:
     """octcoda_loss_fused(contrastive_scope="global") against octcoda_loss's global scope, with
     the gate open on one rank and closed on the other (the collectives must still pair up)."""
-    from multieye_dist.kernels import octcoda_loss_fused
+    from multieye_dist.model.kernels import octcoda_loss_fused
 
     inp = rank_inputs(seed, "random", rank, world, torch.float32)
     b, nc = inp["student_emb"].shape[0], inp["num_classes"]
@@ -300,7 +300,7 @@ def test_cuda_compiled_global_scope(dtype: torch.dtype, monkeypatch: pytest.Monk
 
 def test_scope_errors_and_config_choice() -> None:
     from multieye_dist.config import LossConfig
-    from multieye_dist.objectives import resolve_loss_impl
+    from multieye_dist.train.objectives import resolve_loss_impl
 
     inp = rank_inputs(fresh_seed(), "random", 0, 1, torch.float32)
     args = [inp[n] for n in ("student_emb", "teacher_emb", "concepts")]

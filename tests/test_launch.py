@@ -27,7 +27,8 @@ from helpers import (
 )
 
 from multieye_dist.config import load_config
-from multieye_dist.tracking import RUN_ID_FILE, Tracker, read_run_id
+from multieye_dist.track.records import RUN_ID_FILE, read_run_id
+from multieye_dist.track.tracking import Tracker
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

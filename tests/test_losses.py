@@ -1,4 +1,4 @@
-"""Tests for multieye_dist.losses.
+"""Tests for multieye_dist.model.losses.
 
 Every term is checked against an independent float64 brute-force reference written with Python
 loops and math.exp/log (no vectorised torch), and the "official" variant against a separate
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from helpers import run_ranks
 
-from multieye_dist import losses as L
-from multieye_dist.losses import (
+from multieye_dist.model import losses as L
+from multieye_dist.model.losses import (
     LossOutput,
     contrastive_loss,
     fundus_only_loss,

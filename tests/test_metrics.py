@@ -1,4 +1,5 @@
-"""multieye_dist.metrics against independent computations (plain loops, hand-worked numbers)."""
+"""multieye_dist.track.metrics against independent computations (plain loops, hand-worked
+numbers)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from multieye_dist.metrics import evaluate, format_table, to_log_dict
+from multieye_dist.track.metrics import evaluate, format_table, to_log_dict
 
 # --- independent reference computations (plain Python loops, no sklearn) ---------------------
 

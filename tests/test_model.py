@@ -1,4 +1,5 @@
-"""Tests for multieye_dist.model: the concept model, the frozen teacher, weight loading."""
+"""Tests for multieye_dist.model.concept_model: the concept model, the frozen teacher, weight
+loading."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from multieye_dist.model import (
+from multieye_dist.model.concept_model import (
     ConceptModel,
     FrozenTeacher,
     ModelConfig,
@@ -307,7 +308,7 @@ def test_load_backbone_weights(tmp_path, r18_source, fmt, caplog):
         save_file({f"backbone.{k}": v for k, v in r18_source.items()}, str(path))
     model = make(seed=0)
     assert not torch.equal(model.backbone.conv1.weight, r18_source["conv1.weight"])
-    with caplog.at_level(logging.WARNING, logger="multieye_dist.model"):
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.model.concept_model"):
         result = load_backbone_weights(model, path)
     _assert_backbone_equals(model, r18_source)
     assert set(result.unexpected) == {"fc.weight", "fc.bias"}
@@ -328,7 +329,7 @@ def test_partial_weights_report_missing(tmp_path, r18_source, caplog):
     path = tmp_path / "part.pt"
     torch.save({k: v for k, v in r18_source.items() if not k.startswith("layer4")}, path)
     model = make(seed=0)
-    with caplog.at_level(logging.WARNING, logger="multieye_dist.model"):
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.model.concept_model"):
         result = load_backbone_weights(model, path)
     assert result.missing and all(k.startswith("layer4") for k in result.missing)
     assert "missing" in caplog.text
@@ -403,7 +404,7 @@ def test_param_groups_skip_frozen_and_no_weight_decay_names():
 
 def test_embeddings_give_the_same_logits_and_similarities():
     """forward(return_embeddings=True) is what the fused loss reads: sims = emb C^T."""
-    from multieye_dist.model import FrozenTeacher
+    from multieye_dist.model.concept_model import FrozenTeacher
 
     torch.manual_seed(0)
     bank = torch.nn.functional.normalize(torch.randn(7, 16), dim=-1)
@@ -444,7 +445,7 @@ def test_whole_model_init_loads_backbone_projection_and_heads(tmp_path, caplog):
     # another bank of the same shape: loaded with a warning, the run's bank kept
     other = dict(state, concepts=state["concepts"] + 1)
     save_file(other, str(path))
-    with caplog.at_level(logging.WARNING, logger="multieye_dist.model"):
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.model.concept_model"):
         model = make(seed=4, weights=str(path))
     assert "another concept bank" in caplog.text
     assert torch.equal(model.concepts, bank())

@@ -1,4 +1,4 @@
-"""The training objectives (multieye_dist.objectives): registry and config errors, what each
+"""The training objectives (multieye_dist.train.objectives): registry and config errors, what each
 objective computes, and the step's single host sync."""
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from helpers import random_batch, run_ranks, spawn_single
 
-from multieye_dist import distributed as D
-from multieye_dist import objectives as O
-from multieye_dist.concepts import load_bank
+from multieye_dist import config
 from multieye_dist.config import ConfigError, load_config
-from multieye_dist.losses import octcoda_loss
-from multieye_dist.model import ConceptModel, FrozenTeacher, ModelConfig
+from multieye_dist.core import distributed as D
+from multieye_dist.model.concept_model import ConceptModel, FrozenTeacher, ModelConfig
+from multieye_dist.model.concepts import load_bank
+from multieye_dist.model.losses import octcoda_loss
+from multieye_dist.train import objectives as O
 
 BANK = Path(__file__).resolve().parents[1] / "multieye_dist/configs/concepts/minilm-l6.safetensors"
 CPU = torch.device("cpu")
@@ -72,6 +73,8 @@ def test_unknown_name_or_variant_names_the_option_and_choices(overrides, match):
 
 def test_a_registered_objective_becomes_a_config_choice(monkeypatch):
     monkeypatch.setattr(O, "OBJECTIVES", {k: dict(v) for k, v in O.OBJECTIVES.items()})
+    choices = {k: dict(v) for k, v in config.OBJECTIVE_CHOICES.items()}
+    monkeypatch.setattr(config, "OBJECTIVE_CHOICES", choices)
     with pytest.raises(ConfigError, match="loss.name='toy'"):
         load_config(None, ["loss.name=toy"])
     O.register(ToyObjective)
@@ -185,7 +188,7 @@ def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _train_toy(rank: int, world: int, overrides: list[str]) -> None:
-    from multieye_dist.train import run
+    from multieye_dist.train.loop import run
 
     O.register(ToyObjective)  # in this process only: train.py is not touched
     run(load_config(None, overrides))
@@ -193,7 +196,7 @@ def _train_toy(rank: int, world: int, overrides: list[str]) -> None:
 
 @pytest.mark.slow
 def test_a_toy_objective_trains_without_touching_train_py(shards, tmp_path):
-    from multieye_dist.tracking import read_metrics
+    from multieye_dist.track.records import read_metrics
 
     out = tmp_path / "toy"
     over = _overrides(shards, out, "loss.name=toy", "train.stop_after_steps=2")
@@ -217,7 +220,7 @@ def _count_syncs_and_collectives(rank: int, world: int, overrides: list[str], ou
 
     import torch.distributed as dist
 
-    from multieye_dist import train
+    from multieye_dist.train import loop as train
 
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="1"
@@ -438,7 +441,7 @@ def _findings_model(seed: int = 0) -> ConceptModel:
 
 @pytest.mark.parametrize("kind", ["oracle", "oracle-class", "oracle-permuted", "oracle-shuffled"])
 def test_oracle_teacher_runs_through_the_octcoda_objective_from_the_partners_records(kind):
-    from multieye_dist.oracle import OracleTeacher
+    from multieye_dist.model.oracle import OracleTeacher
 
     cfg = _cfg(f"teacher.kind={kind}", f"concepts.bank={FINDINGS_BANK}", "train.seed=2")
     objective = O.build_objective(cfg, CPU)

@@ -1,5 +1,6 @@
-"""The oracle teachers (multieye_dist/oracle.py) and the concept readout (metrics.concept_auc):
-the controls of the efficacy study, checked against their definitions on fixed data."""
+"""The oracle teachers (multieye_dist/model/oracle.py) and the concept readout
+(metrics.concept_auc): the controls of the efficacy study, checked against their definitions on
+fixed data."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from multieye_dist.concepts import ConceptBankError, concept_findings
 from multieye_dist.data.synth import FINDING_PROBS, NUM_FINDINGS
-from multieye_dist.metrics import concept_auc, to_log_dict
-from multieye_dist.oracle import KINDS, OracleTeacher, finding_derangement
+from multieye_dist.model.concepts import ConceptBankError, concept_findings
+from multieye_dist.model.oracle import KINDS, OracleTeacher, finding_derangement
+from multieye_dist.track.metrics import concept_auc, to_log_dict
 
 META = [{"findings": [2, 3]}, {"findings": []}, {"findings": [1, 2, 6]}, {"findings": [7]}]
 LABELS = torch.tensor([3, 0, 8, 6])

@@ -16,7 +16,6 @@ import pytest
 from helpers import free_port
 from PIL import Image
 
-from multieye_dist.checkpoint import load_inference
 from multieye_dist.cli import main
 from multieye_dist.config import ConfigError, load_config
 from multieye_dist.data.classes import CLASS_NAMES, ClassNamesError
@@ -26,7 +25,8 @@ from multieye_dist.data.schema import ManifestError, load_manifest
 from multieye_dist.data.shards import ConversionError, ConvertOptions, convert
 from multieye_dist.data.stream import PairedTrainStream, ShardSet, StreamConfig
 from multieye_dist.data.verify import verify
-from multieye_dist.train import data_classes
+from multieye_dist.model.checkpoint import load_inference
+from multieye_dist.train.loop import data_classes
 
 CLASSES = ("drusen", "edema", "healthy")  # sorted: ImageFolder's label order
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import random_batch
 
-from multieye_dist.concepts import load_bank
 from multieye_dist.config import load_config
 from multieye_dist.data.prefetch import DevicePrefetcher
-from multieye_dist.losses import octcoda_loss
-from multieye_dist.model import ConceptModel, FrozenTeacher, ModelConfig
-from multieye_dist.objectives import build_objective
+from multieye_dist.model.concept_model import ConceptModel, FrozenTeacher, ModelConfig
+from multieye_dist.model.concepts import load_bank
+from multieye_dist.model.losses import octcoda_loss
+from multieye_dist.train.objectives import build_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 BANK = ROOT / "multieye_dist" / "configs" / "concepts" / "minilm-l6.safetensors"

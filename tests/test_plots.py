@@ -1,5 +1,5 @@
-"""Pictures (multieye_dist.plots): every PNG decodes at its exact pixel size; the inputs they are
-drawn from are checked before anything is written; a plotting failure at the end of a training
+"""Pictures (multieye_dist.track.plots): every PNG decodes at its exact pixel size; the inputs they
+are drawn from are checked before anything is written; a plotting failure at the end of a training
 is a warning, never a failed run."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 from helpers import spawn_single, tiny_overrides
 from PIL import Image
 
-from multieye_dist import plots
 from multieye_dist.cli import main
 from multieye_dist.data.classes import CLASS_NAMES
 from multieye_dist.data.layout import read_layout
+from multieye_dist.track import plots, records
 
 C = len(CLASS_NAMES)
 
@@ -64,8 +64,8 @@ def _records(n_per_class: int = 4, absent: int | None = None, seed: int = 0) -> 
 def _run_dir(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     _metrics(run)
-    plots.write_records(  # class 2 absent: its curves are missing, its legend entry is not
-        run / "eval" / f"test_last{plots.RECORDS_SUFFIX}",
+    records.write_records(  # class 2 absent: its curves are missing, its legend entry is not
+        run / "eval" / f"test_last{records.RECORDS_SUFFIX}",
         _records(absent=2),
         split="test",
         modality="fundus",
@@ -80,7 +80,7 @@ def _run_dir(tmp_path: Path) -> Path:
 def test_the_library_imports_without_matplotlib():
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"  # an import of it would now fail
-        "import multieye_dist.plots, multieye_dist.cli, multieye_dist.tracking\n"
+        "import multieye_dist.track.plots, multieye_dist.cli, multieye_dist.track.tracking\n"
         "from multieye_dist.cli import build_parser; build_parser()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -88,7 +88,7 @@ def test_the_library_imports_without_matplotlib():
 
 
 def test_a_replayed_step_keeps_its_later_value(tmp_path):
-    from multieye_dist.tracking import read_metrics
+    from multieye_dist.track.records import read_metrics
 
     _metrics(tmp_path / "run")
     series = plots.metric_series(read_metrics(tmp_path / "run"))
@@ -126,7 +126,7 @@ def test_plots_command_draws_curves_confusion_and_roc_pr(tmp_path, capsys):
 )  # fmt: skip
 def test_bad_records_are_named_and_nothing_is_drawn(tmp_path, capsys, damage, message):
     run = _run_dir(tmp_path)
-    path = run / "eval" / f"test_last{plots.RECORDS_SUFFIX}"
+    path = run / "eval" / f"test_last{records.RECORDS_SUFFIX}"
     doc = json.loads(path.read_text())
     damage(doc)
     path.write_text(json.dumps(doc))
@@ -169,15 +169,15 @@ def test_a_plotting_failure_after_training_is_a_warning(tmp_path, monkeypatch, c
 def test_evaluate_split_keeps_the_records_the_metrics_came_from(shards, teacher_ckpt, tmp_path):
     import torch
 
-    from multieye_dist.checkpoint import load_inference
-    from multieye_dist.evaluation import evaluate_split
-    from multieye_dist.metrics import evaluate
+    from multieye_dist.model.checkpoint import load_inference
+    from multieye_dist.track.metrics import evaluate
+    from multieye_dist.train.evaluation import evaluate_split
 
     model, _ = load_inference(teacher_ckpt)
-    path = tmp_path / "eval" / f"dev_last{plots.RECORDS_SUFFIX}"
+    path = tmp_path / "eval" / f"dev_last{records.RECORDS_SUFFIX}"
     kw = dict(image_size=32, batch_size=8, num_workers=0, device=torch.device("cpu"))
     result = evaluate_split(model, shards, "oct", "dev", records_path=path, **kw)
-    rec = plots.read_records(path)
+    rec = records.read_records(path)
     assert (rec.split, rec.modality, rec.class_names) == ("dev", "oct", list(CLASS_NAMES))
     assert len(rec.keys) == len(set(rec.keys)) == result["listed"]
     again = evaluate(rec.labels, rec.probs, rec.class_names)
@@ -238,7 +238,7 @@ def test_shards_preview_draws_a_grid_per_class(shards, tmp_path, capsys, split, 
 
 
 def test_a_picture_that_cannot_be_written_is_named_and_leaves_nothing(shards, tmp_path, capsys):
-    from multieye_dist.atomic import temp_files
+    from multieye_dist.core.atomic import temp_files
 
     (tmp_path / "file").write_text("a file, not a directory")
     out = tmp_path / "file" / "preview.png"
@@ -262,7 +262,7 @@ def test_shards_preview_names_the_missing_manifest(tmp_path, capsys):
 
 def _train_teacher(rank: int, world: int, overrides: list[str]) -> None:
     from multieye_dist.config import load_config
-    from multieye_dist.train import run
+    from multieye_dist.train.loop import run
 
     run(load_config(None, overrides))
 
@@ -276,7 +276,7 @@ def test_a_finished_training_leaves_its_records_and_pictures(shards, tmp_path):
     )
     spawn_single(_train_teacher, overrides)
     for name in ("dev_last", "test_best", "test_last"):
-        rec = plots.read_records(out / "eval" / f"{name}{plots.RECORDS_SUFFIX}")
+        rec = records.read_records(out / "eval" / f"{name}{records.RECORDS_SUFFIX}")
         assert rec.modality == "oct" and rec.split == name.split("_")[0]
         _png(out / "plots" / f"confusion_{name}.png", plots.CONFUSION_PX)
         _png(out / "plots" / f"roc_pr_{name}.png", plots.ROC_PR_PX)

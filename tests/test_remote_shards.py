@@ -151,9 +151,9 @@ def test_a_remote_location_streams_what_the_directory_streams(server, site, kind
 def test_evaluation_from_a_url_matches_the_directory(server, site, teacher_ckpt, tmp_path):
     """`multieye-dist eval --shards <url>` (the CLI keeps the URL a string) scores what the
     directory gives."""
-    from multieye_dist.checkpoint import load_inference
     from multieye_dist.cli import main
-    from multieye_dist.evaluation import evaluate_split
+    from multieye_dist.model.checkpoint import load_inference
+    from multieye_dist.train.evaluation import evaluate_split
 
     model, _ = load_inference(teacher_ckpt)
     kw = dict(image_size=SIZE, batch_size=8, num_workers=0, device=torch.device("cpu"))
@@ -231,7 +231,7 @@ def test_unsupported_locations_are_config_errors(location, why):
 
 
 def _train(rank: int, world: int, overrides: list[str]) -> None:
-    from multieye_dist.train import run
+    from multieye_dist.train.loop import run
 
     run(load_config(None, overrides))
 
@@ -241,7 +241,7 @@ def test_two_training_steps_from_the_server(server, teacher_ckpt, tmp_path):
     """OCT-CoDA (fundus and OCT partners, both over HTTP, one loader worker) in a spawned
     process of its own, as `multieye-dist train` runs; the server is this process's thread."""
 
-    from multieye_dist.tracking import read_metrics
+    from multieye_dist.track.records import read_metrics
 
     out = tmp_path / "run"
     overrides = tiny_overrides(

@@ -18,8 +18,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from multieye_dist.atomic import is_temp_name
 from multieye_dist.cli import main
+from multieye_dist.core.atomic import is_temp_name
 from multieye_dist.data.layout import (
     FINDINGS_FILE,
     SPLITS,

@@ -17,7 +17,7 @@ import pytest
 import submitit
 from helpers import sacct_state, until
 
-from multieye_dist.cluster import SlurmOptions, make_executor
+from multieye_dist.cluster.submit import SlurmOptions, make_executor
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from helpers import launch, sacct_field, sacct_state, slurm_tiny, train_losses, train_steps, until
 
-from multieye_dist.cluster import interface_towards, rendezvous
-from multieye_dist.tracking import RUN_ID_FILE
+from multieye_dist.cluster.submit import interface_towards, rendezvous
+from multieye_dist.track.records import RUN_ID_FILE
 
 SAMPLES = 2 * 128  # slurm_tiny: 2 epochs x 128 samples, batch 8 per rank
 

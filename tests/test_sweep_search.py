@@ -1,4 +1,4 @@
-"""Offline Bayesian sweeps (multieye_dist.search, launch/sweep.py): the W&B parameter spec
+"""Offline Bayesian sweeps (multieye_dist.cluster.search, launch/sweep.py): the W&B parameter spec
 mapped to optuna, bad specs named, the study's ask/tell and its pruning hook, which runs
 --resubmit-failed picks, --max-parallel; on the real Slurm cluster, a 12-trial sweep throttled
 to 3 tasks whose later trials are checked to come from the earlier ones' results."""
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import load_script, shipped_by_value, spawn_single, tiny_overrides, until
 
-from multieye_dist import search, sweeps
-from multieye_dist.sweeps import SweepError
+from multieye_dist.cluster import search, sweeps
+from multieye_dist.cluster.sweeps import SweepError
 
 optuna = pytest.importorskip("optuna")
 
@@ -352,8 +352,8 @@ def test_library_imports_without_optuna(tmp_path):
     says what to install."""
     code = (
         "import sys; sys.modules['optuna'] = None\n"
-        "import multieye_dist.cli, multieye_dist.train, multieye_dist.cluster\n"
-        "from multieye_dist import search, sweeps\n"
+        "import multieye_dist.cli, multieye_dist.train.loop, multieye_dist.cluster.submit\n"
+        "from multieye_dist.cluster import search, sweeps\n"
         f"spec = {SPEC!r}\n"
         "search.check_spec(spec)\n"
         "assert len(sweeps.expand({**spec, 'method': 'random'}, 3)) == 3\n"
@@ -375,7 +375,7 @@ def test_library_imports_without_optuna(tmp_path):
 
 def _pruned_run(rank: int, world: int, shards: str, out: str, calls: str) -> None:
     from multieye_dist.config import load_config
-    from multieye_dist.train import run
+    from multieye_dist.train.loop import run
 
     seen = []
 

@@ -22,19 +22,16 @@ import pytest
 from helpers import offline_runs, wandb_contents, wandb_exit_code
 
 from multieye_dist.config import Config, to_dict
-from multieye_dist.metrics import evaluate
-from multieye_dist.tracking import (
+from multieye_dist.track.metrics import evaluate
+from multieye_dist.track.records import (
     METRICS_FILE,
     RUN_ID_FILE,
     SUMMARY_FILE,
-    Tracker,
-    TrackerError,
-    TrackingConfig,
-    WandbConfig,
     read_metrics,
     read_run_id,
     write_run_id,
 )
+from multieye_dist.track.tracking import Tracker, TrackerError, TrackingConfig, WandbConfig
 
 FAKE_KEY = "fake-wandb-key-0123456789abcdef0123456789abcdef"
 
@@ -79,11 +76,12 @@ def _eval_result() -> dict:
 def test_import_and_inactive_paths_never_load_wandb(tmp_path):
     """A fresh interpreter: importing the module, a rank-1 W&B Tracker, a rank-0 Tracker with
     W&B disabled and one with the local backend all leave wandb unimported. The config section
-    comes from multieye_dist.tracking itself, not multieye_dist.config, because importing the
+    comes from multieye_dist.track.tracking itself, not multieye_dist.config, because importing the
     config imports timm, and timm imports wandb itself."""
     code = f"""
 import sys
-from multieye_dist.tracking import Tracker, TrackingConfig, WandbConfig, read_metrics
+from multieye_dist.track.tracking import Tracker, TrackingConfig, WandbConfig
+from multieye_dist.track.records import read_metrics
 assert "wandb" not in sys.modules, "import"
 t = Tracker(TrackingConfig(), {str(tmp_path / "r1")!r}, rank=1)
 t.log({{"a": 1.0}}, step=0); t.summary({{"b": 1}}); t.finish()
@@ -230,7 +228,7 @@ def test_torn_last_line_is_skipped_then_repaired(tmp_path, caplog):
     path = run_dir / METRICS_FILE
     with path.open("a") as fh:
         fh.write('{"step": 3, "time": 1.0, "a": 3.')  # the job died mid-write
-    with caplog.at_level(logging.WARNING, logger="multieye_dist.tracking"):
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.track.tracking"):
         assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
     assert "skipped 1 torn last line" in caplog.text
 
@@ -238,7 +236,7 @@ def test_torn_last_line_is_skipped_then_repaired(tmp_path, caplog):
     with Tracker(DISABLED, run_dir, rank=0) as tracker:
         tracker.log({"a": 3.5}, step=3)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="multieye_dist.tracking"):
+    with caplog.at_level(logging.WARNING, logger="multieye_dist.track.tracking"):
         assert [r["a"] for r in read_metrics(run_dir)] == [1.0, 2.0, 3.5]
     assert caplog.text == ""
 
@@ -396,7 +394,7 @@ def test_run_id_file_is_written_atomically_and_the_old_name_is_read(tmp_path):
 def test_log_outputs_hands_records_and_existing_exports_to_backends(tmp_path):
     """What train.finish leaves in run_dir reaches every backend: each eval/*.records.json
     under its name as a prefix, and only the exports that exist (no best model: none)."""
-    from multieye_dist.plots import write_records
+    from multieye_dist.track.records import write_records
 
     run_dir = tmp_path / "run"
     rows = [

@@ -15,11 +15,11 @@ import pytest
 import torch
 from helpers import free_port, offline_runs, train_losses, wandb_contents, wandb_exit_code
 
-from multieye_dist.checkpoint import load_inference
 from multieye_dist.cli import main
-from multieye_dist.concepts import load_bank
-from multieye_dist.model import ConceptModel, ModelConfig
-from multieye_dist.tracking import RUN_ID_FILE, SUMMARY_FILE, read_metrics
+from multieye_dist.model.checkpoint import load_inference
+from multieye_dist.model.concept_model import ConceptModel, ModelConfig
+from multieye_dist.model.concepts import load_bank
+from multieye_dist.track.records import RUN_ID_FILE, SUMMARY_FILE, read_metrics
 
 pytestmark = pytest.mark.slow
 

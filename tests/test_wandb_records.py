@@ -15,17 +15,15 @@ import pytest
 import yaml
 from helpers import offline_runs, wandb_records
 
-from multieye_dist.metrics import evaluate
-from multieye_dist.plots import write_records
-from multieye_dist.tracking import (
+from multieye_dist.track.metrics import evaluate
+from multieye_dist.track.records import SUMMARY_FILE, read_metrics, write_records
+from multieye_dist.track.tracking import (
     BEST_DEV_F1,
     CODE_KEY,
-    SUMMARY_FILE,
     Tracker,
     TrackingConfig,
     WandbConfig,
     code_version,
-    read_metrics,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,6 +33,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+from multieye_dist.core.resources import user_path
+
 SCHEMES = ("file", "http", "https", "pipe")
 PLACEHOLDER = "{name}"
 RULE = "a directory, or a file:, http://, https:// or pipe: location (pipe: with {name})"
@@ -197,9 +199,7 @@ def _read_pipe(url: str, timeout: float) -> bytes:
 
 def resolve_shards(location: str | Path) -> str | Path:
     """A ``data.shards`` value ready for :meth:`ShardSet.from_manifest`: URLs unchanged, paths
-    resolved as every config path is (``train.resolve_path``)."""
+    resolved as every config path is (:func:`multieye_dist.core.resources.user_path`)."""
     if is_url(location):
         return str(location)
-    from multieye_dist.train import resolve_path  # the project's one rule for relative paths
-
-    return resolve_path(str(location))
+    return user_path(str(location))

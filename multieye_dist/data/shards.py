@@ -6,7 +6,7 @@ Design (why it is safe to kill, rerun and parallelise):
 - The *plan* is computed from the label files alone: every shard's sample list is known before
   any image is read, so shards are independent tasks (process pool here, Slurm array tasks in
   `shards/convert_slurm.py`) and byte-identical whatever the worker count.
-- A shard is streamed to a temporary name, fsynced and renamed (`multieye_dist.atomic`, hashed
+- A shard is streamed to a temporary name, fsynced and renamed (`multieye_dist.core.atomic`, hashed
   as it is written: a shard is never held in memory); then a small progress record (its sha256
   and the fingerprint of its inputs and options) is written the same way.
 - A rerun keeps a shard whose record matches the plan's fingerprint and whose bytes still hash to
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multieye_dist import __version__
-from multieye_dist.atomic import move_into_place, open_atomic, remove_temp_files, write_text
+from multieye_dist.core.atomic import move_into_place, open_atomic, remove_temp_files, write_text
 from multieye_dist.data import schema
 from multieye_dist.data.classes import DEFAULT_CLASS_NAMES, NUM_CLASSES
 from multieye_dist.data.layout import (

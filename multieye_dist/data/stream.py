@@ -45,7 +45,7 @@ end) or holds other samples (another shard copied over it) never passes as a sma
 is a DataError naming the shard and the counts, or, where the run tolerates bad samples
 (``data.max_bad_fraction``), its missing samples count as bad ones, up to that limit. So does a
 sample whose ``.cls`` and ``.json`` labels differ. Evaluation checks that every listed sample
-was scored or counted bad (:func:`multieye_dist.evaluation.evaluate_split`).
+was scored or counted bad (:func:`multieye_dist.train.evaluation.evaluate_split`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from multieye_dist.data.classes import (
 from multieye_dist.data.decode import decode_pil, decode_uint8, stack_native
 
 if TYPE_CHECKING:
-    from multieye_dist.config import DataConfig
+    from multieye_dist.data.config import DataConfig
     from multieye_dist.data.device_augment import AugmentParams, TrainAugment
 
 logger = logging.getLogger(__name__)
@@ -698,7 +698,7 @@ def fill(pools: ClassPools, stream, wanted: np.ndarray, limit: int) -> None:
 @dataclass(frozen=True)
 class StreamConfig:
     """What the training stream reads of the ``data`` config section; the defaults and their
-    meaning live in :class:`multieye_dist.config.DataConfig` alone (:meth:`from_data`)."""
+    meaning live in :class:`multieye_dist.data.config.DataConfig` alone (:meth:`from_data`)."""
 
     samples_per_epoch: int  # over all ranks
     batch_size: int  # per rank
@@ -716,7 +716,7 @@ class StreamConfig:
 
     @classmethod
     def from_data(cls, data: DataConfig, **changes: Any) -> StreamConfig:
-        """The stream's view of ``data`` (a :class:`~multieye_dist.config.DataConfig`), with
+        """The stream's view of ``data`` (a :class:`~multieye_dist.data.config.DataConfig`), with
         ``changes`` applied on top (benchmarks and tests)."""
         return cls(**{f.name: changes.get(f.name, getattr(data, f.name)) for f in fields(cls)})
 
@@ -744,7 +744,7 @@ class PairedTrainStream(IterableDataset):
         self.fundus, self.oct, self.cfg = fundus, oct, cfg
         # partner_classes[c]: the OCT class to pair a fundus sample of class c with (None: c
         # itself, as released). A permutation pairs every class with another one's OCT (the
-        # permuted-teacher control of multieye_dist.objectives).
+        # permuted-teacher control of multieye_dist.train.objectives).
         n = fundus.num_classes
         if oct is not None:  # a label index must mean one class in both modalities
             check_same_classes(fundus.class_names, fundus.manifest, oct.class_names, oct.manifest)

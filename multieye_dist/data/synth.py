@@ -75,7 +75,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from multieye_dist.atomic import open_atomic, write_text
+from multieye_dist.core.atomic import open_atomic, write_text
 from multieye_dist.data.classes import NUM_CLASSES
 from multieye_dist.data.layout import (
     FINDINGS_FILE,

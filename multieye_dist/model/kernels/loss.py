@@ -9,8 +9,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from multieye_dist.kernels.distill import fused_distill, interpret_mode, triton_available
-from multieye_dist.losses import (
+from multieye_dist.model.kernels.distill import fused_distill, interpret_mode, triton_available
+from multieye_dist.model.losses import (
     LossOutput,
     _check_label_range,
     _check_labels,
@@ -79,9 +79,9 @@ def octcoda_loss_fused(
     ``concepts`` [K, D] the bank; sims = emb @ concepts^T. ``impl`` is a resolved
     implementation (:func:`resolve_impl`): ``"triton"`` computes the distillation terms with
     :func:`fused_distill`; ``"torch"`` forms the sims and calls
-    :func:`multieye_dist.losses.octcoda_loss`. The gate, the cross-entropy, the zero-gradient
+    :func:`multieye_dist.model.losses.octcoda_loss`. The gate, the cross-entropy, the zero-gradient
     term when the gate is closed and the dropping of a non-finite term are the reference's
-    (:func:`multieye_dist.losses.add_distillation`); ``check_labels`` as there. With
+    (:func:`multieye_dist.model.losses.add_distillation`); ``check_labels`` as there. With
     ``contrastive_scope="global"`` every rank must call this, whatever its gate decides (the
     kernel's collectives run in the forward either way).
     """

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from multieye_dist.sweeps import SweepError, distribution_of
+from multieye_dist.cluster.sweeps import SweepError, distribution_of
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def trial_states(sweep_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 class TrialHook:
-    """``multieye_dist.train.run``'s ``on_dev_f1`` for one trial (called on rank 0 after each
+    """``multieye_dist.train.loop.run``'s ``on_dev_f1`` for one trial (called on rank 0 after each
     dev evaluation; train.py broadcasts the answer): reports (epoch, dev macro-F1) to the trial
     and returns whether the pruner stops it. Plain data: submitit pickles it with the task."""
 

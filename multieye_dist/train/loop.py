@@ -1,7 +1,7 @@
 """Training on DeepSpeed ranks: the OCT teacher (stage 1) and the fundus student (stage 2).
 
 ``run(cfg)`` is the whole job; every rank calls it (torchrun, the deepspeed launcher or Slurm set
-the environment, :mod:`multieye_dist.distributed`). The student is the DeepSpeed engine; the
+the environment, :mod:`multieye_dist.core.distributed`). The student is the DeepSpeed engine; the
 teacher is a :class:`FrozenTeacher` outside it. Rank 0 writes the run directory::
 
     <train.out_dir>/config.yaml            resolved config
@@ -9,8 +9,8 @@ teacher is a :class:`FrozenTeacher` outside it. Rank 0 writes the run directory:
     <train.out_dir>/best.safetensors       inference export of the best dev macro-F1 model
     <train.out_dir>/last.safetensors       inference export of the final model
     <train.out_dir>/eval/*.json            dev/test results (release metrics)
-    <train.out_dir>/metrics.jsonl, summary.json, run_id.txt, ...  (multieye_dist.tracking)
-    <train.out_dir>/train.lock             held while a training runs (multieye_dist.runlock)
+    <train.out_dir>/metrics.jsonl, summary.json, run_id.txt, ...  (multieye_dist.track.tracking)
+    <train.out_dir>/train.lock             held while a training runs (multieye_dist.core.runlock)
 
 Nothing is written there before the command is fully checked (:func:`preflight`): a refused
 command leaves a finished run's directory exactly as it was.
@@ -34,12 +34,6 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from multieye_dist import distributed as D
-from multieye_dist import engine as E
-from multieye_dist.atomic import write_text
-from multieye_dist.checkpoint import FORMAT, export_inference, load_inference
-from multieye_dist.cluster import Interrupted, StopFlag, handle_stop_signals
-from multieye_dist.concepts import load_bank
 from multieye_dist.config import (
     Config,
     ConfigError,
@@ -48,6 +42,10 @@ from multieye_dist.config import (
     save_resolved,
     to_dict,
 )
+from multieye_dist.core import distributed as D
+from multieye_dist.core.atomic import write_text
+from multieye_dist.core.resources import user_path
+from multieye_dist.core.runlock import NoLock, RunLock, RunLocked, acquire, check_free
 from multieye_dist.data.prefetch import DevicePrefetcher
 from multieye_dist.data.prepare import BatchPreparer
 from multieye_dist.data.remote import resolve_shards
@@ -60,19 +58,23 @@ from multieye_dist.data.stream import (
     make_loader,
     resolve_augment_on,
 )
-from multieye_dist.evaluation import evaluate_split
-from multieye_dist.metrics import NonFiniteError, format_table
-from multieye_dist.model import FrozenTeacher, ModelConfig, build_model, param_dtype
-from multieye_dist.objectives import (
+from multieye_dist.model.checkpoint import FORMAT, export_inference, load_inference
+from multieye_dist.model.concept_model import FrozenTeacher, ModelConfig, build_model, param_dtype
+from multieye_dist.model.concepts import load_bank
+from multieye_dist.track.metrics import NonFiniteError, format_table
+from multieye_dist.track.plots import plot_run_safely
+from multieye_dist.track.records import OLD_RUN_ID_KEY, RECORDS_SUFFIX
+from multieye_dist.track.tracking import Tracker
+from multieye_dist.train import engine as E
+from multieye_dist.train.evaluation import evaluate_split
+from multieye_dist.train.objectives import (
     Objective,
     Terms,
     bank_concept_findings,
     build_objective,
     objective_class,
 )
-from multieye_dist.plots import RECORDS_SUFFIX, plot_run_safely
-from multieye_dist.runlock import NoLock, RunLock, RunLocked, acquire, check_free
-from multieye_dist.tracking import OLD_RUN_ID_KEY, Tracker
+from multieye_dist.train.signals import Interrupted, StopFlag, handle_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +216,8 @@ def run(
     ``{"stopped": True, "preempted": True, ...}``: resuming repeats and loses no step.
 
     Without it (``multieye-dist train``), SIGTERM and SIGINT are the stop signals: every rank
-    saves at the next step as above, then :class:`~multieye_dist.cluster.Interrupted` exits the
-    process with 128 + the signal (143 for SIGTERM, 130 for SIGINT) on the signalled ranks, so
+    saves at the next step as above, then :class:`~multieye_dist.train.signals.Interrupted` exits
+    the process with 128 + the signal (143 for SIGTERM, 130 for SIGINT) on the signalled ranks, so
     that ``train teacher && train distill`` does not go on; resume with the same command. A
     second SIGINT aborts at once, saving nothing more (130). Neither prints a traceback.
 
@@ -596,7 +598,7 @@ def preflight(cfg: Config, world: int, *, in_run_dir: bool = True) -> Checked:
             "export (e.g. teacher.checkpoint=runs/teacher/best.safetensors), or use "
             "loss.name=fundus-only"
         )
-    bank, sentences, _ = load_bank(resolve_path(cfg.concepts.bank))
+    bank, sentences, _ = load_bank(user_path(cfg.concepts.bank))
     if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
         raise FileNotFoundError(f"model.weights={cfg.model.weights}: no such file")
     if needs_teacher:
@@ -627,7 +629,7 @@ def check_teacher(cfg: Config, bank: torch.Tensor) -> None:
     concept tensor only: the weights are read once, by :func:`build_teacher`)."""
     from safetensors import safe_open
 
-    path = resolve_path(cfg.teacher.checkpoint)
+    path = user_path(cfg.teacher.checkpoint)
     where = f"teacher.checkpoint={cfg.teacher.checkpoint}"
     if not path.is_file():
         raise FileNotFoundError(f"{where}: no such file")
@@ -752,15 +754,6 @@ def _identity_from_config(path: Path) -> dict[str, Any]:
     return run_identity(cfg, None, None)
 
 
-def resolve_path(path: str) -> Path:
-    """A relative path from the working directory, else the package's data of that path (so
-    the shipped defaults such as ``configs/concepts/minilm-l6.safetensors`` work from a wheel
-    installed anywhere): :func:`multieye_dist.resources.user_path`."""
-    from multieye_dist.resources import user_path
-
-    return user_path(path)
-
-
 def data_classes(cfg: Config) -> Config:
     """`cfg` with ``model.num_classes`` from the train manifest of the stage's modality (its
     ``class_names``; MultiEYE's 9 without). A config that leaves it at the default takes the
@@ -805,7 +798,7 @@ def build_stream(
 
 
 def build_teacher(cfg: Config, bank: torch.Tensor, device: torch.device) -> FrozenTeacher:
-    path = resolve_path(cfg.teacher.checkpoint)  # checked by preflight (check_teacher)
+    path = user_path(cfg.teacher.checkpoint)  # checked by preflight (check_teacher)
     model, meta = load_inference(path)
     logger.info(
         "teacher %s (%s, %d px)", path, meta["model_config"]["backbone"], meta["image_size"]

@@ -8,7 +8,7 @@ implementation is asked for (``loss.impl=triton``).
 * :func:`resolve_impl` - ``loss.impl`` (auto | triton | torch) to "triton" or "torch".
 """
 
-from multieye_dist.kernels.distill import (
+from multieye_dist.model.kernels.distill import (
     MAX_CONCEPTS,
     LaunchConfig,
     ProcessGroupExchange,
@@ -17,7 +17,7 @@ from multieye_dist.kernels.distill import (
     interpret_mode,
     triton_available,
 )
-from multieye_dist.kernels.loss import IMPLS, octcoda_loss_fused, resolve_impl
+from multieye_dist.model.kernels.loss import IMPLS, octcoda_loss_fused, resolve_impl
 
 __all__ = [
     "IMPLS",

@@ -8,9 +8,9 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from multieye_dist.atomic import write_bytes
+from multieye_dist.core.atomic import write_bytes
 from multieye_dist.data.classes import DEFAULT_CLASS_NAMES
-from multieye_dist.model import ConceptModel, ModelConfig
+from multieye_dist.model.concept_model import ConceptModel, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def export_inference(
     extra: dict | None = None,
     class_names: tuple[str, ...] | list[str] | None = None,
 ) -> None:
-    """Write atomically (:mod:`multieye_dist.atomic`): a reader never sees half a checkpoint.
+    """Write atomically (:mod:`multieye_dist.core.atomic`): a reader never sees half a checkpoint.
     `class_names`: the training data's (its manifest's), one per classifier output; None:
     MultiEYE's 9."""
     from safetensors.torch import save

@@ -1,4 +1,4 @@
-"""W&B sweep files: validation, deterministic offline expansion, and the summary of a sweep.
+"""W&B sweep files: validation and deterministic offline expansion.
 
 A sweep file is a standard W&B sweep configuration (``method``: grid, random or bayes;
 ``metric``: name and goal; ``parameters``). Parameter names are our dotted config keys
@@ -6,8 +6,9 @@ A sweep file is a standard W&B sweep configuration (``method``: grid, random or 
 
 Offline (no account, or no network on the compute nodes), grid and random sweeps are expanded
 here, deterministically: grid in the order of the file, random from ``seed``; bayes runs an
-optuna study in the sweep directory instead (:mod:`multieye_dist.search`, the module that owns
-optuna). Only YAML (``yaml.safe_load``) is read; no pickle.
+optuna study in the sweep directory instead (:mod:`multieye_dist.cluster.search`, the module that
+owns optuna; :mod:`multieye_dist.cluster.summaries` tabulates a sweep's results). Only YAML
+(``yaml.safe_load``) is read; no pickle.
 
 A run is *finished* when its ``summary.json`` says so: the trainer's final summary
 (``best_dev_f1``, written by ``finish``) or a pruned run's (``pruned: true``). What is not
@@ -177,61 +178,3 @@ def unfinished(manifest: dict, sweep_dir: Path) -> tuple[list[dict], int]:
         return [r for r in manifest["runs"] if not run_finished(r["out_dir"])], 0
     records = bayes_records(sweep_dir)
     return [r for r in records if not run_finished(r["out_dir"])], manifest["count"] - len(records)
-
-
-def summarize(sweep_dir: Path) -> tuple[dict, list[dict]]:
-    """(manifest, rows best first): each run's final value of the sweep's metric, from its
-    metrics.jsonl (the last value logged), or None when the run has not logged it (yet)."""
-    from multieye_dist.tracking import read_metrics
-
-    sweep_dir = Path(sweep_dir)
-    manifest_path = sweep_dir / "sweep.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: not a sweep directory (no sweep.json)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    metric, goal = manifest["metric"]["name"], manifest["metric"].get("goal", "maximize")
-    states: dict[int, dict] = {}
-    if manifest["method"] == "bayes" and manifest["mode"] == "offline":
-        from multieye_dist.search import trial_states
-
-        runs, states = bayes_records(sweep_dir), trial_states(sweep_dir)
-    else:
-        runs = manifest["runs"] or [  # online sweeps: the runs the agents were handed
-            json.loads(f.read_text(encoding="utf-8"))
-            for f in sorted((sweep_dir / "agents").glob("*.json"))
-        ]
-    rows = []
-    for run in runs:
-        run_dir = Path(run["out_dir"])
-        value, step = None, None
-        if (run_dir / "metrics.jsonl").is_file():
-            for rec in read_metrics(run_dir):
-                if metric in rec:
-                    value, step = rec[metric], rec["step"]
-        row = {**run, "value": value, "step": step}
-        if states:  # complete, pruned, fail or running, as the study has it
-            row["state"] = states.get(run["trial"], {}).get("state", "unknown")
-        rows.append(row)
-    sign = -1.0 if goal == "maximize" else 1.0
-    rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0.0)))
-    return manifest, rows
-
-
-def format_summary(manifest: dict, rows: list[dict]) -> str:
-    metric = manifest["metric"]["name"]
-    names = list(rows[0]["params"]) if rows else []
-    state = bool(rows) and "state" in rows[0]
-    head = f"{'run':<12}{metric:>12}{'step':>8}" + (f"  {'state':<9}" if state else "  ")
-    head += "  ".join(names)
-    lines = [
-        f"sweep {manifest['name']} ({manifest['method']}, {metric} "
-        f"{manifest['metric'].get('goal', 'maximize')}), {len(rows)} runs",
-        head,
-    ]
-    for r in rows:
-        v = "-" if r["value"] is None else f"{r['value']:.4f}"
-        params = "  ".join(f"{r['params'][n]}" for n in names)
-        step = r["step"] if r["step"] is not None else "-"
-        mid = f"  {r['state']:<9}" if state else "  "
-        lines.append(f"{r['name']:<12}{v:>12}{step:>8}{mid}{params}")
-    return "\n".join(lines)

@@ -28,7 +28,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path, PurePosixPath
 
-from multieye_dist.sections import ConfigError
+from multieye_dist.core.sections import ConfigError
 
 __all__ = [
     "CONFIG_DIR",

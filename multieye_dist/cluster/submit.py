@@ -2,7 +2,7 @@
 training task that runs on every Slurm task of a job, with preemption and requeue.
 
 Rendezvous: submitit starts one process per task (``srun``); each reads its place from
-:class:`submitit.JobEnvironment` and exports what :mod:`multieye_dist.distributed` reads:
+:class:`submitit.JobEnvironment` and exports what :mod:`multieye_dist.core.distributed` reads:
 ``RANK`` = global rank, ``WORLD_SIZE`` = tasks in the job, ``LOCAL_RANK`` = rank on the node,
 ``MASTER_ADDR`` = the address of the node whose ``srun`` launched the tasks
 (``SLURM_LAUNCH_NODE_IPADDR``: the batch host, the job's first node, where rank 0 runs; an
@@ -17,8 +17,8 @@ collective), so the handler only sets a flag; the training loop sees it at the n
 step on every rank, all ranks save a checkpoint at that step, and rank 0 then hands over to
 submitit's own checkpoint-and-requeue (``TrainTask.checkpoint`` returns the same task, which
 resumes from ``latest``). ``SLURM_RESTART_COUNT`` bounds the requeues (``max_requeues``).
-The same flag serves ``multieye-dist train`` for SIGTERM and SIGINT (:func:`handle_stop_signals`):
-save at the next step, then exit (:class:`Interrupted`).
+The flag is :class:`multieye_dist.train.signals.StopFlag`, which also serves ``multieye-dist
+train`` for SIGTERM and SIGINT.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from multieye_dist.train.signals import StopFlag
 
 logger = logging.getLogger(__name__)
 
@@ -186,91 +186,12 @@ def interface_towards(addr: str) -> str | None:
     return None
 
 
-class Interrupted(SystemExit):
-    """A stop signal ended the run: after a clean checkpoint (exit status 128 + the signal: 143
-    for SIGTERM, 130 for SIGINT) or aborted by a second SIGINT (130, nothing saved since the
-    last checkpoint). A SystemExit: every caller (the CLI, the demo's stages) unwinds and the
-    process exits with that status, without a traceback."""
-
-
-class StopFlag:
-    """Set by a stop signal's handler, polled by the training loop (``stop_requested``).
-
-    SIGUSR2 (Slurm's warning before a time limit or preemption): save at the next step, then
-    requeue (:class:`TrainTask`). SIGTERM and SIGINT (``multieye-dist train``,
-    :func:`handle_stop_signals`): save at the next step, then exit. A second SIGINT (Ctrl-C
-    again) aborts at once: the handler raises KeyboardInterrupt, as Python's own does, and
-    restores the default action, so that a third one kills outright even a process stuck in a
-    call that does not return to Python. (torchrun starts its workers in sessions of their own
-    and forwards a signal once: a worker never gets one Ctrl-C twice.)
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._reported = False
-
-    def set(self, signum: int, frame: Any) -> None:
-        # The signal handler: it only records the signal. Python runs it in the main thread
-        # between two bytecodes of whatever that thread was doing, possibly inside logging's
-        # own emit with the handler lock held and a stream half written: logging from here
-        # could re-enter that stream or wait on a lock this thread's interrupted code holds.
-        if signum == signal.SIGINT and self.signum is not None:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            raise KeyboardInterrupt
-        if self.signum is None:
-            self.signum = signum
-
-    @property
-    def name(self) -> str | None:
-        if self.signum is None:
-            return None
-        try:
-            return signal.Signals(self.signum).name
-        except ValueError:
-            return str(self.signum)
-
-    def __call__(self) -> bool:
-        # Outside the handler: the log line is emitted here, once, when the loop first sees it.
-        if self.signum is not None and not self._reported:
-            self._reported = True
-            if self.signum == signal.SIGUSR2:
-                logger.warning("caught SIGUSR2: saving at the next step, then requeueing")
-            else:
-                logger.warning(
-                    "caught %s: saving a checkpoint at the next step, then exiting "
-                    "(Ctrl-C again to abort without saving)",
-                    self.name,
-                )
-        return self.signum is not None
-
-
-_Flag = StopFlag  # its name before SIGTERM and SIGINT
-
-
-@contextmanager
-def handle_stop_signals(
-    flag: StopFlag, signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
-) -> Iterator[StopFlag]:
-    """Route `signums` to `flag` for the duration (the previous handlers come back after).
-    Only the main thread may install handlers: elsewhere (a thread running a job) the signals
-    keep their handlers and `flag` is never set."""
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {s: signal.signal(s, flag.set) for s in signums}
-    try:
-        yield flag
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 class TrainTask:
     """What each Slurm task runs: `multieye-dist train` with the given config and overrides.
 
     Picklable (submitit ships it to the nodes); ``checkpoint`` makes it requeueable.
-    ``on_dev_f1``: :func:`multieye_dist.train.run`'s pruning hook (an offline Bayesian sweep's
-    :class:`multieye_dist.search.TrialHook`), itself picklable.
+    ``on_dev_f1``: :func:`multieye_dist.train.loop.run`'s pruning hook (an offline Bayesian sweep's
+    :class:`multieye_dist.cluster.search.TrialHook`), itself picklable.
     """
 
     def __init__(
@@ -289,7 +210,7 @@ class TrainTask:
         import submitit
 
         from multieye_dist.config import load_config
-        from multieye_dist.train import run
+        from multieye_dist.train.loop import run
 
         job_env = submitit.JobEnvironment()
         os.environ.update(rendezvous(job_env))

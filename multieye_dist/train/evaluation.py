@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from multieye_dist.concepts import concept_findings as bank_concept_findings
 from multieye_dist.data.prepare import BatchPreparer
 from multieye_dist.data.schema import FINDINGS
 from multieye_dist.data.stream import (
@@ -27,9 +26,10 @@ from multieye_dist.data.stream import (
     gather_records,
     make_loader,
 )
-from multieye_dist.metrics import concept_auc, evaluate
-from multieye_dist.model import param_dtype
-from multieye_dist.plots import write_records
+from multieye_dist.model.concept_model import param_dtype
+from multieye_dist.model.concepts import concept_findings as bank_concept_findings
+from multieye_dist.track.metrics import concept_auc, evaluate
+from multieye_dist.track.records import write_records
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,10 @@ def evaluate_split(
     mislabelled or missing from their shard, up to `max_bad_fraction`). Every listed sample is
     scored or counted bad: a result on part of a split without saying so is a DataError.
     `records_path`: rank 0 also writes the per-sample records there
-    (:func:`multieye_dist.plots.write_records`): the pictures are redrawn from them.
+    (:func:`multieye_dist.track.records.write_records`): the pictures are redrawn from them.
 
     Where every scored sample's shard record has ``findings`` (the synthetic data), the result
-    also has the concept readout (:func:`multieye_dist.metrics.concept_auc`: ``concept_auc``
+    also has the concept readout (:func:`multieye_dist.track.metrics.concept_auc`: ``concept_auc``
     and ``concept_auc_per_finding``), with ``concept_findings`` the finding of each concept
     (None: concept k is finding k, when the bank has one concept per finding)."""
     shards = ShardSet.from_manifest(shard_dir, modality, split)  # a directory or a URL prefix

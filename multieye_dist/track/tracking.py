@@ -41,7 +41,7 @@ Secrets: the W&B API key is read by wandb itself from ``WANDB_API_KEY`` in onlin
 module never reads, logs or writes it. The config logged to W&B is the caller's dict only (never
 the environment), and keys that look like secrets are refused.
 
-Failures: :func:`multieye_dist.train.run` finishes the Tracker with exit code 1 when the run
+Failures: :func:`multieye_dist.train.loop.run` finishes the Tracker with exit code 1 when the run
 raises (then re-raises), so a crashed run is marked failed in every backend, not left running.
 
 W&B limitations (wandb 0.31): offline runs cannot really be resumed. A resumed offline job writes
@@ -56,9 +56,6 @@ import json
 import logging
 import math
 import os
-import re
-import secrets
-import string
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -67,16 +64,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Protocol
 
-from multieye_dist.atomic import write_text
-from multieye_dist.sections import SECRET_PARTS, Section
+from multieye_dist.core.atomic import write_text
+from multieye_dist.core.sections import SECRET_PARTS, Section
+from multieye_dist.track.records import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    repair_torn_tail,
+    resolve_run_id,
+)
 
 __all__ = [
     "BEST_DEV_F1",
     "CODE_KEY",
-    "METRICS_FILE",
-    "OLD_RUN_ID_KEY",
-    "RUN_ID_FILE",
-    "SUMMARY_FILE",
     "Backend",
     "LocalBackend",
     "Tracker",
@@ -85,24 +84,11 @@ __all__ = [
     "WandbBackend",
     "WandbConfig",
     "code_version",
-    "read_metrics",
-    "read_run_id",
     "wandb_settings",
-    "write_run_id",
 ]
 
 logger = logging.getLogger(__name__)
 
-RUN_ID_FILE = "run_id.txt"
-_OLD_RUN_ID_FILE = "wandb_run_id.txt"  # run directories from before the tracker interface
-# The key under which older checkpoints' trainer state kept the run id (now ``run_id``).
-OLD_RUN_ID_KEY = "wandb_run_id"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-
-# Run ids end up in W&B URLs and directory names; keep them to a safe alphabet.
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
 _RESERVED_KEYS = ("step", "time")  # the metrics.jsonl line's own fields
 _EXIT_CODE_KEY = "exit_code"  # summary.json, for a part that ended with an error
 
@@ -161,131 +147,6 @@ class TrackingConfig(Section):
 
     def _validate(self) -> None:
         self._check(bool(self.project), "project", "a non-empty name")
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _new_run_id() -> str:
-    # 8 characters of [a-z0-9], like wandb's own ids, without importing wandb.
-    return "".join(secrets.choice(_RUN_ID_ALPHABET) for _ in range(8))
-
-
-def _check_run_id(run_id: str, where: str) -> str:
-    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
-        raise ValueError(f"{where}: run id must match {_RUN_ID_RE.pattern}, got {run_id!r}")
-    return run_id
-
-
-def read_run_id(run_dir: str | os.PathLike[str]) -> str | None:
-    """The run id persisted in ``run_dir`` (``run_id.txt``, or the older ``wandb_run_id.txt``),
-    or None."""
-    for name in (RUN_ID_FILE, _OLD_RUN_ID_FILE):
-        path = Path(run_dir) / name
-        if path.exists():
-            return _check_run_id(path.read_text(encoding="utf-8").strip(), str(path))
-    return None
-
-
-def write_run_id(run_dir: str | os.PathLike[str], run_id: str) -> Path:
-    """Persist ``run_id`` as ``run_dir/run_id.txt``, atomically: a Tracker started on
-    ``run_dir`` later continues that run (the sweep hand-off does this)."""
-    _check_run_id(run_id, "run_id")
-    return write_text(Path(run_dir) / RUN_ID_FILE, run_id + "\n")
-
-
-def _resolve_run_id(run_dir: Path, explicit: str | None) -> str:
-    """The persisted id, or ``explicit`` (which wins and is persisted), or a new one."""
-    persisted = read_run_id(run_dir)
-    if explicit is not None:
-        _check_run_id(explicit, "run_id")
-        if persisted is not None and persisted != explicit:
-            logger.warning(
-                "run_id %r replaces the id %r persisted in %s", explicit, persisted, run_dir
-            )
-    run_id = explicit or persisted or _new_run_id()
-    if run_id != persisted or not (run_dir / RUN_ID_FILE).exists():
-        write_run_id(run_dir, run_id)
-    return run_id
-
-
-def _tail_start(fh: Any, size: int) -> int:
-    """Offset just past the last newline of a binary file open for reading (0 if none)."""
-    pos, chunk = size, 1 << 16
-    while pos > 0:
-        start = max(0, pos - chunk)
-        fh.seek(start)
-        cut = fh.read(pos - start).rfind(b"\n")
-        if cut >= 0:
-            return start + cut + 1
-        pos = start
-    return 0
-
-
-def _repair_torn_tail(path: Path) -> None:
-    """Before appending: a job killed mid-write leaves a last line without its newline. Appending
-    to it would glue the next record onto the fragment and lose both, so a fragment that is not
-    a complete record is cut off; a complete one only gets its newline."""
-    if not path.exists():
-        return
-    with path.open("rb+") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":
-            return
-        start = _tail_start(fh, size)
-        fh.seek(start)
-        tail = fh.read()
-        if _parse_record(tail) is not None:
-            fh.seek(size)
-            fh.write(b"\n")
-            return
-        logger.warning("%s: dropping a torn last line (%d bytes) before appending", path, len(tail))
-        fh.truncate(start)
-
-
-def _parse_record(line: bytes | str) -> dict[str, Any] | None:
-    """A metrics.jsonl record (a JSON object with an int ``step``), or None."""
-    try:
-        record = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        return None
-    return record
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every record of ``run_dir/metrics.jsonl`` (or of that file, if given directly), in order.
-
-    A torn last line (the writer died mid-line) is skipped with a warning; a bad line anywhere
-    else is real corruption and raises ValueError naming ``path:line``. Non-finite values come
-    back as ``float('nan')``/``inf`` (Python's JSON extension, as written).
-    """
-    path = Path(run_dir)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics log at {path}")
-    lines = path.read_bytes().split(b"\n")
-    if lines and not lines[-1].strip():
-        lines.pop()  # the empty string after the final newline
-    records, skipped = [], 0
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        record = _parse_record(line)
-        if record is not None:
-            records.append(record)
-        elif lineno == len(lines):
-            skipped += 1
-        else:
-            raise ValueError(f"{path}:{lineno}: not a metrics record: {line[:80]!r}")
-    if skipped:
-        logger.warning("%s: skipped %d torn last line (a crash mid-write)", path, skipped)
-    return records
 
 
 # ----------------------------------------------------------------------------- values
@@ -380,7 +241,7 @@ class Backend(Protocol):
         prefix: str,
         step: int,
     ) -> None:
-        """``result`` is a :func:`multieye_dist.metrics.evaluate` result, ``scalars`` its flat
+        """``result`` is a :func:`multieye_dist.track.metrics.evaluate` result, ``scalars`` its flat
         scalars (``to_log_dict``), to log like :meth:`log`; a backend that can show tables or
         charts makes them from ``result``."""
 
@@ -407,7 +268,7 @@ class LocalBackend:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         metrics = run_dir / METRICS_FILE
-        _repair_torn_tail(metrics)
+        repair_torn_tail(metrics)
         self._metrics_fh = metrics.open("a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, int | float], step: int) -> None:
@@ -527,7 +388,7 @@ BEST_DEV_F1 = "dev/best_f1"
 
 
 def _per_class_table(wandb: Any, result: Mapping[str, Any]) -> Any:
-    from multieye_dist.metrics import PER_CLASS_KEYS
+    from multieye_dist.track.metrics import PER_CLASS_KEYS
 
     return wandb.Table(
         columns=["class", *PER_CLASS_KEYS],
@@ -616,7 +477,7 @@ def _prediction_media(
     ``wandb.plot.confusion_matrix`` of the arg-max predictions, and ROC and PR curves in the
     chart spec of ``wandb.plot.roc_curve``/``pr_curve``. Those two need pandas, which is no
     dependency here; the same spec over our own table needs only scikit-learn."""
-    from multieye_dist.metrics import evaluate
+    from multieye_dist.track.metrics import evaluate
 
     result = evaluate(labels, probs, names)
     roc, pr = _curve_rows(labels, probs, names)
@@ -825,7 +686,7 @@ class Tracker:
     def _prepare_run_dir(self, run_id: str | None) -> LocalBackend:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.run_id = _resolve_run_id(self.run_dir, run_id)
+            self.run_id = resolve_run_id(self.run_dir, run_id)
             return LocalBackend(self.run_dir)
         except OSError as exc:
             raise TrackerError(
@@ -848,7 +709,7 @@ class Tracker:
             backend.log(values, step)
 
     def log_eval(self, result: Mapping[str, Any], *, prefix: str = "dev/", step: int) -> None:
-        """Log a :func:`multieye_dist.metrics.evaluate` result: its scalars (macro and per
+        """Log a :func:`multieye_dist.track.metrics.evaluate` result: its scalars (macro and per
         class, via ``to_log_dict``) like :meth:`log`, and in W&B also ``{prefix}per_class``,
         ``{prefix}confusion_matrix`` (chart) and ``{prefix}confusion_counts`` tables.
 
@@ -859,7 +720,7 @@ class Tracker:
             return
         self._check_open()
         _check_step(step)
-        from multieye_dist.metrics import to_log_dict
+        from multieye_dist.track.metrics import to_log_dict
 
         scalars = _check_metrics(to_log_dict(dict(result), prefix=prefix))
         f1 = scalars.get("dev/f1") if prefix == "dev/" else None
@@ -873,7 +734,7 @@ class Tracker:
 
     def log_outputs(self, *, step: int) -> None:
         """At the end of training, what the trainer left in ``run_dir``: the per-sample records
-        ``eval/<name>.records.json`` (:mod:`multieye_dist.plots`) as prediction charts under
+        ``eval/<name>.records.json`` (:mod:`multieye_dist.track.plots`) as prediction charts under
         ``<name>`` with ``_`` as ``/`` (``test_best`` -> ``test/best/confusion_matrix``, ``roc``,
         ``pr``, ``per_class``), and the exports ``best.safetensors``/``last.safetensors`` that
         exist, as model artifacts where asked (``tracking.wandb.log_model``). A records file
@@ -882,7 +743,7 @@ class Tracker:
             return
         self._check_open()
         _check_step(step)
-        from multieye_dist.plots import RECORDS_SUFFIX, read_records
+        from multieye_dist.track.records import RECORDS_SUFFIX, read_records
 
         for path in sorted((self.run_dir / "eval").glob(f"*{RECORDS_SUFFIX}")):
             rec = read_records(path)

@@ -3,7 +3,7 @@
 The same entry point runs under torchrun, the deepspeed launcher and Slurm: they all export
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (our Slurm launcher
 does too). With none of them set, the process is a world of one on loopback. Plain torch only:
-DeepSpeed's own initialisation is in :mod:`multieye_dist.engine`.
+DeepSpeed's own initialisation is in :mod:`multieye_dist.train.engine`.
 """
 
 from __future__ import annotations

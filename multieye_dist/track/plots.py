@@ -2,11 +2,11 @@
 concept explanations and shard previews, as PNG files of an exact pixel size.
 
 Everything is drawn from files, so that a picture can be redrawn without the model or the
-ranks: ``<run>/metrics.jsonl`` (:func:`multieye_dist.tracking.read_metrics`) for the curves,
-``<run>/eval/<name>.records.json`` for the rest: the per-sample ``{key, label, probs}``
+ranks: ``<run>/metrics.jsonl`` (:func:`multieye_dist.track.records.read_metrics`) for the
+curves, ``<run>/eval/<name>.records.json`` for the rest: the per-sample ``{key, label, probs}``
 (:func:`write_records`) that the trainer keeps of its last dev evaluation (``dev_last``) and of
 the test scores of its best and last models (``test_best``, ``test_last``), through
-:func:`multieye_dist.evaluation.evaluate_split`'s ``records_path``. :func:`plot_run` writes
+:func:`multieye_dist.train.evaluation.evaluate_split`'s ``records_path``. :func:`plot_run` writes
 ``<run>/plots/``:
 
     curves.png               train/loss and its terms, the dev macro metrics, the learning rate
@@ -17,32 +17,37 @@ matplotlib is imported inside the drawing functions only (the library, the train
 imports without it), and through its object-oriented API with the Agg canvas: no pyplot, no
 global backend switch, nothing shared between threads. Figures are ``px / DPI`` inches at
 ``DPI`` and saved without a tight bounding box, so a PNG is exactly the size its constant says;
-each is written atomically (:mod:`multieye_dist.atomic`).
+each is written atomically (:mod:`multieye_dist.core.atomic`).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import math
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from multieye_dist.atomic import write_bytes, write_text
+from multieye_dist.core.atomic import write_bytes
 from multieye_dist.data.classes import CLASS_ABBREV, CLASS_NAMES
+from multieye_dist.data.preprocess import open_image
+from multieye_dist.track.records import (
+    METRICS_FILE,
+    RECORDS_SUFFIX,
+    EvalRecords,
+    read_metrics,
+    read_records,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from PIL import Image
 
-    from multieye_dist.explain import Explanation
+    from multieye_dist.model.explain import Explanation
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +62,8 @@ _PREVIEW_LABEL_PX, _PREVIEW_TITLE_PX, _PREVIEW_MARGIN_PX = 240, 60, 12
 
 # Logged under train/ but not terms of the loss: they get their own panel or none.
 _NOT_LOSS = frozenset({"train/lr", "train/epoch", "train/samples_per_s", "train/nonfinite_skipped"})
-# The macro metrics of multieye_dist.metrics.SCALAR_KEYS, in its order (not imported: sklearn).
+# The macro metrics of multieye_dist.track.metrics.SCALAR_KEYS, in its order (not imported:
+# sklearn).
 _DEV_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "auc", "map", "kappa")
 # Positive and negative contributions: blue and orange read apart with red-green colour blindness.
 _POS, _NEG = "#1f77b4", "#e8710a"
@@ -98,82 +104,6 @@ def _empty(ax: Axes, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- records
-
-RECORDS_SUFFIX = ".records.json"  # <run>/eval/<name>.records.json
-
-
-def write_records(
-    path: Path,
-    records: list[dict],
-    *,
-    split: str,
-    modality: str,
-    class_names: Sequence[str],
-) -> Path:
-    """The per-sample ``{key, label, probs}`` of one evaluation, with what they are of, as one
-    JSON document (atomically: a reader never sees half of it)."""
-    doc = {
-        "split": split,
-        "modality": modality,
-        "class_names": list(class_names),
-        "records": [{"key": r["key"], "label": r["label"], "probs": r["probs"]} for r in records],
-    }
-    return write_text(path, json.dumps(doc, separators=(",", ":")) + "\n")
-
-
-@dataclass(frozen=True)
-class EvalRecords:
-    """A records file read back: labels ``[N]`` and probabilities ``[N, C]``."""
-
-    path: Path
-    split: str
-    modality: str
-    class_names: list[str]
-    keys: list[str]
-    labels: np.ndarray
-    probs: np.ndarray
-
-
-def read_records(path: str | Path) -> EvalRecords:
-    """A file of :func:`write_records`, checked: a problem is a ValueError naming the file and
-    the key or record (``records[12].probs``)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not a records file (byte {exc.start} is not UTF-8)") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: not a records file (a JSON object with 'records')")
-    for key, kind in (("split", str), ("modality", str), ("class_names", list), ("records", list)):
-        if not isinstance(doc.get(key), kind):
-            raise ValueError(f"{path}: key {key!r} missing or not a {kind.__name__}")
-    names = [str(n) for n in doc["class_names"]]
-    if len(names) < 2:
-        raise ValueError(f"{path}: 'class_names' lists {len(names)} class(es), at least 2 needed")
-    if not doc["records"]:
-        raise ValueError(f"{path}: 'records' is empty")
-    keys, labels, probs = [], [], []
-    for i, r in enumerate(doc["records"]):
-        where = f"{path}: records[{i}]"
-        if not isinstance(r, dict) or not {"key", "label", "probs"} <= r.keys():
-            raise ValueError(f"{where}: not an object with key, label and probs")
-        label, p = r["label"], r["probs"]
-        if type(label) is not int or not 0 <= label < len(names):
-            raise ValueError(f"{where}.label: {label!r} is not a class index 0..{len(names) - 1}")
-        if not isinstance(p, list) or len(p) != len(names):
-            got = len(p) if isinstance(p, list) else type(p).__name__
-            raise ValueError(f"{where}.probs: {got} values, {len(names)} classes in class_names")
-        if not all(isinstance(v, int | float) and math.isfinite(v) for v in p):
-            raise ValueError(f"{where}.probs: not all finite numbers")
-        keys.append(str(r["key"]))
-        labels.append(label)
-        probs.append(p)
-    return EvalRecords(
-        path, doc["split"], doc["modality"], names, keys, np.array(labels), np.array(probs, float)
-    )
-
 
 # ----------------------------------------------------------------------------- curves
 
@@ -264,7 +194,7 @@ def draw_curves(series: Mapping[str, Any], out: str | Path, title: str = "") -> 
 
 
 def _scores(rec: EvalRecords) -> dict:
-    from multieye_dist.metrics import evaluate
+    from multieye_dist.track.metrics import evaluate
 
     return evaluate(rec.labels, rec.probs, rec.class_names)
 
@@ -356,7 +286,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     """(Re)draw ``<run>/plots/`` from the run's files; returns the pictures written. Every
     input is read and checked before the first picture is written; a problem is an error
     naming the file (and line or record)."""
-    from multieye_dist.tracking import METRICS_FILE, read_metrics
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -444,6 +373,16 @@ def _explanation_row(ax_img: Axes, ax_bar: Axes, image: Image.Image, e: Explanat
         f"why {e.predicted_name}: top {len(values)} concepts (class bias {e.bias:+.3f})",
         fontsize=11,
     )
+
+
+def plot_explanations(results: list[Explanation], out: Path) -> Path:
+    """`out` (PNG): each explained image beside a bar chart of its top concept contributions
+    to the predicted class (:func:`draw_explanations`)."""
+    items = []
+    for e in results:
+        with open_image(Path(e.image), e.image) as img:  # as explain_images read it
+            items.append((img.convert("RGB"), e))
+    return draw_explanations(items, out)
 
 
 def draw_explanations(items: Sequence[tuple[Image.Image, Explanation]], out: str | Path) -> Path:

@@ -13,7 +13,7 @@ import torch
 
 from multieye_dist.data.preprocess import open_image
 from multieye_dist.data.transforms import eval_transform
-from multieye_dist.model import ConceptModel
+from multieye_dist.model.concept_model import ConceptModel
 
 
 @dataclass
@@ -91,15 +91,3 @@ def explain_images(
             )
         )
     return out
-
-
-def plot_explanations(results: list[Explanation], out: Path) -> Path:
-    """`out` (PNG): each explained image beside a bar chart of its top concept contributions
-    to the predicted class (:func:`multieye_dist.plots.draw_explanations`)."""
-    from multieye_dist.plots import draw_explanations
-
-    items = []
-    for e in results:
-        with open_image(Path(e.image), e.image) as img:  # as explain_images read it
-            items.append((img.convert("RGB"), e))
-    return draw_explanations(items, out)

@@ -8,15 +8,15 @@ import os
 import signal
 import time
 
-from multieye_dist.cluster import _Flag
+from multieye_dist.train.signals import StopFlag
 
 
 def test_signal_handler_only_sets_the_flag_and_the_poll_logs_once(caplog):
-    flag = _Flag()
+    flag = StopFlag()
     assert flag() is False
     previous = signal.signal(signal.SIGUSR2, flag.set)
     try:
-        with caplog.at_level(logging.DEBUG, logger="multieye_dist.cluster"):
+        with caplog.at_level(logging.DEBUG, logger="multieye_dist.cluster.submit"):
             os.kill(os.getpid(), signal.SIGUSR2)  # a real signal, through the installed handler
             deadline = time.monotonic() + 5
             while flag.signum is None and time.monotonic() < deadline:
@@ -35,7 +35,7 @@ def test_signal_handler_only_sets_the_flag_and_the_poll_logs_once(caplog):
 
 
 def test_handler_logs_nothing_even_when_called_directly(caplog):
-    flag = _Flag()
+    flag = StopFlag()
     with caplog.at_level(logging.DEBUG):
         flag.set(signal.SIGUSR2, None)
         flag.set(signal.SIGUSR2, None)  # a second signal before the poll

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from multieye_dist.atomic import write_bytes
-from multieye_dist.resources import packaged
+from multieye_dist.core.atomic import write_bytes
+from multieye_dist.core.resources import packaged
 
 if TYPE_CHECKING:  # torch is imported inside the functions: the CLI builds its parser without it
     import torch
@@ -300,7 +300,7 @@ def save_bank(
     sentences: Sequence[str],
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the bank atomically (:mod:`multieye_dist.atomic`).
+    """Write the bank atomically (:mod:`multieye_dist.core.atomic`).
 
     ``meta``: extra string metadata (e.g. ``prompt``, ``encoder``, ``pooling``); non-string values
     are JSON-encoded. ``format``, ``sentences`` (JSON list), ``num_concepts`` and ``dim`` are

@@ -4,9 +4,9 @@ Ampere (sm_80) at the tile sizes a GPU run uses, and what they cost in shared me
 registers.
 
 How the launches are found: :func:`record_launches` runs the real host code of
-:func:`multieye_dist.kernels.fused_distill` (forward and backward) on CPU tensors with the kernel
-module replaced by a recorder, and with the tile sizes that ``LaunchConfig.choose`` picks on a
-GPU. So the compiled signatures (argument types, the integers triton specialises, the pointer
+:func:`multieye_dist.model.kernels.fused_distill` (forward and backward) on CPU tensors with the
+kernel module replaced by a recorder, and with the tile sizes that ``LaunchConfig.choose`` picks on
+a GPU. So the compiled signatures (argument types, the integers triton specialises, the pointer
 alignment, the constexprs, ``num_warps``) are the ones the host code passes, not a copy kept
 here. The one value the recorder sets itself is ``EMULATE=False``: the host code sets it from
 the interpreter flag, and a GPU never emulates.
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from multieye_dist.kernels import distill
+from multieye_dist.model.kernels import distill
 
 # The most dynamic shared memory one block may opt in to (CUDA programming guide, "Compute
 # capabilities"): 227 KiB on sm_90 (H100, H200), 163 KiB on sm_80 (A100).
@@ -161,7 +161,8 @@ def record_launches(
     the concept bank a constant, as in training), with the tile sizes ``LaunchConfig.choose``
     picks on a GPU, or ``config``. ``peers`` > 0: the global contrastive scope with that many
     other ranks' anchors (half of them ahead of this rank's rows: ``ROW0`` > 0, as on a rank
-    > 0), simulated in this process (:class:`multieye_dist.kernels.distill.SimulatedPeers`)."""
+    > 0), simulated in this process
+    (:class:`multieye_dist.model.kernels.distill.SimulatedPeers`)."""
     with _compiled_module() as real:
         recorder = _Recorder(real)
         g = torch.Generator().manual_seed(0)

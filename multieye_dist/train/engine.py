@@ -12,7 +12,7 @@ Precision (``train.precision``):
 Checkpoints: ``<out_dir>/checkpoints/<tag>/`` holds DeepSpeed's files and our
 ``trainer_state.json``; ``<out_dir>/checkpoints/latest`` names the newest *complete* one. Every
 state file, and DeepSpeed's ``zero_to_fp32.py`` recovery scripts, are written through
-:mod:`multieye_dist.atomic`, ``latest`` is replaced only after every rank has
+:mod:`multieye_dist.core.atomic`, ``latest`` is replaced only after every rank has
 finished writing, and loading uses ``torch.load(weights_only=True)`` with exactly the DeepSpeed
 classes its optimizer state holds allow-listed (no arbitrary unpickling).
 
@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from multieye_dist.atomic import (
+from multieye_dist.config import DeepSpeedConfig, OptimConfig, merge_dicts
+from multieye_dist.core.atomic import (
     is_temp_name,
     move_into_place,
     open_atomic,
@@ -48,10 +49,9 @@ from multieye_dist.atomic import (
     write_bytes,
     write_text,
 )
-from multieye_dist.config import DeepSpeedConfig, OptimConfig, merge_dicts
-from multieye_dist.distributed import DistEnv, backend_for, export, initialized, world_size
-from multieye_dist.model import param_groups
-from multieye_dist.schedule import lr_at
+from multieye_dist.core.distributed import DistEnv, backend_for, export, initialized, world_size
+from multieye_dist.model.concept_model import param_groups
+from multieye_dist.train.schedule import lr_at
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 (local or global scope) of OCT-CoDA computed from embeddings in three Triton kernels (two
 forward, one backward).
 
-The reference is :mod:`multieye_dist.losses` on ``sims = einsum("bld,kd->blk", emb, concepts)``:
-``prototype_loss(..., variant="paper")`` and
+The reference is :mod:`multieye_dist.model.losses` on ``sims = einsum("bld,kd->blk", emb,
+concepts)``: ``prototype_loss(..., variant="paper")`` and
 ``contrastive_loss(..., variant="paper", scope="local" | "global")``. What the kernels do
 differently:
 
@@ -47,7 +47,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_TRITON_MODULE = "multieye_dist.kernels.distill_triton"
+_TRITON_MODULE = "multieye_dist.model.kernels.distill_triton"
 MAX_CONCEPTS = 256  # K: a whole row of sims lives in registers in the streaming loops
 _DOT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CLASS_BLOCK = 16  # classes per one-hot tile (tl.dot needs >= 16)
@@ -268,7 +268,7 @@ class SimulatedPeers:
 def default_exchange() -> Exchange | None:
     """The process-group exchange when a group of world > 1 is initialised, else None (then the
     global scope is the local one, as in ``losses.contrastive_loss``)."""
-    from multieye_dist.losses import _dist_world
+    from multieye_dist.model.losses import _dist_world
 
     world = _dist_world()
     return None if world is None else ProcessGroupExchange(*world)

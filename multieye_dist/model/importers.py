@@ -1,5 +1,5 @@
 """Real weights in: FLAIR's retinal CLIP and the released OCT-CoDA checkpoints, mapped onto
-:class:`~multieye_dist.model.ConceptModel` (``multieye-dist import flair|release``).
+:class:`~multieye_dist.model.concept_model.ConceptModel` (``multieye-dist import flair|release``).
 
 What the released code (github.com/xmed-lab/MultiEYE) saves, by key (``F`` = 2048, ``D`` = 512,
 ``K`` = 98 concepts, 9 classes):
@@ -214,7 +214,7 @@ def _restricted_pickle_module(replaced: dict[str, type[StandIn]]) -> types.Modul
 
         return load(io.BytesIO(data), **kwargs)
 
-    module = types.ModuleType("multieye_dist.importers.restricted_pickle")
+    module = types.ModuleType("multieye_dist.model.importers.restricted_pickle")
     module.Unpickler = Unpickler  # type: ignore[attr-defined]
     module.load = load  # type: ignore[attr-defined]
     module.loads = loads  # type: ignore[attr-defined]
@@ -549,7 +549,7 @@ def import_flair(
     ``text_model.model.*``. The checkpoint may be FLAIR's own file or a release checkpoint (keys
     under ``flair_model.``; the OCT-CoDA head is then reported, not mapped).
     """
-    from multieye_dist.atomic import write_bytes
+    from multieye_dist.core.atomic import write_bytes
 
     path, out = Path(ckpt), Path(out)
     if (text_encoder is None) != (bank_out is None):
@@ -601,7 +601,7 @@ def import_flair(
     write_bytes(out, save(ours, metadata=meta))
     summary.outputs.append(out)
     if bank is not None:
-        from multieye_dist.concepts import save_bank
+        from multieye_dist.model.concepts import save_bank
 
         emb, sents, bank_meta = bank
         save_bank(bank_out, emb, sents, {**bank_meta, "source_sha256": meta["source_sha256"]})
@@ -621,7 +621,11 @@ def _flair_text_model(
     sd: Mapping[str, Tensor], prefix: str, path: Path, text_encoder: Path
 ) -> tuple[Any, Any, Tensor]:
     """(BERT with the checkpoint's weights, tokenizer, text projection [D, H])."""
-    from multieye_dist.concepts import ConceptBankError, _quiet_transformers, resolve_encoder_dir
+    from multieye_dist.model.concepts import (
+        ConceptBankError,
+        _quiet_transformers,
+        resolve_encoder_dir,
+    )
 
     try:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -727,7 +731,7 @@ def encode_flair_bank(
     All sentences go through as one batch (the release's ``preprocess_text(raw_concepts)``):
     the padding length, which FLAIR's token mean includes, is then the release's.
     """
-    from multieye_dist.concepts import (
+    from multieye_dist.model.concepts import (
         DEFAULT_PROMPT,
         DEFAULT_SENTENCES,
         _check_prompt,
@@ -764,7 +768,7 @@ def _release_bank(
     sd: Mapping[str, Tensor], path: Path, bank: str | os.PathLike | None
 ) -> tuple[Tensor, list[str], str | None, str]:
     """(C, sentences, key in the checkpoint or None, where from)."""
-    from multieye_dist.concepts import load_bank
+    from multieye_dist.model.concepts import load_bank
 
     stored_key = next((k for k in RELEASE_BANK_KEYS if k in sd), None)
     file_bank = load_bank(bank) if bank is not None else None
@@ -789,7 +793,7 @@ def _release_bank(
                 f"{bank} {list(_shape(c))}"
             )
         return stored, sents, stored_key, f"checkpoint {stored_key} (sentences from {bank})"
-    from multieye_dist.concepts import DEFAULT_SENTENCES, load_sentences
+    from multieye_dist.model.concepts import DEFAULT_SENTENCES, load_sentences
 
     sents = [f"concept {i}" for i in range(stored.shape[0])]
     with contextlib.suppress(ValueError):
@@ -948,16 +952,16 @@ def import_release(
 ) -> ImportSummary:
     """A released OCT-CoDA checkpoint (teacher or student) -> our inference export.
 
-    ``out`` is :func:`~multieye_dist.checkpoint.export_inference`'s format, so
+    ``out`` is :func:`~multieye_dist.model.checkpoint.export_inference`'s format, so
     ``multieye-dist eval --checkpoint OUT`` and ``teacher.checkpoint=OUT`` take it. The concept
     bank comes from the checkpoint if it stores one (``embed_concepts``/``concepts``), else from
     ``bank`` (a bank file); K must equal the classifier's input width. A teacher checkpoint
     without ``project_4.*`` (the release's) keeps our random ``level2`` init (seeded by
     ``seed``), with a warning naming the keys.
     """
-    from multieye_dist.checkpoint import export_inference
     from multieye_dist.data.classes import NUM_CLASSES
-    from multieye_dist.model import ConceptModel, ModelConfig
+    from multieye_dist.model.checkpoint import export_inference
+    from multieye_dist.model.concept_model import ConceptModel, ModelConfig
 
     if role not in ("student", "teacher"):
         raise CheckpointImportError(f"role must be 'student' or 'teacher', got {role!r}")

@@ -7,7 +7,7 @@ whether it is the *content* that moves it (the efficacy study, BENCHMARKS.md):
 
 * ``oracle``: concept similarities ``2 f - 1`` at both levels, where ``f`` is 1 for the
   partner's findings and 0 for the rest (each concept reads the finding it describes,
-  :func:`multieye_dist.concepts.concept_findings`); logits: the Bayes posterior over classes
+  :func:`multieye_dist.model.concepts.concept_findings`); logits: the Bayes posterior over classes
   given those findings (the generative model's ``FINDING_PROBS``, uniform prior).
 * ``oracle-class``: similarities ``2 p - 1`` with ``p`` the partner class's finding
   probabilities: a class-level code with no partner noise. Logits as ``oracle``.

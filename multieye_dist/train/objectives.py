@@ -6,16 +6,16 @@ computes it (PyTorch, or the fused Triton kernel), and computes the step's loss:
 
     total, terms = objective(model, teacher, batch)   # terms: {"cls": ..., ...}, on the device
 
-The trainer (:mod:`multieye_dist.train`) knows none of this: it builds the objective from the
+The trainer (:mod:`multieye_dist.train.loop`) knows none of this: it builds the objective from the
 config, reads its attributes to set up the streams and the teacher, and logs whatever terms the
 objective returns (as ``train/<name>``). A new loss is one class here, registered with
 :func:`register` under its stage and its ``loss.name``; nothing else changes. A stage with one
 objective (the teacher's) uses it whatever ``loss.name`` says; a stage with several picks by
-``loss.name``. :func:`objective_class` is also how :mod:`multieye_dist.config` validates the
-names and variants.
+``loss.name``. The names and variants a config may choose are
+:data:`multieye_dist.config.OBJECTIVE_CHOICES`, which :func:`register` fills.
 
 Nothing here reads a tensor back to the host: the gate and the finite checks stay on the device
-(see :mod:`multieye_dist.losses`), and labels were range-checked where the shard reader parsed
+(see :mod:`multieye_dist.model.losses`), and labels were range-checked where the shard reader parsed
 them (:mod:`multieye_dist.data.schema`), so the losses are called with ``check_labels=False``.
 """
 
@@ -29,17 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multieye_dist.concepts import concept_findings, load_bank
+from multieye_dist.config import LossConfig, objective_name, register_objective
+from multieye_dist.core.resources import user_path
 from multieye_dist.data.stream import Batch
 from multieye_dist.data.synth import FINDING_PROBS
-from multieye_dist.losses import LossOutput, fundus_only_loss, octcoda_loss
-from multieye_dist.model import param_dtype
-from multieye_dist.oracle import OracleTeacher
-from multieye_dist.resources import user_path
+from multieye_dist.model.concept_model import param_dtype
+from multieye_dist.model.concepts import concept_findings, load_bank
+from multieye_dist.model.losses import LossOutput, fundus_only_loss, octcoda_loss
+from multieye_dist.model.oracle import OracleTeacher
 
 if TYPE_CHECKING:
-    from multieye_dist.config import Config, LossConfig
-    from multieye_dist.model import ConceptModel, FrozenTeacher
+    from multieye_dist.config import Config
+    from multieye_dist.model.concept_model import ConceptModel, FrozenTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -99,41 +100,17 @@ OBJECTIVES: dict[str, dict[str, type[Objective]]] = {}  # stage -> loss.name -> 
 
 
 def register(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: make ``cls`` selectable by its ``stage`` and ``name``."""
+    """Class decorator: make ``cls`` selectable by its ``stage`` and ``name`` (and a config
+    choice: :func:`multieye_dist.config.register_objective`)."""
+    register_objective(cls.stage, cls.name, cls.variants)
     OBJECTIVES.setdefault(cls.stage, {})[cls.name] = cls
     return cls
 
 
-def _known_variants() -> list[str]:
-    classes = [c for by_name in OBJECTIVES.values() for c in by_name.values()]
-    return sorted({v for c in classes for v in c.variants})
-
-
 def objective_class(stage: str, loss: LossConfig) -> type[Objective]:
-    """The objective for ``train.stage`` and the ``loss`` section; ValueError naming the option
-    and its choices when there is none."""
-    if stage not in OBJECTIVES:
-        raise ValueError(f"train.stage={stage!r}: choose one of {', '.join(sorted(OBJECTIVES))}")
-    by_name = OBJECTIVES[stage]
-    known = sorted({n for names in OBJECTIVES.values() for n in names})
-    if loss.name not in known:  # a typo is an error even where the stage does not read it
-        raise ValueError(f"loss.name={loss.name!r}: choose one of {', '.join(known)}")
-    if len(by_name) == 1:
-        cls = next(iter(by_name.values()))
-    elif loss.name in by_name:
-        cls = by_name[loss.name]
-    else:
-        raise ValueError(
-            f"loss.name={loss.name!r} for train.stage={stage}: choose one of "
-            f"{', '.join(sorted(by_name))}"
-        )
-    choices = cls.variants or _known_variants()
-    if loss.variant not in choices:
-        raise ValueError(
-            f"loss.variant={loss.variant!r} for loss.name={cls.name}: choose one of "
-            f"{', '.join(choices)}"
-        )
-    return cls
+    """The objective for ``train.stage`` and the ``loss`` section (ConfigError, a ValueError,
+    naming the option and its choices when there is none: :func:`objective_name`)."""
+    return OBJECTIVES[stage][objective_name(stage, loss)]
 
 
 def build_objective(cfg: Config, device: torch.device) -> Objective:
@@ -270,7 +247,7 @@ class OctCoda(Objective):
         fused = self.impl == "triton"
         zo, to, yo = self._teacher(teacher, batch, partner, batch.partner_label, fused)
         if fused:
-            from multieye_dist.kernels import octcoda_loss_fused
+            from multieye_dist.model.kernels import octcoda_loss_fused
 
             logits, emb = model(x, return_embeddings=True)
             out = octcoda_loss_fused(
@@ -403,7 +380,7 @@ def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.T
 def resolve_loss_impl(loss: LossConfig, device: torch.device) -> str:
     """``loss.impl`` to "triton" or "torch". The kernel computes the paper variant (either
     contrastive scope); the official variant runs in PyTorch (auto) or is an error (triton)."""
-    from multieye_dist.kernels import resolve_impl
+    from multieye_dist.model.kernels import resolve_impl
 
     impl = resolve_impl(loss.impl, device)
     if impl == "triton" and loss.variant != "paper":

@@ -2,7 +2,7 @@
 
 A section is a frozen dataclass whose fields are type-checked and coerced on construction
 (:class:`Section`). It lives here, not in :mod:`multieye_dist.config`, so that a module can define
-its own section without importing the whole config: :mod:`multieye_dist.tracking` defines the
+its own section without importing the whole config: :mod:`multieye_dist.track.tracking` defines the
 ``tracking`` section next to the backends it configures, and config.py imports it, as it imports
 ``ModelConfig`` from model.py. config.py re-exports :class:`ConfigError`.
 

@@ -1,0 +1,1 @@
+"""The cluster layer: Slurm jobs through submitit, sweeps, the offline search, summaries."""

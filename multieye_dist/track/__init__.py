@@ -1,0 +1,1 @@
+"""The tracking layer: metrics, the run directory's records, W&B, pictures."""
