@@ -28,7 +28,7 @@ from multieye_dist.model.concepts import load_bank
 from multieye_dist.model.losses import octcoda_loss
 from multieye_dist.train import engine as E
 
-BANK = Path(__file__).resolve().parents[1] / "multieye_dist/configs/concepts/minilm-l6.safetensors"
+BANK = Path(__file__).resolve().parents[1] / "configs/concepts/minilm-l6.safetensors"
 MODES = ("fp32", "autocast-bf16", "bf16")
 
 

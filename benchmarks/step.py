@@ -31,7 +31,7 @@ from multieye_dist.model.concepts import load_bank
 from multieye_dist.model.losses import _gate_rule, contrastive_loss, gate_distances
 
 ROOT = Path(__file__).resolve().parents[1]
-BANK = ROOT / "multieye_dist" / "configs" / "concepts" / "minilm-l6.safetensors"
+BANK = ROOT / "configs" / "concepts" / "minilm-l6.safetensors"
 
 # name -> overrides over "everything on" (the defaults of PerfConfig, autocast-bf16, auto loss)
 VARIANTS = {
@@ -174,7 +174,7 @@ def release_step_fn(backbone: str, device: torch.device, image_size: int):
 def our_job(args, shards: Path, teacher: Path, out: Path, overrides: list[str]):
     from multieye_dist.train.loop import setup
 
-    cfg = load_config(ROOT / "multieye_dist" / "configs" / "distill.yaml", [
+    cfg = load_config(ROOT / "configs" / "distill.yaml", [
         f"model.backbone={args.backbone}", f"data.shards={shards}",
         f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
         f"data.samples_per_epoch={args.batch_size * (args.steps + args.warmup + 2)}",

@@ -1,7 +1,7 @@
 """Run configuration: dataclass defaults <- YAML diff (optional ``base:``) <- dotted CLI overrides.
 
 The defaults live in ONE place, the dataclasses below; the shipped YAML files
-(``multieye_dist/configs/``, package data) only state what differs. Every section is a *frozen*
+(``configs/``, package data) only state what differs. Every section is a *frozen*
 dataclass (like :class:`multieye_dist.model.concept_model.ModelConfig`, which is reused as the
 ``model`` section): a resolved config cannot drift during a run, and code
 that needs a variant makes one with :func:`dataclasses.replace`. Library functions take the

@@ -51,7 +51,7 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     from multieye_dist.model.concepts import load_bank
 
     bank, sentences, _ = load_bank(
-        Path(__file__).resolve().parents[1] / "multieye_dist/configs/concepts/minilm-l6.safetensors"
+        Path(__file__).resolve().parents[1] / "configs/concepts/minilm-l6.safetensors"
     )
     cfg = ModelConfig(backbone="test_resnet")
     torch.manual_seed(0)

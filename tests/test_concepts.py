@@ -24,7 +24,7 @@ from multieye_dist.model.concepts import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "multieye_dist" / "configs"
+SHIPPED = REPO / "configs"
 SENTENCES_TXT = SHIPPED / "multieye_concepts.txt"
 SHIPPED_BANK = SHIPPED / "concepts" / "minilm-l6.safetensors"
 FINDINGS_BANK = SHIPPED / "concepts" / "synth-findings-minilm.safetensors"

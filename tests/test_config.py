@@ -22,7 +22,7 @@ from multieye_dist.config import (
 )
 from multieye_dist.model.concept_model import ModelConfig as ModelModelConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "multieye_dist" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def write(path: Path, text: str) -> Path:

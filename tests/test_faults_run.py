@@ -34,10 +34,10 @@ from multieye_dist.track.records import read_metrics
 from multieye_dist.train.signals import Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
-BANK = ROOT / "multieye_dist" / "configs" / "concepts" / "minilm-l6.safetensors"
+BANK = ROOT / "configs" / "concepts" / "minilm-l6.safetensors"
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # the launchers need a file; the overrides say the rest
-PLAIN = ROOT / "multieye_dist" / "configs" / "distill.yaml"
+PLAIN = ROOT / "configs" / "distill.yaml"
 
 
 def _tiny(shards: Path, out: Path, *extra: str) -> list[str]:

@@ -298,7 +298,7 @@ def test_cuda_fused_loss_in_a_training_step(
     seed = fresh_seed()
     desc = f"seed={seed} {precision}"
     torch.manual_seed(seed)
-    bank = load_bank(ROOT / "multieye_dist" / "configs" / "concepts" / "minilm-l6.safetensors")[0]
+    bank = load_bank(ROOT / "configs" / "concepts" / "minilm-l6.safetensors")[0]
     cfg = ModelConfig(backbone="test_resnet")
     bf16 = precision == "autocast-bf16"
     student = ConceptModel(cfg, bank).cuda().train()

@@ -212,7 +212,7 @@ def test_online_sweep_hand_off_without_the_network(sweep_launcher, tmp_path):
 
     task = sweep_launcher.AgentTask(
         "sweep1",
-        str(ROOT / "multieye_dist" / "configs" / "demo.yaml"),
+        str(ROOT / "configs" / "demo.yaml"),
         ["train.epochs=1"],
         str(tmp_path),
     )

@@ -19,7 +19,7 @@ from multieye_dist.model.concepts import load_bank
 from multieye_dist.model.losses import octcoda_loss
 from multieye_dist.train import objectives as O
 
-BANK = Path(__file__).resolve().parents[1] / "multieye_dist/configs/concepts/minilm-l6.safetensors"
+BANK = Path(__file__).resolve().parents[1] / "configs/concepts/minilm-l6.safetensors"
 CPU = torch.device("cpu")
 
 

@@ -19,7 +19,7 @@ from multieye_dist.model.losses import octcoda_loss
 from multieye_dist.train.objectives import build_objective
 
 ROOT = Path(__file__).resolve().parents[1]
-BANK = ROOT / "multieye_dist" / "configs" / "concepts" / "minilm-l6.safetensors"
+BANK = ROOT / "configs" / "concepts" / "minilm-l6.safetensors"
 
 
 def _models():

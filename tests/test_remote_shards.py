@@ -168,7 +168,7 @@ def test_resolve_shards_keeps_urls_and_resolves_paths(tmp_path, monkeypatch):
     for url in ("http://h/p", "https://h/p/", "file:///x", "pipe:cat /x/{name}"):
         assert remote.resolve_shards(url) == url
     monkeypatch.chdir(tmp_path)
-    shipped = Path(__file__).resolve().parents[1] / "multieye_dist" / "configs"
+    shipped = Path(__file__).resolve().parents[1] / "configs"
     assert remote.resolve_shards("configs") == shipped  # else the package's data of that path
     (tmp_path / "configs").mkdir()
     assert remote.resolve_shards("configs") == Path("configs")  # the working directory first

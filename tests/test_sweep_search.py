@@ -250,7 +250,7 @@ def test_resubmit_submits_one_array_of_the_unfinished(launcher, monkeypatch, cap
     search.tell(out, 0, "complete", 0.3)
     manifest = {
         "name": "sw", "method": "bayes", "metric": METRIC, "mode": "offline",
-        "config": str(ROOT / "multieye_dist/configs/demo.yaml"), "overrides": ["train.epochs=1"],
+        "config": str(ROOT / "configs/demo.yaml"), "overrides": ["train.epochs=1"],
         "runs": [], "dir": str(out), "spec": SPEC, "seed": 0, "count": 3,
         "job_ids": ["5_0", "5_1", "5_2"],
     }  # fmt: skip
@@ -384,7 +384,7 @@ def _pruned_run(rank: int, world: int, shards: str, out: str, calls: str) -> Non
         return epoch == 1
 
     cfg = load_config(
-        ROOT / "multieye_dist/configs/demo.yaml",
+        ROOT / "configs/demo.yaml",
         tiny_overrides(shards, out, "train.stage=distill", "loss.name=fundus-only",
                        "train.epochs=3", "data.samples_per_epoch=16", "tracking.backend=local"),
     )  # fmt: skip

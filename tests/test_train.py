@@ -24,7 +24,7 @@ from multieye_dist.track.records import RUN_ID_FILE, SUMMARY_FILE, read_metrics
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-BANK = ROOT / "multieye_dist" / "configs" / "concepts" / "minilm-l6.safetensors"
+BANK = ROOT / "configs" / "concepts" / "minilm-l6.safetensors"
 STEPS_PER_EPOCH = 8  # 128 samples / 2 ranks / batch 8
 
 

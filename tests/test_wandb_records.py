@@ -27,7 +27,7 @@ from multieye_dist.track.tracking import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ROOT / "multieye_dist" / "configs" / "sweeps" / "distill.yaml"
+SWEEP = ROOT / "configs" / "sweeps" / "distill.yaml"
 NAMES = ["a", "b", "c"]
 DEV_F1S = [0.5, 0.8, 0.6]  # the best epoch is not the last one
 

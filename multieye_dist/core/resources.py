@@ -2,9 +2,10 @@
 
 The run configs (``configs/*.yaml``), the sweep files (``configs/sweeps/``), the default concept
 banks (``configs/concepts/*.safetensors``) and the release's concept sentences
-(``configs/multieye_concepts.txt``) are package data: they live in ``multieye_dist/configs/`` and
-are found through :mod:`importlib.resources`, so they work from a wheel installed anywhere, not
-only from a checkout.
+(``configs/multieye_concepts.txt``) live in the checkout's top-level ``configs/`` folder, and a
+wheel carries them as package data (``configs/``, found through
+:mod:`importlib.resources`), so they work from a wheel installed anywhere, not only from a
+checkout.
 
 A relative path a user gives (``--config``, ``concepts.bank``, ``teacher.checkpoint``,
 ``data.shards``) is looked up in the working directory first, then in the package's data: the
@@ -44,7 +45,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PACKAGE = "multieye_dist"
-CONFIG_DIR = "configs"  # inside the package: configs, sweeps/, concepts/, the sentences
+CONFIG_DIR = "configs"  # configs, sweeps/, concepts/, the sentences
+_CHECKOUT = Path(__file__).resolve().parents[2]  # multieye_dist/core/resources.py -> the root
 
 # A package imported from a zip archive has no files on disk: a resource read from there is
 # extracted to a temporary file that must outlive the caller (a bank is loaded by path), so the
@@ -63,6 +65,10 @@ def _relative(path: str | os.PathLike) -> PurePosixPath | None:
 
 def _node(rel: PurePosixPath) -> Traversable:
     node = resources.files(PACKAGE)
+    if rel.parts[0] == CONFIG_DIR and isinstance(node, Path) and not (node / CONFIG_DIR).is_dir():
+        # A checkout, or an editable install of one: the configs are the top-level folder
+        # beside the package. A wheel carries them inside it (pyproject.toml's package-dir).
+        node = _CHECKOUT
     for part in rel.parts:
         node = node.joinpath(part)
     return node

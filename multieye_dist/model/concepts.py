@@ -7,7 +7,7 @@ model only reads ``C`` (``s = v C^T``); it is never trained.
 Three pieces:
 
 * :func:`load_sentences` reads the sentence list (one per line; the release's is package data,
-  ``multieye_dist/configs/multieye_concepts.txt``).
+  ``configs/multieye_concepts.txt``).
 * :func:`encode` runs a Hugging Face text encoder from a **local** directory (``transformers`` is an
   optional extra, imported lazily; nothing is ever downloaded: ``local_files_only=True``).
 * :func:`save_bank` / :func:`load_bank` store the bank as a safetensors file (tensor key
