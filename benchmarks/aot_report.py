@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 
 import torch
 
@@ -33,8 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=_ints, default=None, help="tiles M,N,D,WARPS")
     args = p.parse_args(argv)
 
-    import triton
-
     from multieye_dist.model.kernels import LaunchConfig, aot
 
     config = None
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [DTYPES[x] for x in args.dtype.split(",")]
     rows = aot.compile_all(args.arch, dtypes, args.k or aot.CONCEPTS, config=config)
     print(
-        f"triton {triton.__version__}, batch {aot.BATCH}, D {aot.DIM}, {aot.CLASSES} classes; "
+        f"triton {version('triton')}, batch {aot.BATCH}, D {aot.DIM}, {aot.CLASSES} classes; "
         f"tiles {'from --config' if config else 'from LaunchConfig.choose (GPU)'}"
     )
     print(aot.table(rows), flush=True)

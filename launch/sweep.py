@@ -23,12 +23,12 @@ overrides, same run directories: they resume from their checkpoints; a bayes run
 under a new trial, and the tasks that never got a trial ask for one); give the Slurm options
 again, not the overrides. Refused while a task of the sweep is still queued or running.
 
-The W&B sweep agent lives here, not in the library: choosing a run's parameters is the sweep
-controller's business, not tracking's, and this launcher is the one place besides
-multieye_dist.track.tracking allowed to import wandb. AgentTask is defined in this script, which
-runs as __main__, so submitit's cloudpickle ships the class by value; what it uses by import
-(multieye_dist.cluster.submit.TrainTask, multieye_dist.track.tracking, multieye_dist.cluster.sweeps)
-is installed on the nodes, and it uses nothing from launch/common.py. BayesTask likewise.
+The tasks live here: AgentTask (an online sweep's agent step, through the W&B sweep controller
+of multieye_dist.track.tracking, which owns wandb) and BayesTask (an offline bayes trial,
+through multieye_dist.cluster.search, which owns optuna); submitit stays multieye_dist.cluster's
+import. This script runs as __main__, so submitit's cloudpickle ships the classes by value; what
+they use by import (multieye_dist.cluster, multieye_dist.track.tracking) is installed on the
+nodes, and they use nothing from launch/common.py.
 """
 
 from __future__ import annotations
@@ -50,49 +50,24 @@ from multieye_dist.cluster import summaries, sweeps  # noqa: E402
 from multieye_dist.cluster.submit import (  # noqa: E402
     SubmissionError,
     TrainTask,
+    job_place,
     make_executor,
+    resubmission,
     submit_array,
 )
 from multieye_dist.config import load_config  # noqa: E402
 from multieye_dist.core.atomic import write_text  # noqa: E402
 from multieye_dist.core.resources import config_argument, path_argument  # noqa: E402
 from multieye_dist.track.records import write_run_id
-from multieye_dist.track.tracking import TrackingConfig  # noqa: E402
+from multieye_dist.track.tracking import (  # noqa: E402
+    create_wandb_sweep,
+    next_wandb_sweep_run,
+)
 
 HANDOFF_WAIT_S = 900  # how long a task's other ranks wait for rank 0's agent step
 
 
 # ----------------------------------------------------------------------------- online sweeps
-
-
-def create_sweep(spec: Mapping[str, Any], tracking: TrackingConfig) -> str:
-    """Register a sweep (a validated W&B sweep dict) on the W&B server; returns its id.
-    Needs the network and WANDB_API_KEY in the environment."""
-    import wandb
-
-    spec = {k: v for k, v in spec.items() if k != "tpe"}  # ours: the offline sampler's options
-    return str(wandb.sweep(spec, project=tracking.project, entity=tracking.entity))
-
-
-def next_sweep_run(sweep_id: str, tracking: TrackingConfig) -> tuple[str, dict[str, Any]]:
-    """One agent step: the run id and parameters the sweep controller chose next. The run is
-    then continued by the training's Tracker with that id (``resume="allow"`` online), which
-    logs the training itself."""
-    import wandb
-
-    from multieye_dist.track.tracking import wandb_settings
-
-    got: dict[str, Any] = {}
-
-    def take() -> None:
-        run = wandb.init(settings=wandb_settings(wandb))
-        got.update(run_id=run.id, params=dict(run.config))
-        run.finish()
-
-    wandb.agent(sweep_id, function=take, count=1, project=tracking.project, entity=tracking.entity)
-    if "run_id" not in got:
-        raise RuntimeError(f"sweep {sweep_id}: the agent got no run (sweep finished?)")
-    return got["run_id"], got["params"]
 
 
 def hand_off(
@@ -160,14 +135,14 @@ class AgentTask:
         self.sweep_dir, self.max_requeues = sweep_dir, max_requeues
 
     def __call__(self) -> dict[str, Any]:
-        import submitit
-
-        job_env = submitit.JobEnvironment()
-        record = hand_off(self.sweep_dir, str(job_env.job_id), job_env.global_rank, self._next)
+        job_id, rank = job_place()
+        record = hand_off(self.sweep_dir, job_id, rank, self._next)
         return TrainTask(self.config, self.train_overrides(record), self.max_requeues)()
 
     def _next(self) -> tuple[str, dict[str, Any]]:
-        return next_sweep_run(self.sweep_id, load_config(self.config, self.overrides).tracking)
+        return next_wandb_sweep_run(
+            self.sweep_id, load_config(self.config, self.overrides).tracking
+        )
 
     def train_overrides(self, record: Mapping[str, Any]) -> list[str]:
         """The base overrides, the run's parameters, its directory, and W&B online (the run
@@ -181,9 +156,7 @@ class AgentTask:
         ]
 
     def checkpoint(self, *args: Any, **kwargs: Any):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(
+        return resubmission(
             AgentTask(self.sweep_id, self.config, self.overrides, self.sweep_dir, self.max_requeues)
         )
 
@@ -216,12 +189,9 @@ class BayesTask:
         self.continues = continues
 
     def __call__(self) -> dict[str, Any]:
-        import submitit
-
         from multieye_dist.cluster import search
 
-        job_env = submitit.JobEnvironment()
-        rank, job_id = job_env.global_rank, str(job_env.job_id)
+        job_id, rank = job_place()
         path = Path(self.sweep_dir) / "trials" / f"{job_id}.json"
         record = shared_record(path, rank, lambda: self.ask(job_id))
         hook = search.TrialHook(self.sweep_dir, self.spec, record["trial"])
@@ -253,9 +223,7 @@ class BayesTask:
         return run_overrides(self.overrides, self.tag, record)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(
+        return resubmission(
             BayesTask(
                 self.config, self.overrides, self.sweep_dir, self.spec, self.seed, self.tag,
                 self.max_requeues, self.continues,
@@ -403,7 +371,7 @@ def submit(args: argparse.Namespace) -> int:
         tasks = offline_tasks(manifest, runs, n_fresh, args.max_requeues)
     else:
         base = load_config(args.config, args.overrides)
-        manifest["sweep_id"] = create_sweep(spec, base.tracking)
+        manifest["sweep_id"] = create_wandb_sweep(spec, base.tracking)
         cfg = manifest["config"]
         tasks = [
             AgentTask(manifest["sweep_id"], cfg, args.overrides, str(out), args.max_requeues)

@@ -253,6 +253,22 @@ class TrainTask:
         )
 
 
+def job_place() -> tuple[str, int]:
+    """(job id, global rank) of the Slurm task this runs in (submitit's JobEnvironment)."""
+    import submitit
+
+    env = submitit.JobEnvironment()
+    return str(env.job_id), env.global_rank
+
+
+def resubmission(task: Callable[[], Any]) -> Any:
+    """What a task's ``checkpoint`` returns to be requeued as `task` (submitit's
+    DelayedSubmission)."""
+    import submitit
+
+    return submitit.helpers.DelayedSubmission(task)
+
+
 def _quiet_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(

@@ -354,6 +354,37 @@ def wandb_settings(
     )
 
 
+# The W&B sweep controller, for launch/sweep.py: wandb stays this module's import.
+
+
+def create_wandb_sweep(spec: Mapping[str, Any], tracking: TrackingConfig) -> str:
+    """Register a sweep (a validated W&B sweep dict) on the W&B server; returns its id.
+    Needs the network and WANDB_API_KEY in the environment."""
+    import wandb
+
+    spec = {k: v for k, v in spec.items() if k != "tpe"}  # ours: the offline sampler's options
+    return str(wandb.sweep(spec, project=tracking.project, entity=tracking.entity))
+
+
+def next_wandb_sweep_run(sweep_id: str, tracking: TrackingConfig) -> tuple[str, dict[str, Any]]:
+    """One agent step: the run id and parameters the sweep controller chose next. The run is
+    then continued by the training's Tracker with that id (``resume="allow"`` online), which
+    logs the training itself."""
+    import wandb
+
+    got: dict[str, Any] = {}
+
+    def take() -> None:
+        run = wandb.init(settings=wandb_settings(wandb))
+        got.update(run_id=run.id, params=dict(run.config))
+        run.finish()
+
+    wandb.agent(sweep_id, function=take, count=1, project=tracking.project, entity=tracking.entity)
+    if "run_id" not in got:
+        raise RuntimeError(f"sweep {sweep_id}: the agent got no run (sweep finished?)")
+    return got["run_id"], got["params"]
+
+
 def code_version() -> dict[str, Any]:
     """The package version and, from a git checkout, the commit and whether the tree had
     uncommitted changes (None for both outside a checkout, e.g. an installed wheel)."""
