@@ -415,7 +415,8 @@ def _add_config(sub) -> None:
         help="every config key with its type, value, default and help",
         description="Print every key of the resolved config (the defaults, or --config with "
         "its base chain, then the overrides): its type, its value, its default where the value "
-        "differs, and one line of help taken from the comments in multieye_dist/config.py.",
+        "differs, and one line of help taken from the comments beside each field where its "
+        "section is defined.",
     )
     add_config_option(show)
     show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")

@@ -274,3 +274,16 @@ def test_deepspeed_compile_is_announced_only_when_not_built(tmp_path, monkeypatc
     built.parent.mkdir()
     built.write_bytes(b"\x7fELF")
     assert jit_builds_pending() == []
+
+
+def test_deepspeed_builds_go_to_this_environments_own_folder(monkeypatch, tmp_path):
+    import sys
+
+    from multieye_dist.train.engine import use_own_extensions_dir
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")  # recorded, so that teardown restores it
+    own = use_own_extensions_dir()
+    assert own == os.environ["TORCH_EXTENSIONS_DIR"]
+    assert own == str(Path(sys.prefix) / "var" / "torch_extensions")  # the venv: writable
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # the user's choice wins
+    assert use_own_extensions_dir() == str(tmp_path)

@@ -5,10 +5,11 @@ out to its backends. The local backend (``metrics.jsonl`` + ``summary.json``) is
 Why an interface: the trainer, the config and the launchers only know :class:`Tracker` and the
 ``tracking`` config section (:class:`TrackingConfig`, defined here and assembled into the run
 config by :mod:`multieye_dist.config`); which service receives the numbers is this module's
-business. This is the only library module that imports ``wandb``, and it does so lazily (when a
-W&B run starts), so importing it costs nothing, and ``tracking.backend=local`` or
-``tracking.wandb.mode=disabled`` never loads wandb at all. (The W&B *sweep agent* is not
-tracking: it lives in ``launch/sweep.py``.)
+business. This is the only module that imports ``wandb``, and it does so lazily (when a W&B run
+starts), so importing it costs nothing, and ``tracking.backend=local`` or
+``tracking.wandb.mode=disabled`` never loads wandb at all. The sweep launcher (``launch/sweep.py``)
+reaches the W&B sweep controller through it too (:func:`create_wandb_sweep`,
+:func:`next_wandb_sweep_run`).
 
 What a :class:`Tracker` on rank 0 writes under ``run_dir`` (other ranks write nothing):
 

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
 import stat
+import sys
 import zipfile
 from collections.abc import Iterator
 from datetime import timedelta
@@ -67,6 +69,22 @@ STATE_FILE = "trainer_state.json"
 _JIT_OPS = {"ShareMemCommBuilder": "about a minute"}
 
 
+def use_own_extensions_dir() -> str:
+    """Point torch's extension cache at this Python environment's own folder, unless the user
+    chose one (TORCH_EXTENSIONS_DIR). The default, ~/.cache/torch_extensions, is shared by every
+    environment of the user: a build made from another environment's DeepSpeed has other include
+    paths, so torch rebuilds it (a silent minute or more at every start, back and forth when two
+    environments alternate, and on every node of a cluster with a shared $HOME)."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        prefix = Path(sys.prefix)
+        own = prefix / "var" / "torch_extensions"
+        if not os.access(prefix, os.W_OK):  # a system installation: a folder per environment
+            tag = hashlib.sha256(str(prefix.resolve()).encode()).hexdigest()[:12]
+            own = Path.home() / ".cache" / "torch_extensions" / f"env-{tag}"
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(own)
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
 def jit_builds_pending() -> list[tuple[str, str]]:
     """(name, expected duration) of the DeepSpeed ops that joining the process group will
     compile now: compatible with this machine, not in DeepSpeed's wheel nor in torch's
@@ -81,7 +99,7 @@ def jit_builds_pending() -> list[tuple[str, str]]:
         from deepspeed.git_version_info import installed_ops
     except ImportError:
         installed_ops = {}
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    root = use_own_extensions_dir() or get_default_build_root()
     pending = []
     for builder_name in _JIT_OPS:
         builder = get_accelerator().create_op_builder(builder_name)
@@ -113,7 +131,7 @@ def _announce_jit_builds(env: DistEnv) -> None:
             "cores; cached in %s)",
             name,
             duration,
-            os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions",
+            use_own_extensions_dir(),
         )
 
 
@@ -122,6 +140,7 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: int = 1800) 
     import deepspeed
 
     export(env)
+    use_own_extensions_dir()  # before DeepSpeed builds anything
     _announce_jit_builds(env)
     with _prints_to_debug():
         deepspeed.init_distributed(
