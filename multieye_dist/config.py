@@ -124,11 +124,11 @@ class TeacherConfig(_Section):
 class LossConfig(_Section):
     """As in the release: ``alpha`` scales the contrastive term, ``beta`` the prototype term.
 
-    ``name`` and ``variant`` choose an objective of :mod:`multieye_dist.train.objectives` (its
-    registry is the list of choices, checked with ``train.stage`` in :class:`Config`): ``octcoda``
-    (variants ``paper``, ``official``: METHOD.md "Where the released code differs") or
-    ``fundus-only`` (cross-entropy on fundus, no teacher). The teacher stage has one objective
-    and does not read them."""
+    ``name`` and ``variant`` choose an objective of :mod:`multieye_dist.train.objectives`
+    (:data:`OBJECTIVE_CHOICES` lists them, checked with ``train.stage`` in :class:`Config`):
+    ``octcoda`` (variants ``paper``, ``official``: docs/method.md, "Where the released code
+    differs") or ``fundus-only`` (cross-entropy on fundus, no teacher). The teacher stage has one
+    objective and does not read them."""
 
     _key: ClassVar[str] = "loss"
     name: str = "octcoda"
