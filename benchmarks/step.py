@@ -2,10 +2,11 @@
 a release-style baseline, on tensors already on the device and fed by the real loader.
 
 One step = student forward and backward, teacher forward, OCT-CoDA loss, optimizer step. Ours
-is ``multieye_dist.train.loop.train_step`` on the DeepSpeed engine that ``train.setup`` builds, so
-the benchmark times the training code itself; switches are ``perf.*``, ``loss.impl`` and
-``train.precision`` overrides. The baseline is the release's step: fp16 autocast with a grad
-scaler, NCHW, plain PyTorch AdamW, per-sample Python loop for the prototypes, eager.
+is ``multieye_dist.train.loop.train_step`` on the DeepSpeed engine that
+``multieye_dist.train.setup.setup`` builds, so the benchmark times the training code itself;
+switches are ``perf.*``, ``loss.impl`` and ``train.precision`` overrides. The baseline is the
+release's step: fp16 autocast with a grad scaler, NCHW, plain PyTorch AdamW, per-sample Python
+loop for the prototypes, eager.
 
     python benchmarks/step.py                       # GPU: resnet50, 512 px, batch 64
     python benchmarks/step.py --device cpu --smoke  # a tiny CPU run of every row
@@ -28,7 +29,7 @@ from multieye_dist.data.stream import Batch, StreamStats
 from multieye_dist.model.checkpoint import export_inference
 from multieye_dist.model.concept_model import ConceptModel, ModelConfig
 from multieye_dist.model.concepts import load_bank
-from multieye_dist.model.losses import _gate_rule, contrastive_loss, gate_distances
+from multieye_dist.model.losses import contrastive_loss, distillation_gate
 
 ROOT = Path(__file__).resolve().parents[1]
 BANK = ROOT / "configs" / "concepts" / "minilm-l6.safetensors"
@@ -154,7 +155,7 @@ def release_step_fn(backbone: str, device: torch.device, image_size: int):
         yf, yo = batch.label, batch.partner_label
         zf, sf, zo, so = zf.float(), sf.float(), zo.float(), so.float()
         loss = F.cross_entropy(zf, yf)
-        if bool(_gate_rule(*gate_distances(zf, zo, yf))):
+        if bool(distillation_gate(zf, zo, yf)):
             proto = release_prototype_loss(sf, yf, so.detach(), yo)
             con = contrastive_loss(sf, so, yf, yo, temperature=10.0, variant="official")
             distill = 0.05 * proto + 0.6 * con
@@ -172,7 +173,7 @@ def release_step_fn(backbone: str, device: torch.device, image_size: int):
 
 
 def our_job(args, shards: Path, teacher: Path, out: Path, overrides: list[str]):
-    from multieye_dist.train.loop import setup
+    from multieye_dist.train.setup import setup
 
     cfg = load_config(ROOT / "configs" / "distill.yaml", [
         f"model.backbone={args.backbone}", f"data.shards={shards}",

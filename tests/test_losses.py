@@ -18,6 +18,7 @@ from multieye_dist.model import losses as L
 from multieye_dist.model.losses import (
     LossOutput,
     contrastive_loss,
+    distillation_gate,
     fundus_only_loss,
     gate_distances,
     octcoda_loss,
@@ -36,7 +37,7 @@ VARIANTS = ["paper", "official"]
 
 def gate(zf: torch.Tensor, zo: torch.Tensor, y: torch.Tensor) -> bool:
     """The batch gate as octcoda_loss decides it, read to the host."""
-    return bool(L._gate_rule(*gate_distances(zf, zo, y)))
+    return bool(distillation_gate(zf, zo, y))
 
 
 def val(t: torch.Tensor) -> float:
@@ -679,7 +680,7 @@ def test_bad_options_raise(kwargs: dict, match: str) -> None:
 
 def test_fundus_only_equals_cross_entropy() -> None:
     b = make_batch(12, dtype=torch.float32)
-    out = fundus_only_loss(b["student_logits"], b["student_labels"], teacher_sims=None)
+    out = fundus_only_loss(b["student_logits"], b["student_labels"])
     want = F.cross_entropy(b["student_logits"], b["student_labels"])
     assert torch.equal(out.total, want) and torch.equal(out.cls, want)
     assert val(out.prototype) == 0.0 and val(out.contrastive) == 0.0 and bool(out.gated) is False

@@ -30,7 +30,6 @@ from multieye_dist.data.synth import (
     class_counts,
     fundus_image,
     generate,
-    likeliest_findings,
     oct_image,
     sample_findings,
 )
@@ -100,6 +99,11 @@ def test_finding_frequencies_match_the_table():
         p = FINDING_PROBS[label]
         tolerance = 5 * np.sqrt(p * (1 - p) / n) + 1e-3
         np.testing.assert_array_less(np.abs(counts / n - p), tolerance, err_msg=f"class {label}")
+
+
+def likeliest_findings(label: int) -> tuple[int, ...]:
+    """The class's most likely combination (findings independent: those with p > 1/2)."""
+    return tuple(int(i) for i in np.flatnonzero(FINDING_PROBS[label] > 0.5))
 
 
 def test_each_class_has_its_own_likeliest_combination():

@@ -477,25 +477,6 @@ def _op_groups(
     return groups, key
 
 
-def apply_op(images: torch.Tensor, name: str, args: Sequence[float]) -> torch.Tensor:
-    """One RandAugment op by timm's name, with each sample's argument as timm's op function takes
-    it (degrees, factor, bits, ...), on uint8 or integer-valued float ``[n, C, S, S]``; returns
-    float32. For checks against PIL and debugging; training goes through :class:`TrainAugment`.
-    Geometric ops on a grey batch need three channels (the fill colour is not grey)."""
-    x = images.to(torch.float32)
-    n, c, h, w = x.shape
-    if len(args) != n:
-        raise ValueError(f"{len(args)} args for {n} images")
-    if name in GEOMETRIC_OPS and h != w:
-        raise ValueError(f"{name}: square images only (RandAugment runs at S x S)")
-    if name in GEOMETRIC_OPS and c != 3:
-        raise ValueError(f"{name}: needs 3 channels (timm's fill colour {FILL} is not grey)")
-    arg = torch.tensor([float(a) for a in args], dtype=torch.float64).to(x.device)
-    affine = torch.tensor([affine_coeffs(name, float(a), w) for a in args], dtype=torch.float64)
-    fill = torch.tensor(FILL[:c], dtype=torch.float32).to(x.device)
-    return _device_op(name)(x, arg, affine.view(n, 6).to(x.device), fill)
-
-
 # --------------------------------------------------------------------------- constants
 
 

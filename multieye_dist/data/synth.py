@@ -173,11 +173,6 @@ def sample_findings(rng: np.random.Generator, label: int) -> tuple[int, ...]:
     return tuple(int(i) for i in np.flatnonzero(rng.random(NUM_FINDINGS) < FINDING_PROBS[label]))
 
 
-def likeliest_findings(label: int) -> tuple[int, ...]:
-    """The class's most likely combination (findings independent: those with p > 1/2)."""
-    return tuple(int(i) for i in np.flatnonzero(FINDING_PROBS[label] > 0.5))
-
-
 def bayes_accuracy(priors: np.ndarray | None = None) -> float:
     """Accuracy of the best classifier that sees every image's findings exactly."""
     priors = np.full(NUM_CLASSES, 1 / NUM_CLASSES) if priors is None else np.asarray(priors)

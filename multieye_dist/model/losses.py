@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,30 +127,65 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
 
 
+def validate_logits_and_labels(
+    student_logits: Any,
+    student_labels: Any,
+    teacher_logits: Any = None,
+    teacher_labels: Any = None,
+    *,
+    check_labels: bool = True,
+) -> int:
+    """Check a loss's logits and labels; return the number of classes C.
+
+    Logits must be floating tensors [B, C] with B >= 1 and C >= 2, labels integer tensors [B].
+    The teacher's (pass both or neither) must match the student's shape: teacher row i is the
+    partner of student row i, and the gate pairs them. ``check_labels`` also checks that every
+    label lies in [0, C) (one host sync for all of them). Raises TypeError (not a tensor, wrong
+    dtype) or ValueError (shape, values) naming the argument. Used by :func:`octcoda_loss`,
+    :func:`fundus_only_loss` and :func:`multieye_dist.model.kernels.octcoda_loss_fused`.
+    """
+    _check_logits("student_logits", student_logits)
+    paired = teacher_logits is not None or teacher_labels is not None
+    if paired:
+        _check_logits("teacher_logits", teacher_logits)
+    b = student_logits.shape[0]
+    _check_labels("student_labels", student_labels, b, "student_logits")
+    num_classes = int(student_logits.shape[1])
+    labels = {"student_labels": student_labels}
+    if paired:
+        if teacher_logits.shape[0] != b:
+            raise ValueError(
+                "teacher batch must equal student batch: the gate pairs fundus sample i with OCT "
+                f"partner i; got student_logits {tuple(student_logits.shape)}, teacher_logits "
+                f"{tuple(teacher_logits.shape)}"
+            )
+        _check_labels("teacher_labels", teacher_labels, b, "teacher_logits")
+        if teacher_logits.shape[1] != num_classes:
+            raise ValueError(
+                f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                f"{tuple(teacher_logits.shape)} disagree on the number of classes"
+            )
+        labels["teacher_labels"] = teacher_labels
+    if check_labels:
+        _check_label_range(num_classes, **labels)
+    return num_classes
+
+
 def _validate_octcoda(
     zf: Any, sf: Any, yf: Any, zo: Any, so: Any, yo: Any, temperature: float, check_labels: bool
 ) -> int:
-    """Check the six inputs (label values too when ``check_labels``: one host sync); return the
-    number of classes."""
-    _check_logits("student_logits", zf)
-    _check_logits("teacher_logits", zo)
+    """Check the six inputs (label values too when ``check_labels``: one host sync, after every
+    other check); return the number of classes."""
+    num_classes = validate_logits_and_labels(zf, yf, zo, yo, check_labels=False)
     _check_sims("student_sims", sf)
     _check_sims("teacher_sims", so)
     b = zf.shape[0]
-    _check_labels("student_labels", yf, b, "student_logits")
     if sf.shape[0] != b:
         raise ValueError(f"student_sims batch {sf.shape[0]} != student_logits batch {b}")
-    if zo.shape[0] != b or so.shape[0] != b:
+    if so.shape[0] != b:
         raise ValueError(
             "teacher batch must equal student batch: the gate pairs fundus sample i with OCT "
-            f"partner i; got student_logits {tuple(zf.shape)}, teacher_logits "
-            f"{tuple(zo.shape)}, teacher_sims {tuple(so.shape)}"
-        )
-    _check_labels("teacher_labels", yo, b, "teacher_logits")
-    if zo.shape[1] != zf.shape[1]:
-        raise ValueError(
-            f"student_logits {tuple(zf.shape)} and teacher_logits {tuple(zo.shape)} "
-            "disagree on the number of classes"
+            f"partner i; got student_logits {tuple(zf.shape)}, teacher_sims {tuple(so.shape)}"
         )
     if so.shape[2] != sf.shape[2]:
         raise ValueError(
@@ -158,7 +194,6 @@ def _validate_octcoda(
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    num_classes = int(zf.shape[1])
     if check_labels:
         _check_label_range(num_classes, student_labels=yf, teacher_labels=yo)
     return num_classes
@@ -199,9 +234,16 @@ def gate_distances(
     return d_s, d_t, d_st
 
 
-def _gate_rule(d_s: torch.Tensor, d_t: torch.Tensor, d_st: torch.Tensor) -> torch.Tensor:
-    # SwitOKD's switch: distil only when the teacher is better than the student on this batch
-    # (d_t < d_s) and the two disagree by more than the adaptive threshold delta.
+def distillation_gate(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """The batch gate: a scalar bool tensor on the logits' device (no host sync), True when the
+    batch distils (docs/method.md step 2). ``labels``: the fundus labels (:func:`gate_distances`).
+
+    SwitOKD's switch: distil only when the teacher is better than the student on this batch
+    (d_t < d_s) and the two disagree by more than the adaptive threshold delta.
+    """
+    d_s, d_t, d_st = gate_distances(student_logits, teacher_logits, labels)
     eps = torch.exp(-d_t / (d_s + d_t))
     delta = d_s - eps * d_t
     return (d_st > delta) & (d_t < d_s)
@@ -336,8 +378,9 @@ def supcon_loss(
     return -torch.where(has_pos, mean_pos, zero).sum() / has_pos.sum().clamp(min=1)
 
 
-def _dist_world() -> tuple[int, int] | None:
-    """(rank, world_size) when a multi-process group is initialised, else None."""
+def dist_world() -> tuple[int, int] | None:
+    """(rank, world_size) when a process group of world size > 1 is initialised, else None:
+    whether ``contrastive_scope="global"`` (here and in the fused kernel) communicates."""
     import torch.distributed as dist  # lazy: the library imports without a process group
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
@@ -391,7 +434,7 @@ def contrastive_loss(
     feats = torch.cat([student_sims, teacher_sims.detach()], dim=0)  # [2B, L, K]
     labels = torch.cat([student_labels, teacher_anchor_labels]).long()
     n_local, start = feats.shape[0], 0
-    world = _dist_world() if scope == "global" else None
+    world = dist_world() if scope == "global" else None
     if world is not None:
         rank, size = world
         feat_parts = _all_gather_rows(feats, rank, size)
@@ -413,6 +456,47 @@ def contrastive_loss(
 
 
 # ----------------------------------------------------------------------------- the losses
+
+#: ``distill_terms(dtype, student_labels, teacher_labels) -> (prototype, contrastive, inputs)``:
+#: the unweighted distillation terms in ``dtype``, and the tensors they were computed from (views
+#: made for them alone, for :func:`add_distillation`). The labels are int64.
+DistillTerms = Callable[
+    [torch.dtype, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]],
+]
+
+
+def octcoda_loss_from_terms(
+    student_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    distill_terms: DistillTerms,
+    *,
+    alpha: float,
+    beta: float,
+    upcast_with: tuple[torch.Tensor, ...] = (),
+) -> LossOutput:
+    """The OCT-CoDA loss around distillation terms computed by the caller: what the PyTorch
+    (:func:`octcoda_loss`) and the fused (:func:`multieye_dist.model.kernels.octcoda_loss_fused`)
+    implementations share.
+
+    With autocast disabled and in float32 (float64 when a logit tensor or one of ``upcast_with``
+    is float64): ``cls`` = cross-entropy of the student, the gate (:func:`distillation_gate`),
+    then ``distill_terms`` (:data:`DistillTerms`; it runs whatever the gate says, so every rank
+    runs the same collectives), and ``total = cls + gate * (beta * prototype + alpha *
+    contrastive)`` with a non-finite term dropped (:func:`add_distillation`). Teacher logits are
+    constants. The inputs must have been validated (:func:`validate_logits_and_labels`).
+    """
+    dtype = _compute_dtype(student_logits, teacher_logits, *upcast_with)
+    with _no_autocast(student_logits.device):
+        zf, zo = student_logits.to(dtype), teacher_logits.to(dtype).detach()
+        yf, yo = student_labels.long(), teacher_labels.long()
+        cls = F.cross_entropy(zf, yf)
+        gate_open = distillation_gate(zf, zo, yf)
+        proto, con, inputs = distill_terms(dtype, yf, yo)
+        total = add_distillation(cls, beta * proto + alpha * con, gate_open, inputs)
+    return LossOutput(total=total, cls=cls, prototype=proto, contrastive=con, gated=gate_open)
 
 
 def octcoda_loss(
@@ -456,34 +540,30 @@ def octcoda_loss(
         temperature,
         check_labels,
     )
-    dtype = _compute_dtype(student_logits, student_sims, teacher_logits, teacher_sims)
-    with _no_autocast(student_logits.device):
-        zf = student_logits.to(dtype)
+
+    def terms(
+        dtype: torch.dtype, yf: torch.Tensor, yo: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         sf = student_sims.to(dtype).view_as(student_sims)  # the terms' own node (add_distillation)
-        zo, so = teacher_logits.to(dtype).detach(), teacher_sims.to(dtype).detach()
-        yf, yo = student_labels.long(), teacher_labels.long()
-        cls = F.cross_entropy(zf, yf)
-        gate_open = _gate_rule(*gate_distances(zf, zo, yf))
+        so = teacher_sims.to(dtype).detach()
         proto = prototype_loss(sf, yf, so, yo, num_classes, variant=variant)
         con = contrastive_loss(
             sf, so, yf, yo, temperature=temperature, variant=variant, scope=contrastive_scope
         )
-        total = add_distillation(cls, beta * proto + alpha * con, gate_open, (sf,))
-    return LossOutput(total=total, cls=cls, prototype=proto, contrastive=con, gated=gate_open)
+        return proto, con, (sf,)
+
+    return octcoda_loss_from_terms(
+        student_logits, student_labels, teacher_logits, teacher_labels, terms,
+        alpha=alpha, beta=beta, upcast_with=(student_sims, teacher_sims),
+    )  # fmt: skip
 
 
 def fundus_only_loss(
-    student_logits: torch.Tensor,
-    student_labels: torch.Tensor,
-    *,
-    check_labels: bool = True,
-    **ignored: Any,
+    student_logits: torch.Tensor, student_labels: torch.Tensor, *, check_labels: bool = True
 ) -> LossOutput:
-    """Cross-entropy alone (the fundus baseline); teacher inputs and weights are ignored."""
-    _check_logits("student_logits", student_logits)
-    _check_labels("student_labels", student_labels, student_logits.shape[0], "student_logits")
-    if check_labels:
-        _check_label_range(student_logits.shape[1], student_labels=student_labels)
+    """Cross-entropy alone (the fundus baseline): no teacher, no distillation terms (reported as
+    0, the gate as closed). ``check_labels`` as in :func:`octcoda_loss`."""
+    validate_logits_and_labels(student_logits, student_labels, check_labels=check_labels)
     dtype = _compute_dtype(student_logits)
     with _no_autocast(student_logits.device):
         cls = F.cross_entropy(student_logits.to(dtype), student_labels.long())

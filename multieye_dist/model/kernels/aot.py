@@ -191,18 +191,6 @@ def record_launches(
     return recorder.launches
 
 
-def kernel_names() -> list[str]:
-    """Every ``@triton.jit`` kernel (``*_kernel``) of the kernel module."""
-    import triton
-
-    with _compiled_module() as mod:
-        return sorted(
-            name
-            for name, obj in vars(mod).items()
-            if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")
-        )
-
-
 def specialise(fn: Any, args: dict[str, Any]) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ``ASTSource``, as the JIT specialises a launch:
     constexpr parameters and integers equal to 1 become constants; other integers are i32 (i64

@@ -210,7 +210,8 @@ class ProcessGroupExchange:
     The sims are gathered rather than the embeddings because K <= 256 is below the embedding
     width in practice (D = 512 here), and the kernels stream over sims. Labels of other ranks are
     not needed: their anchors enter only as softmax candidates (no label) and through the class
-    sums. Reading the sizes back is one host sync, as in ``losses._all_gather_rows``.
+    sums. Reading the sizes back is one host sync, as in the PyTorch global scope
+    (``losses.contrastive_loss``).
     """
 
     def __init__(self, rank: int, world: int) -> None:
@@ -268,9 +269,9 @@ class SimulatedPeers:
 def default_exchange() -> Exchange | None:
     """The process-group exchange when a group of world > 1 is initialised, else None (then the
     global scope is the local one, as in ``losses.contrastive_loss``)."""
-    from multieye_dist.model.losses import _dist_world
+    from multieye_dist.model.losses import dist_world
 
-    world = _dist_world()
+    world = dist_world()
     return None if world is None else ProcessGroupExchange(*world)
 
 

@@ -7,20 +7,13 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 
 from multieye_dist.model.kernels.distill import fused_distill, interpret_mode, triton_available
 from multieye_dist.model.losses import (
     LossOutput,
-    _check_label_range,
-    _check_labels,
-    _check_logits,
-    _compute_dtype,
-    _gate_rule,
-    _no_autocast,
-    add_distillation,
-    gate_distances,
     octcoda_loss,
+    octcoda_loss_from_terms,
+    validate_logits_and_labels,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,9 +72,9 @@ def octcoda_loss_fused(
     ``concepts`` [K, D] the bank; sims = emb @ concepts^T. ``impl`` is a resolved
     implementation (:func:`resolve_impl`): ``"triton"`` computes the distillation terms with
     :func:`fused_distill`; ``"torch"`` forms the sims and calls
-    :func:`multieye_dist.model.losses.octcoda_loss`. The gate, the cross-entropy, the zero-gradient
-    term when the gate is closed and the dropping of a non-finite term are the reference's
-    (:func:`multieye_dist.model.losses.add_distillation`); ``check_labels`` as there. With
+    :func:`multieye_dist.model.losses.octcoda_loss`. Both share the reference's cross-entropy, gate,
+    zero-gradient term when the gate is closed and dropping of a non-finite term
+    (:func:`multieye_dist.model.losses.octcoda_loss_from_terms`); ``check_labels`` as there. With
     ``contrastive_scope="global"`` every rank must call this, whatever its gate decides (the
     kernel's collectives run in the forward either way).
     """
@@ -96,30 +89,22 @@ def octcoda_loss_fused(
         )  # fmt: skip
     if impl != "triton":
         raise ValueError(f"impl must be 'triton' or 'torch' (see resolve_impl), got {impl!r}")
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_logits", teacher_logits)
-    b, num_classes = student_logits.shape
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher_logits {tuple(teacher_logits.shape)} must match student_logits "
-            f"{tuple(student_logits.shape)}: the gate pairs student and teacher rows"
-        )
-    _check_labels("student_labels", student_labels, b, "student_logits")
-    _check_labels("teacher_labels", teacher_labels, b, "teacher_logits")
-    if check_labels:
-        _check_label_range(
-            num_classes, student_labels=student_labels, teacher_labels=teacher_labels
-        )
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    with _no_autocast(student_logits.device):
-        zf, zo = student_logits.to(dtype), teacher_logits.to(dtype).detach()
-        yf, yo = student_labels.long(), teacher_labels.long()
-        cls = F.cross_entropy(zf, yf)
-        gate_open = _gate_rule(*gate_distances(zf, zo, yf))
+    num_classes = validate_logits_and_labels(
+        student_logits, student_labels, teacher_logits, teacher_labels, check_labels=check_labels
+    )
+
+    def terms(
+        dtype: torch.dtype, yf: torch.Tensor, yo: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        # The kernel takes the embeddings' own dtype (fp32 accumulation), whatever ``dtype``.
         emb, bank = student_emb.view_as(student_emb), concepts.view_as(concepts)
         proto, con = fused_distill(
             emb, teacher_emb, bank, yf, yo, num_classes=num_classes, temperature=temperature,
             scope=contrastive_scope,
         )  # fmt: skip
-        total = add_distillation(cls, beta * proto + alpha * con, gate_open, (emb, bank))
-    return LossOutput(total=total, cls=cls, prototype=proto, contrastive=con, gated=gate_open)
+        return proto, con, (emb, bank)
+
+    return octcoda_loss_from_terms(
+        student_logits, student_labels, teacher_logits, teacher_labels, terms,
+        alpha=alpha, beta=beta,
+    )  # fmt: skip
