@@ -264,7 +264,7 @@ class OctCoda(Objective):
             )  # fmt: skip
         terms = _distill_terms(out)
         # Diagnostic (not in the total): the scale of the student's level-2 similarities, which
-        # distillation alone drives (README, "Keeping distillation in scale").
+        # distillation alone drives (docs/training.md, "Keeping distillation in scale").
         s2 = (to_sims(emb, _module(model).concepts) if fused else sims)[:, 1].detach().float()
         terms["level2_rms"] = s2.pow(2).mean().sqrt()
         if c.control == "gate-never":
