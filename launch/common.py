@@ -83,13 +83,14 @@ def slurm_options(args: argparse.Namespace, job_name: str) -> SlurmOptions:
 
 def check_run(cfg: Config, world: int, *, in_run_dir: bool = True) -> None:
     """What the trainer checks before it writes anything
-    (:func:`multieye_dist.train.loop.preflight`: backbone, teacher export, concept bank, batch
-    geometry for `world` ranks, a resume's compatibility;
-    :func:`~multieye_dist.train.loop.data_classes`: the classes), and that no live training holds
+    (:func:`multieye_dist.train.preflight.preflight`: backbone, teacher export, concept bank,
+    batch geometry for `world` ranks, a resume's compatibility;
+    :func:`~multieye_dist.train.setup.data_classes`: the classes), and that no live training holds
     the run directory: before anything is queued, so that a job is not refused only once it has
     waited for its allocation. ``in_run_dir=False``: a config whose run directory is not known yet
     (an online sweep's base), checked without the resume and the lock."""
-    from multieye_dist.train.loop import data_classes, preflight
+    from multieye_dist.train.preflight import preflight
+    from multieye_dist.train.setup import data_classes
 
     # model.num_classes against the data's manifest too, as the trainer does first.
     preflight(data_classes(cfg), world, in_run_dir=in_run_dir)

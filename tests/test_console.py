@@ -251,7 +251,7 @@ def test_eval_and_explain_run_on_the_auto_device(console_run, shards, synth_root
 
 
 def test_data_wait_is_the_time_spent_waiting_for_batches():
-    from multieye_dist.train.loop import Clock
+    from multieye_dist.train.outputs import Clock
 
     def slow_loader():
         for i in range(3):

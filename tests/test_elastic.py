@@ -198,7 +198,7 @@ def _checkpoint(tmp_path: Path, identity: dict, world: int | None) -> Path:
 
 
 def test_a_resume_that_changes_the_optimizer_step_says_which_settings_fit(tmp_path):
-    from multieye_dist.train.loop import PER_STEP, check_resume
+    from multieye_dist.train.resume import PER_STEP, check_resume
 
     ckpt = _checkpoint(tmp_path, {"data.batch_size": 4, PER_STEP: 4}, world=2)
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -210,7 +210,7 @@ def test_a_resume_that_changes_the_optimizer_step_says_which_settings_fit(tmp_pa
 
 
 def test_a_checkpoint_from_before_elastic_resume_needs_its_own_ranks(tmp_path):
-    from multieye_dist.train.loop import PER_STEP, check_resume
+    from multieye_dist.train.resume import PER_STEP, check_resume
 
     old = {"data.batch_size": 4, "optim.grad_accum": 1, "ranks (WORLD_SIZE)": 2}
     ckpt = _checkpoint(tmp_path, old, world=None)
@@ -221,7 +221,7 @@ def test_a_checkpoint_from_before_elastic_resume_needs_its_own_ranks(tmp_path):
 
 
 def test_streams_are_kept_from_the_checkpoint_and_explicit_ones_checked(tmp_path):
-    from multieye_dist.train.loop import resolve_streams
+    from multieye_dist.train.preflight import resolve_streams
 
     cfg = load_config(None, ["data.num_workers=3", f"data.shards={tmp_path}"])
     assert resolve_streams(cfg, 2, {}) == 6  # ranks x workers at the start

@@ -13,7 +13,7 @@ from helpers import run_ranks
 from multieye_dist.config import DeepSpeedConfig, OptimConfig
 from multieye_dist.core import distributed as D
 from multieye_dist.train import engine as E
-from multieye_dist.train.loop import TrainState
+from multieye_dist.train.resume import TrainState
 from multieye_dist.train.schedule import lr_at
 
 

@@ -190,7 +190,7 @@ def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
 def _train_toy(rank: int, world: int, overrides: list[str]) -> None:
     from multieye_dist.train.loop import run
 
-    O.register(ToyObjective)  # in this process only: train.py is not touched
+    O.register(ToyObjective)  # in this process only: multieye_dist.train is not touched
     run(load_config(None, overrides))
 
 
@@ -225,7 +225,7 @@ def _count_syncs_and_collectives(rank: int, world: int, overrides: list[str], ou
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="1"
     )  # the group exists already (helpers.run_ranks); DeepSpeed joins it
-    root = str(Path(train.__file__).resolve().parent)
+    root = str(Path(train.__file__).resolve().parents[1])  # the package: multieye_dist
     counts: dict[str, int] = {"syncs": 0, "collectives": 0, "steps": 0}
     where: list[str] = []
     active = [False]

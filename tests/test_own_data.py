@@ -26,7 +26,7 @@ from multieye_dist.data.shards import ConversionError, ConvertOptions, convert
 from multieye_dist.data.stream import PairedTrainStream, ShardSet, StreamConfig
 from multieye_dist.data.verify import verify
 from multieye_dist.model.checkpoint import load_inference
-from multieye_dist.train.loop import data_classes
+from multieye_dist.train.setup import data_classes
 
 CLASSES = ("drusen", "edema", "healthy")  # sorted: ImageFolder's label order
 

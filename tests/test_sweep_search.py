@@ -439,7 +439,7 @@ BAYES = _spec(
     }
 )
 BAYES["tpe"] = {"n_startup_trials": 3}
-TRIALS = 12  # each a real (tiny) training: ~20 CPU-seconds, mostly start-up and evaluation
+TRIALS = 8  # each a real (tiny) training: ~20 CPU-seconds, mostly start-up and evaluation
 BAYES["early_terminate"] = {"type": "hyperband", "min_iter": 1, "max_iter": 2, "eta": 2}
 
 

@@ -346,7 +346,7 @@ def trial_states(sweep_dir: Path) -> dict[int, dict[str, Any]]:
 
 class TrialHook:
     """``multieye_dist.train.loop.run``'s ``on_dev_f1`` for one trial (called on rank 0 after each
-    dev evaluation; train.py broadcasts the answer): reports (epoch, dev macro-F1) to the trial
+    dev evaluation; the loop broadcasts the answer): reports (epoch, dev macro-F1) to the trial
     and returns whether the pruner stops it. Plain data: submitit pickles it with the task."""
 
     def __init__(self, sweep_dir: str, spec: dict, number: int) -> None:

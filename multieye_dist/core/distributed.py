@@ -74,7 +74,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return env
 
 
-def export(env: DistEnv) -> None:
+def export_env(env: DistEnv) -> None:
     """Make os.environ agree with `env` (DeepSpeed and env:// initialisation read it)."""
     os.environ.update(
         RANK=str(env.rank),

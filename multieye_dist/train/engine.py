@@ -51,7 +51,7 @@ from multieye_dist.core.atomic import (
     write_bytes,
     write_text,
 )
-from multieye_dist.core.distributed import DistEnv, backend_for, export, initialized, world_size
+from multieye_dist.core.distributed import DistEnv, backend_for, export_env, initialized, world_size
 from multieye_dist.model.concept_model import param_groups
 from multieye_dist.train.schedule import lr_at
 
@@ -139,7 +139,7 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: int = 1800) 
     """Join the process group (gloo on CPU, NCCL on GPU) through DeepSpeed, from `env`."""
     import deepspeed
 
-    export(env)
+    export_env(env)
     use_own_extensions_dir()  # before DeepSpeed builds anything
     _announce_jit_builds(env)
     with _prints_to_debug():
