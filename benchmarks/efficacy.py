@@ -61,6 +61,7 @@ from multieye_dist.demo import (  # noqa: E402
     pretrain,
     student_overrides,
 )
+from multieye_dist.track.records import CHECKPOINTS_DIR, CONFIG_FILE, export_path  # noqa: E402
 
 BANKS = {
     "8": "configs/concepts/synth-findings-minilm.safetensors",
@@ -140,11 +141,11 @@ def _student(task: tuple[str, str, list[str], bool]) -> dict:
     from multieye_dist.demo import train_stage
 
     summary = train_stage(name, run, overrides, quiet=True)
-    batch = load_config(run / "config.yaml").data.batch_size
+    batch = load_config(run / CONFIG_FILE).data.batch_size
     result = {**summary, **distill_diagnostics(run, batch)}
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run / CHECKPOINTS_DIR, ignore_errors=True)
     for export in ("best", "last"):
-        (run / f"{export}.safetensors").unlink(missing_ok=True)
+        export_path(run, export).unlink(missing_ok=True)
     write_text(done, json.dumps(result, indent=1))
     return result
 

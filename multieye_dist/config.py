@@ -63,6 +63,7 @@ from multieye_dist.core.sections import Section as _Section
 from multieye_dist.core.sections import coerce as _coerce
 from multieye_dist.data.config import DataConfig
 from multieye_dist.model.concept_model import ModelConfig
+from multieye_dist.track.records import CONFIG_FILE
 from multieye_dist.track.tracking import TrackingConfig
 
 __all__ = [
@@ -757,7 +758,7 @@ def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
     version and git commit (:func:`provenance`); comments, so that it loads as a config."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
+    target = run_dir / CONFIG_FILE
     version, commit = provenance()
     text = (
         "# resolved config (multieye_dist.config), paths absolute\n"

@@ -24,6 +24,7 @@ from pathlib import Path
 from multieye_dist.config import load_config
 from multieye_dist.core.atomic import write_text
 from multieye_dist.core.resources import packaged
+from multieye_dist.track.records import CONFIG_FILE, export_path
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def pretrain(
     if reuse:
         runs = {n: json.loads((out / n / "summary.json").read_text()) for n in names}
         return Pretrained(
-            out / names[1] / "best.safetensors", out / names[2] / "best.safetensors", runs
+            export_path(out / names[1], "best"), export_path(out / names[2], "best"), runs
         )
     runs = {}
     for modality in ("oct", "fundus"):
@@ -221,7 +222,7 @@ def pretrain(
             ],
             quiet,
         )
-    teacher_init = out / "align-oct" / "best.safetensors"
+    teacher_init = export_path(out / "align-oct", "best")
     runs["teacher"] = train_stage(
         "teacher (OCT)",
         out / "teacher",
@@ -229,7 +230,7 @@ def pretrain(
         quiet,
     )
     return Pretrained(
-        out / "align-fundus" / "best.safetensors", out / "teacher" / "best.safetensors", runs
+        export_path(out / "align-fundus", "best"), export_path(out / "teacher", "best"), runs
     )
 
 
@@ -347,7 +348,7 @@ def run_demo(
     for arm in DEMO_ARMS:
         run_dir = out / DEMO_DIRS[arm]
         summary = train_stage(arm, run_dir, student_overrides(ARMS[arm], pre, common))
-        batch = load_config(run_dir / "config.yaml").data.batch_size
+        batch = load_config(run_dir / CONFIG_FILE).data.batch_size
         students[arm] = {**summary, **distill_diagnostics(run_dir, batch)}
         rows.append((arm if arm != "oracle" else "oracle teacher", "fundus", students[arm]))
     table = comparison_table(rows)
@@ -365,7 +366,7 @@ def run_demo(
     )
     print(ONE_SEED)
     print("\n[explain] one fundus test image with the OCT-CoDA student")
-    _explain_one(out, out / "octcoda" / "best.safetensors")
+    _explain_one(out, export_path(out / "octcoda", "best"))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; everything is under {out}/")
     return 0
 

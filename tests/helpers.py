@@ -181,7 +181,7 @@ def random_batch(n: int = 6, size: int = 32, seed: int = 0, paired: bool = True)
     """A synthetic :class:`Batch` (labels 0..2 repeating; OCT partners with the same labels)."""
     import torch
 
-    from multieye_dist.data.stream import Batch, StreamStats
+    from multieye_dist.data.batch import Batch, StreamStats
 
     g = torch.Generator().manual_seed(seed)
     label = torch.arange(n) % 3

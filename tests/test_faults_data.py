@@ -28,11 +28,11 @@ import torch
 from multieye_dist.cli import main
 from multieye_dist.config import DataConfig
 from multieye_dist.data import schema
+from multieye_dist.data.batch import DataError
 from multieye_dist.data.layout import image_path, label_file
 from multieye_dist.data.preprocess import Preprocess
 from multieye_dist.data.shards import ConvertOptions, convert
 from multieye_dist.data.stream import (
-    DataError,
     EvalStream,
     PairedTrainStream,
     ShardSet,

@@ -20,8 +20,8 @@ from helpers import spawn_single, tiny_overrides
 
 from multieye_dist.config import ConfigError, DataConfig, load_config
 from multieye_dist.data import remote
+from multieye_dist.data.batch import DataError
 from multieye_dist.data.stream import (
-    DataError,
     EvalStream,
     PairedTrainStream,
     ShardSet,

@@ -15,11 +15,11 @@ import torch
 from helpers import run_ranks
 
 from multieye_dist.config import DataConfig
+from multieye_dist.data.batch import DataError
 from multieye_dist.data.layout import findings_file, label_file
 from multieye_dist.data.preprocess import Preprocess
 from multieye_dist.data.shards import ConvertOptions, convert
 from multieye_dist.data.stream import (
-    DataError,
     EvalStream,
     PairedTrainStream,
     ShardSet,

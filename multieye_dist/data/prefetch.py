@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from multieye_dist.data.stream import Batch
+from multieye_dist.data.batch import Batch
 
 
 class DevicePrefetcher:

@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import torch
 
+from multieye_dist.data.batch import Batch
 from multieye_dist.data.device_augment import EvalResize, TrainAugment
-from multieye_dist.data.stream import Batch
 
 
 class BatchPreparer:

@@ -35,7 +35,9 @@ from multieye_dist.core.atomic import write_bytes
 from multieye_dist.data.classes import CLASS_ABBREV, CLASS_NAMES
 from multieye_dist.data.preprocess import open_image
 from multieye_dist.track.records import (
+    EVAL_DIR,
     METRICS_FILE,
+    PLOTS_DIR,
     RECORDS_SUFFIX,
     EvalRecords,
     read_metrics,
@@ -52,7 +54,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DPI = 100
-PLOTS_DIR = "plots"
 CURVES_PX = (1800, 560)
 CONFUSION_PX = (1000, 760)
 ROC_PR_PX = (1600, 720)
@@ -294,7 +295,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     series = metric_series(read_metrics(metrics)) if metrics.is_file() else {}
     evals = {
         p.name.removesuffix(RECORDS_SUFFIX): read_records(p)
-        for p in sorted((run_dir / "eval").glob(f"*{RECORDS_SUFFIX}"))
+        for p in sorted((run_dir / EVAL_DIR).glob(f"*{RECORDS_SUFFIX}"))
     }
     if not has_curves(series) and not evals:
         raise ValueError(

@@ -7,6 +7,9 @@ checkpoints, written and read back here and nowhere else.
 * ``metrics.jsonl`` (:data:`METRICS_FILE`): one JSON line per logged step, read back with
   :func:`read_metrics`; :func:`repair_torn_tail` mends a line a killed writer left half done.
 * ``summary.json`` (:data:`SUMMARY_FILE`): the run's merged summary values.
+* ``config.yaml``, ``checkpoints/<tag>/`` (with ``trainer_state.json``), ``best.safetensors``
+  and ``last.safetensors`` (:func:`export_path`), ``eval/``, ``plots/``, ``train.lock``: the
+  names the trainer, the pictures and the tools agree on.
 * ``eval/<name>.records.json`` (:data:`RECORDS_SUFFIX`): one evaluation's per-sample labels and
   probabilities (:func:`write_records`, :func:`read_records`), what the pictures are drawn from.
 
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from multieye_dist.core.atomic import write_text
+from multieye_dist.core.runlock import LOCK_FILE  # noqa: F401  (a name of the run directory)
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +44,26 @@ _OLD_RUN_ID_FILE = "wandb_run_id.txt"  # run directories from before the tracker
 OLD_RUN_ID_KEY = "wandb_run_id"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"  # the resolved config (multieye_dist.config.save_resolved)
+CHECKPOINTS_DIR = "checkpoints"  # DeepSpeed checkpoints, a folder per tag, and `latest`
+STATE_FILE = "trainer_state.json"  # in each checkpoint's folder: the trainer's state
+EVAL_DIR = "eval"  # dev/test results (<name>.json) and their per-sample records
+PLOTS_DIR = "plots"  # pictures (multieye_dist.track.plots)
+
+
+def export_path(run_dir: str | os.PathLike[str], name: str) -> Path:
+    """The inference export `name` (``best``, ``last``) of a run: ``<run>/<name>.safetensors``."""
+    return Path(run_dir) / f"{name}.safetensors"
+
+
+def eval_path(run_dir: str | os.PathLike[str], name: str, suffix: str = ".json") -> Path:
+    """An evaluation's file: ``<run>/eval/<name>.json``, or its records (``RECORDS_SUFFIX``)."""
+    return Path(run_dir) / EVAL_DIR / f"{name}{suffix}"
+
 
 # Run ids end up in W&B URLs and directory names; keep them to a safe alphabet.
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
-
 
 
 def _new_run_id() -> str:

@@ -68,8 +68,10 @@ from typing import Any, ClassVar, Literal, Protocol
 from multieye_dist.core.atomic import write_text
 from multieye_dist.core.sections import SECRET_PARTS, Section
 from multieye_dist.track.records import (
+    EVAL_DIR,
     METRICS_FILE,
     SUMMARY_FILE,
+    export_path,
     repair_torn_tail,
     resolve_run_id,
 )
@@ -777,12 +779,12 @@ class Tracker:
         _check_step(step)
         from multieye_dist.track.records import RECORDS_SUFFIX, read_records
 
-        for path in sorted((self.run_dir / "eval").glob(f"*{RECORDS_SUFFIX}")):
+        for path in sorted((self.run_dir / EVAL_DIR).glob(f"*{RECORDS_SUFFIX}")):
             rec = read_records(path)
             prefix = path.name.removesuffix(RECORDS_SUFFIX).replace("_", "/") + "/"
             for backend in self.backends:
                 backend.log_predictions(prefix, rec.labels, rec.probs, rec.class_names, step)
-        exports = [self.run_dir / f"{name}.safetensors" for name in ("best", "last")]
+        exports = [export_path(self.run_dir, name) for name in ("best", "last")]
         exports = [path for path in exports if path.is_file()]
         for backend in self.backends:
             backend.log_model(exports)

@@ -53,12 +53,12 @@ from multieye_dist.core.atomic import (
 )
 from multieye_dist.core.distributed import DistEnv, backend_for, export_env, initialized, world_size
 from multieye_dist.model.concept_model import param_groups
+from multieye_dist.track.records import STATE_FILE
 from multieye_dist.train.schedule import lr_at
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
-STATE_FILE = "trainer_state.json"
 
 
 # DeepSpeed's C++ ops that it compiles at first use into torch's extension cache

@@ -16,16 +16,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from multieye_dist.data.batch import Batch, DataError
 from multieye_dist.data.prepare import BatchPreparer
 from multieye_dist.data.schema import FINDINGS
-from multieye_dist.data.stream import (
-    Batch,
-    DataError,
-    EvalStream,
-    ShardSet,
-    gather_records,
-    make_loader,
-)
+from multieye_dist.data.stream import EvalStream, ShardSet, gather_records, make_loader
 from multieye_dist.model.concept_model import param_dtype
 from multieye_dist.model.concepts import concept_findings as bank_concept_findings
 from multieye_dist.track.metrics import concept_auc, evaluate

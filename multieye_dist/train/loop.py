@@ -36,8 +36,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from multieye_dist.config import Config
 from multieye_dist.core.distributed import barrier, broadcast_object, step_flags
+from multieye_dist.data.batch import Batch
 from multieye_dist.data.prefetch import DevicePrefetcher
-from multieye_dist.data.stream import Batch
 from multieye_dist.track.plots import plot_run_safely
 from multieye_dist.train.objectives import Terms
 from multieye_dist.train.outputs import (

@@ -31,7 +31,7 @@ from torch import nn
 
 from multieye_dist.config import LossConfig, objective_name, register_objective
 from multieye_dist.core.resources import user_path
-from multieye_dist.data.stream import Batch
+from multieye_dist.data.batch import Batch
 from multieye_dist.data.synth import FINDING_PROBS
 from multieye_dist.model.concept_model import param_dtype
 from multieye_dist.model.concepts import concept_findings, load_bank

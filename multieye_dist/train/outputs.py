@@ -25,12 +25,18 @@ from multieye_dist.core.distributed import (
     broadcast_object,
     world_size,
 )
+from multieye_dist.data.batch import Batch, StreamStats
 from multieye_dist.data.remote import resolve_shards
-from multieye_dist.data.stream import Batch, StreamStats
 from multieye_dist.model.checkpoint import export_inference, load_inference
 from multieye_dist.model.concept_model import param_dtype
 from multieye_dist.track.metrics import NonFiniteError, format_table
-from multieye_dist.track.records import RECORDS_SUFFIX
+from multieye_dist.track.records import (
+    CHECKPOINTS_DIR,
+    EVAL_DIR,
+    RECORDS_SUFFIX,
+    eval_path,
+    export_path,
+)
 from multieye_dist.train.engine import current_lr, save_checkpoint
 from multieye_dist.train.evaluation import evaluate_split
 from multieye_dist.train.objectives import Terms, bank_concept_findings
@@ -201,7 +207,7 @@ def evaluate_dev(job: Job, state: TrainState) -> None:
         export_model(job, state, "best")
     if job.env.is_main:
         job.tracker.log_eval(result, prefix="dev/", step=state.step)
-        _write_json(job.run_dir / "eval" / f"dev_epoch{state.epoch:03d}.json", result)
+        _write_json(eval_path(job.run_dir, f"dev_epoch{state.epoch:03d}"), result)
         logger.info(
             "epoch %d: dev macro-F1 %.2f  acc %.2f  (best %.2f at epoch %d)",
             state.epoch,
@@ -217,7 +223,7 @@ def score_test(job: Job, state: TrainState) -> dict[str, Any]:
     and logged as a table; other ranks get {}), for the run's summary."""
     scores: dict[str, Any] = {}
     for name in ("best", "last"):
-        path = job.run_dir / f"{name}.safetensors"
+        path = export_path(job.run_dir, name)
         if name == "best" and state.best_epoch < 0:  # every dev evaluation was skipped
             logger.warning("no best model: no dev evaluation was scored (non-finite losses)")
             continue
@@ -231,7 +237,7 @@ def score_test(job: Job, state: TrainState) -> dict[str, Any]:
                 + f"; {DIVERGED_ADVICE}"
             )
         if job.env.is_main:
-            _write_json(job.run_dir / "eval" / f"test_{name}.json", result)
+            _write_json(eval_path(job.run_dir, f"test_{name}"), result)
             scores.update(
                 {f"test/{name}/{k}": result[k] for k in ("accuracy", "f1", "auc", "map", "kappa")}
             )
@@ -260,7 +266,7 @@ def _evaluate_split(
     job: Job, model: torch.nn.Module, split: str, records: str | None = None
 ) -> dict | None:
     d = job.cfg.data
-    keep = None if records is None else job.run_dir / "eval" / f"{records}{RECORDS_SUFFIX}"
+    keep = None if records is None else eval_path(job.run_dir, records, RECORDS_SUFFIX)
     return evaluate_split(
         model,
         resolve_shards(d.shards),
@@ -291,7 +297,7 @@ def save(job: Job, state: TrainState) -> None:
     average_batchnorm_stats(job.engine.module)
     save_checkpoint(
         job.engine,
-        job.run_dir / "checkpoints",
+        job.run_dir / CHECKPOINTS_DIR,
         f"step{state.step:08d}",
         state.to_dict(),
         keep=job.cfg.train.keep_checkpoints,
@@ -301,7 +307,7 @@ def save(job: Job, state: TrainState) -> None:
 def export_model(job: Job, state: TrainState, name: str) -> Path:
     """``<run>/<name>.safetensors`` (name: best or last), the model's inference export (rank
     0): fp32 weights, the resolved config and where it came from."""
-    path = job.run_dir / f"{name}.safetensors"
+    path = export_path(job.run_dir, name)
     if job.env.is_main:
         model = job.engine.module
         if param_dtype(model) != torch.float32:  # train.precision=bf16
@@ -333,7 +339,7 @@ def closing_line(job: Job, state: TrainState) -> None:
     """The run's last line (rank 0): its best dev macro-F1 and where its models and results
     are."""
     run_dir = job.run_dir.resolve()
-    last = run_dir / "last.safetensors"
+    last = export_path(run_dir, "last")
     if state.best_epoch < 0:
         logger.info("done: no dev evaluation was scored; last model %s", last)
         return
@@ -341,7 +347,7 @@ def closing_line(job: Job, state: TrainState) -> None:
         "done: best dev macro-F1 %.2f at epoch %d -> %s (last model: %s; results: %s)",
         100 * state.best_f1,
         state.best_epoch,
-        run_dir / "best.safetensors",
+        export_path(run_dir, "best"),
         last,
-        run_dir / "eval",
+        run_dir / EVAL_DIR,
     )

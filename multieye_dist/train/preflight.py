@@ -18,6 +18,7 @@ from multieye_dist.core.resources import user_path
 from multieye_dist.core.runlock import check_free
 from multieye_dist.model.checkpoint import FORMAT
 from multieye_dist.model.concepts import load_bank
+from multieye_dist.track.records import CHECKPOINTS_DIR
 from multieye_dist.train.engine import find_checkpoint
 from multieye_dist.train.objectives import objective_class
 from multieye_dist.train.resume import check_resume, checkpoint_state, run_identity
@@ -54,7 +55,7 @@ def preflight(cfg: Config, world: int, *, in_run_dir: bool = True) -> Checked:
         # A probe that creates nothing, on every rank: refused here, the job stops before any
         # collective (rank 0 takes the lock itself once the process group exists).
         check_free(cfg.train.out_dir)
-        checkpoint = find_checkpoint(cfg.train.resume, Path(cfg.train.out_dir) / "checkpoints")
+        checkpoint = find_checkpoint(cfg.train.resume, Path(cfg.train.out_dir) / CHECKPOINTS_DIR)
     cls = objective_class(cfg.train.stage, cfg.loss)
     needs_teacher = cls.needs_teacher and cfg.teacher.kind == "model"  # not an oracle's
     if needs_teacher and cfg.teacher.checkpoint is None:

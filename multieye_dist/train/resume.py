@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from multieye_dist.config import Config, ConfigError, load_config
-from multieye_dist.track.records import OLD_RUN_ID_KEY
+from multieye_dist.track.records import CONFIG_FILE, OLD_RUN_ID_KEY
 from multieye_dist.train.engine import STATE_FILE, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def check_resume(
     state = current_state(state)
     saved = state.get("identity")
     if saved is None:
-        saved = _identity_from_config(checkpoint.parent.parent / "config.yaml")
+        saved = _identity_from_config(checkpoint.parent.parent / CONFIG_FILE)
     old_world = saved.get(OLD_WORLD)
     if not state.get("world") and old_world is not None and old_world != world:
         raise ConfigError(

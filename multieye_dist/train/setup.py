@@ -27,6 +27,7 @@ from multieye_dist.data.stream import (
 )
 from multieye_dist.model.checkpoint import load_inference
 from multieye_dist.model.concept_model import FrozenTeacher, ModelConfig, build_model
+from multieye_dist.track.records import CHECKPOINTS_DIR
 from multieye_dist.track.tracking import Tracker
 from multieye_dist.train.engine import build_engine, init_distributed, remove_stale_temps
 from multieye_dist.train.objectives import Objective, build_objective, objective_class
@@ -90,7 +91,7 @@ def setup(cfg: Config) -> tuple[Job, TrainState]:
     lock = _lock_run_dir(env, run_dir)
     try:
         if env.is_main:
-            remove_stale_temps(run_dir / "checkpoints")  # what a killed save left
+            remove_stale_temps(run_dir / CHECKPOINTS_DIR)  # what a killed save left
             save_resolved(cfg, run_dir)
         return _build(cfg, env, device, objective, stream, checked, lock, steps_per_epoch)
     except BaseException:
