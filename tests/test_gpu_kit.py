@@ -49,8 +49,17 @@ def test_dry_run_runs_every_part(tmp_path: Path) -> None:
     assert "torch " in text["env"] and "deepspeed " in text["env"]
     assert "-m gpu" in text["tests"] and "test_cuda_compiled_kernels" in text["tests"]
     assert text["kernel"].count("| N | anchors/level |") == 3
-    for row in ("release-style baseline", "ours (all on)", "- fused loss (torch)"):
-        assert row in text["step"], row
+    # the step benchmark's CPU smoke run (benchmarks/step.py --smoke): every row of its table
+    step = text["step"][text["step"].index("pairs/s") :]
+    for row in (
+        "release-style baseline",
+        "ours (all on)",
+        "- fused loss (torch)",
+        "- channels-last",
+        "- teacher inference_mode",
+        "ours, real loader",
+    ):
+        assert row in step, row
     assert "autocast-bf16" in text["precision"] and "shards (ours)" in text["loader"]
     assert "| fused | ok |" in text["global"] and "| eager |" in text["global"]
     assert proc.stdout.rstrip().endswith((out / "summary.txt").read_text().rstrip())

@@ -1,10 +1,8 @@
-"""The fast path of the step (perf.*): each switch changes speed, never the numbers, and the
-step benchmark runs (a tiny CPU smoke run of every row)."""
+"""The fast path of the step (perf.*): each switch changes speed, never the numbers. (The step
+benchmark's CPU smoke run of every row is the GPU kit's dry run: tests/test_gpu_kit.py.)"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -92,21 +90,3 @@ def test_prefetcher_moves_every_batch_in_order_on_gpu():
     for want, b in zip(batches, got, strict=True):
         assert b.image.is_cuda and b.partner_label.is_cuda
         assert torch.equal(b.image.cpu(), want.image) and torch.equal(b.label.cpu(), want.label)
-
-
-@pytest.mark.slow
-def test_step_benchmark_smoke_run_on_cpu(wandb_home):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step.py"), "--device", "cpu", "--smoke"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    table = proc.stdout[proc.stdout.index("pairs/s") :]
-    for row in (
-        "release-style baseline",
-        "ours (all on)",
-        "- channels-last",
-        "- teacher inference_mode",
-        "ours, real loader",
-    ):
-        assert row in table, row
