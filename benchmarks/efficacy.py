@@ -90,6 +90,7 @@ SMOKE = [
     "data.samples_per_epoch=64",
     "train.epochs=2",
     "data.batch_size=8",
+    "train.plots=false",  # pictures cost seconds per run and the smoke reads none
 ]
 
 

@@ -21,6 +21,7 @@ def test_demo_runs_end_to_end(tmp_path, wandb_home):
         "model.backbone=test_resnet",
         "tracking.backend=local",
         "data.samples_per_epoch=64", "train.epochs=2", "data.batch_size=8",
+        "train.plots=false",  # tests/test_plots.py checks the pictures
     ]  # fmt: skip
     env = {**os.environ, **wandb_home}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

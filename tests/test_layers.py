@@ -51,7 +51,9 @@ def imports_of(path: Path, root: Path, modules: set[str]) -> list[tuple[int, str
     """(line, target module of the package or a top-level dependency name, source text) for
     every import statement anywhere in the file: module level, in functions, under
     TYPE_CHECKING."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source, filename=str(path))
+    lines = source.splitlines()
     here = module_name(path, root)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
     found = []
@@ -68,12 +70,12 @@ def imports_of(path: Path, root: Path, modules: set[str]) -> list[tuple[int, str
             names = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
         else:
             continue
-        text = ast.get_source_segment(path.read_text(encoding="utf-8"), node) or ""
+        text = lines[node.lineno - 1].strip()
         for name in dict.fromkeys(names):
             if name == PACKAGE or name.startswith(PACKAGE + "."):
                 while name not in modules and "." in name:
                     name = name.rpartition(".")[0]
-            found.append((node.lineno, name, text.splitlines()[0]))
+            found.append((node.lineno, name, text))
     return found
 
 
