@@ -61,8 +61,8 @@ logger = logging.getLogger(__name__)
 LATEST = "latest"
 
 
-# DeepSpeed's C++ ops that it compiles at first use into torch's extension cache
-# (~/.cache/torch_extensions) when its wheel was built without them (install.sh: DS_BUILD_OPS=0),
+# DeepSpeed's C++ ops that it compiles at first use into torch's extension folder
+# (use_own_extensions_dir) when its wheel was built without them (install.sh: DS_BUILD_OPS=0),
 # by the builder's name: what the user waits for. On the CPU accelerator, the process group's
 # shared-memory op is built by init_distributed (measured: 35-55 s on 2 cores); cpu_adam is
 # never built here (the optimizer is torch's AdamW).
@@ -93,13 +93,12 @@ def jit_builds_pending() -> list[tuple[str, str]]:
 
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import get_default_build_root
 
     try:
         from deepspeed.git_version_info import installed_ops
     except ImportError:
         installed_ops = {}
-    root = use_own_extensions_dir() or get_default_build_root()
+    root = use_own_extensions_dir()  # the folder torch builds into, set if it was not
     pending = []
     for builder_name in _JIT_OPS:
         builder = get_accelerator().create_op_builder(builder_name)
@@ -108,10 +107,7 @@ def jit_builds_pending() -> list[tuple[str, str]]:
             continue  # DeepSpeed will not build it either
         if installed_ops.get(name):
             continue  # in the wheel
-        # <root>/<name>/ (TORCH_EXTENSIONS_DIR) or <root>/<py311_cu132>/<name>/
-        if glob.glob(f"{glob.escape(root)}/{name}/{name}*.so") or glob.glob(
-            f"{glob.escape(root)}/*/{name}/{name}*.so"
-        ):
+        if glob.glob(f"{glob.escape(root)}/{name}/{name}*.so"):  # torch builds in <root>/<name>/
             continue
         pending.append((name, _JIT_OPS[builder_name]))
     return pending
